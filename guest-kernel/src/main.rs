@@ -1,0 +1,25 @@
+//! The plain fnode boot image: boots the kernel, which prints its banner and memory and acts
+//! on `fault=`, then exits with [`abi::exit::SUCCESS`](fnode_guest::abi::exit::SUCCESS).
+//! The VMM's and QEMU's boot tests run it.
+//!
+//! It is a guest: it builds for `x86_64-unknown-none` only (`scripts/build-guest.sh`). A host
+//! build gives a stub that says so, which keeps `cargo build --workspace` working.
+
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+fnode_guest_kernel::kernel_main!(run);
+
+#[cfg(target_os = "none")]
+fn run(_boot: &fnode_guest_kernel::BootInfo) -> ! {
+    fnode_guest_kernel::exit::exit(fnode_guest::abi::exit::SUCCESS)
+}
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    eprintln!(
+        "fnode-guest-kernel is a guest image: build it with scripts/build-guest.sh \
+         (--target x86_64-unknown-none) and boot it with fnode-vmm or scripts/qemu-boot.sh"
+    );
+    std::process::exit(2);
+}

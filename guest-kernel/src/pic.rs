@@ -1,0 +1,156 @@
+//! Device interrupts through the legacy 8259 PIC pair, and waiting for them with `hlt`.
+//!
+//! Why the PIC: KVM's in-kernel irqchip routes GSIs 0-15 to its PIC (and its I/O APIC) by
+//! default, the PIC needs no MMIO mapping, and it is programmed with ten port writes once at
+//! boot. Both PICs run in **auto-EOI** mode: the interrupt acknowledge cycle itself ends the
+//! interrupt, so the handler writes no end-of-interrupt command, one exit less per
+//! interrupt. The local APIC is left as KVM resets it (LINT0 in ExtINT mode on the boot CPU),
+//! which passes PIC interrupts through.
+//!
+//! The PIC's IRQs 0-15 arrive on vectors [`VECTOR_BASE`]`..+16`. All sixteen share one
+//! two-instruction handler that sets a flag and returns: work is done by the code that
+//! waits ([`wait_for_interrupt`]), not in interrupt context. Every IRQ line starts masked;
+//! drivers unmask theirs ([`unmask`]).
+
+/// The vector of IRQ 0; IRQ `n` arrives on `VECTOR_BASE + n`. Right after the 32 exception
+/// vectors.
+pub const VECTOR_BASE: u8 = 32;
+/// Number of PIC IRQ lines (master and slave).
+pub const IRQ_LINES: u8 = 16;
+
+const MASTER_CMD: u16 = 0x20;
+const MASTER_DATA: u16 = 0x21;
+const SLAVE_CMD: u16 = 0xa0;
+const SLAVE_DATA: u16 = 0xa1;
+/// ICW1: edge-triggered, cascaded, ICW4 follows.
+const ICW1_INIT: u8 = 0x11;
+/// ICW4: 8086 mode, automatic end of interrupt.
+const ICW4_8086_AEOI: u8 = 0x03;
+/// The master's input the slave is wired to.
+const CASCADE_IRQ: u8 = 2;
+
+/// The masks (master, slave) that leave exactly the lines in `enabled` (bit `n` = IRQ `n`)
+/// unmasked, plus the cascade line when a slave line is enabled.
+pub const fn masks(enabled: u16) -> (u8, u8) {
+    let mut enabled = enabled;
+    if enabled & 0xff00 != 0 {
+        enabled |= 1 << CASCADE_IRQ;
+    }
+    (!(enabled as u8), !((enabled >> 8) as u8))
+}
+
+/// The port writes that initialise the PIC pair with every line masked: (port, value).
+const INIT_SEQUENCE: [(u16, u8); 10] = [
+    (MASTER_CMD, ICW1_INIT),
+    (SLAVE_CMD, ICW1_INIT),
+    (MASTER_DATA, VECTOR_BASE),
+    (SLAVE_DATA, VECTOR_BASE + 8),
+    (MASTER_DATA, 1 << CASCADE_IRQ),
+    (SLAVE_DATA, CASCADE_IRQ),
+    (MASTER_DATA, ICW4_8086_AEOI),
+    (SLAVE_DATA, ICW4_8086_AEOI),
+    (MASTER_DATA, 0xff),
+    (SLAVE_DATA, 0xff),
+];
+
+#[cfg(target_os = "none")]
+pub use imp::{init, unmask, wait_for_interrupt};
+
+#[cfg(target_os = "none")]
+mod imp {
+    use core::{
+        arch::{asm, global_asm},
+        sync::atomic::{AtomicBool, AtomicU16, Ordering},
+    };
+
+    use super::*;
+
+    /// Set by the interrupt handler, cleared by [`wait_for_interrupt`].
+    static PENDING: AtomicBool = AtomicBool::new(false);
+    /// IRQ lines unmasked so far (bit `n` = IRQ `n`).
+    static ENABLED: AtomicU16 = AtomicU16::new(0);
+
+    // The handler of all 16 PIC vectors (the IDT's gates 32-47 point here). Auto-EOI mode
+    // needs no end-of-interrupt write; the interrupt gate keeps interrupts off until iretq.
+    global_asm!(
+        r#"
+        .section .text.fnode_pic, "ax"
+        .balign 16
+        .global fnode_pic_irq
+    fnode_pic_irq:
+        movb $1, {pending}(%rip)
+        iretq
+        "#,
+        pending = sym PENDING,
+        options(att_syntax)
+    );
+
+    fn outb(port: u16, value: u8) {
+        // SAFETY: the callers write only the PIC's command and data ports.
+        unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) };
+    }
+
+    /// Programs both PICs (vectors from [`VECTOR_BASE`], auto-EOI, every line masked).
+    /// Ten port writes; call once at boot, before any [`unmask`].
+    pub fn init() {
+        for (port, value) in INIT_SEQUENCE {
+            outb(port, value);
+        }
+        ENABLED.store(0, Ordering::Relaxed);
+    }
+
+    /// Unmasks IRQ line `irq` (and the cascade line for a slave line). Returns false for a
+    /// line the PIC does not have.
+    pub fn unmask(irq: u32) -> bool {
+        if irq >= u32::from(IRQ_LINES) {
+            return false;
+        }
+        let enabled = ENABLED.load(Ordering::Relaxed) | 1 << irq;
+        ENABLED.store(enabled, Ordering::Relaxed);
+        let (master, slave) = masks(enabled);
+        if irq >= 8 {
+            outb(SLAVE_DATA, slave);
+        }
+        outb(MASTER_DATA, master);
+        true
+    }
+
+    /// Returns once an interrupt has arrived since the previous call: at once if one already
+    /// did, otherwise after halting the CPU until one does. Race-free: the flag is checked
+    /// with interrupts off, and `sti; hlt` enables them only for the `hlt` (the instruction
+    /// after `sti` runs before any interrupt is taken). The caller's interrupt flag is
+    /// restored.
+    pub fn wait_for_interrupt() {
+        let rflags: u64;
+        // SAFETY: reads RFLAGS (through the stack, balanced) and disables interrupts.
+        unsafe { asm!("pushfq", "pop {}", "cli", out(reg) rflags, options(nomem, preserves_flags)) };
+        if !PENDING.swap(false, Ordering::Relaxed) {
+            // SAFETY: halts until an interrupt; the handler only sets PENDING.
+            unsafe { asm!("sti", "hlt", "cli", options(nostack)) };
+            PENDING.store(false, Ordering::Relaxed);
+        }
+        // SAFETY: restores the caller's RFLAGS (its interrupt flag) read above.
+        unsafe { asm!("push {}", "popfq", in(reg) rflags, options(nomem)) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_open_only_the_enabled_lines() {
+        assert_eq!(masks(0), (0xff, 0xff));
+        assert_eq!(masks(1 << 5), (0xdf, 0xff));
+        assert_eq!(masks(1 << 5 | 1 << 6), (0x9f, 0xff));
+        // A slave line needs the cascade line too.
+        assert_eq!(masks(1 << 10), (0xfb, 0xfb));
+    }
+
+    #[test]
+    fn init_sequence_programs_vectors_and_auto_eoi() {
+        assert_eq!(INIT_SEQUENCE[2], (MASTER_DATA, 32));
+        assert_eq!(INIT_SEQUENCE[3], (SLAVE_DATA, 40));
+        assert!(INIT_SEQUENCE[6].1 & 0x02 != 0 && INIT_SEQUENCE[7].1 & 0x02 != 0);
+    }
+}

@@ -1,0 +1,356 @@
+//! The raw-KVM floor: the least work any VMM does to run guest code, timed by phase.
+//!
+//! [`raw_floor`]: `KVM_CREATE_VM`, the TSS address, guest memory (mapped and registered),
+//! `KVM_CREATE_VCPU`, the entry registers, then `KVM_RUN` of three instructions ending in
+//! `hlt`. No irqchip, no devices, no CPUID. Benchmarks run it next to fnode's real boot (and
+//! later restore) paths in the same run and report the ratio, so host noise cancels out:
+//! [`boot_vs_floor`] interleaves floor runs and cold boots and reports percentiles.
+
+use std::fmt;
+use std::io;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use fnode_guest::abi::layout::KERNEL_START;
+use kvm_ioctls::VcpuExit;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
+
+use crate::builder::{self, BuildError, BuildTimings, VmConfig};
+use crate::kvm::KvmContext;
+use crate::microvm::MicroVmError;
+use crate::vstate::memory::{self, MemoryBacking, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// The floor's guest, 32-bit protected mode: `mov eax, 0x1234; add eax, 1; hlt`.
+const FLOOR_CODE: [u8; 9] = [0xb8, 0x34, 0x12, 0x00, 0x00, 0x83, 0xc0, 0x01, 0xf4];
+/// What `eax` holds when the floor guest halts.
+const FLOOR_RESULT: u64 = 0x1235;
+
+/// Errors of the floor benchmark.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// VM setup failed.
+    #[error("floor VM setup failed")]
+    Vm(#[source] VmError),
+    /// Guest memory could not be created.
+    #[error("floor guest memory failed")]
+    Memory(#[source] MemoryError),
+    /// vCPU setup or run failed.
+    #[error("floor vCPU failed")]
+    Vcpu(#[source] VcpuError),
+    /// The guest code could not be written.
+    #[error("cannot write the floor guest code")]
+    Code(#[source] GuestMemoryError),
+    /// The guest stopped for something other than `hlt`.
+    #[error("floor guest stopped with an unexpected exit: {0}")]
+    UnexpectedExit(String),
+    /// The VM of a boot sample could not be built.
+    #[error("benchmark boot: cannot build the VM")]
+    Build(#[source] BuildError),
+    /// The VM of a boot sample could not be run.
+    #[error("benchmark boot: cannot run the VM")]
+    Run(#[source] MicroVmError),
+    /// The guest of a boot sample did not exit with success.
+    #[error("benchmark boot did not succeed: {0}")]
+    BootFailed(String),
+    /// The guest halted with the wrong result (it did not run the code).
+    #[error("floor guest halted with eax {rax:#x}, expected {FLOOR_RESULT:#x}")]
+    WrongResult {
+        /// `rax` at the halt.
+        rax: u64,
+    },
+}
+
+/// Time of each phase of [`raw_floor`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloorTimings {
+    /// `KVM_CREATE_VM`.
+    pub create_vm: Duration,
+    /// `KVM_SET_TSS_ADDR`.
+    pub set_tss: Duration,
+    /// mmap of guest memory.
+    pub map_memory: Duration,
+    /// `KVM_SET_USER_MEMORY_REGION`.
+    pub register_memory: Duration,
+    /// `KVM_CREATE_VCPU`.
+    pub create_vcpu: Duration,
+    /// Writing the code page and the entry registers (`KVM_GET/SET_SREGS`, `KVM_SET_REGS`).
+    pub set_registers: Duration,
+    /// `KVM_RUN` until `hlt`.
+    pub run_to_hlt: Duration,
+    /// Everything above.
+    pub total: Duration,
+}
+
+/// Runs the floor once with `mem_size` bytes of guest memory backed by `backing`.
+pub fn raw_floor(
+    kvm: &KvmContext,
+    mem_size: usize,
+    backing: MemoryBacking,
+) -> Result<FloorTimings, BenchError> {
+    let mut t = FloorTimings::default();
+    let start = Instant::now();
+    let mut last = start;
+    let mut lap = || {
+        let now = Instant::now();
+        let d = now - last;
+        last = now;
+        d
+    };
+
+    let mut vm = Vm::create(kvm.kvm()).map_err(BenchError::Vm)?;
+    t.create_vm = lap();
+    vm.set_tss_address().map_err(BenchError::Vm)?;
+    t.set_tss = lap();
+    let mem = memory::create(mem_size, backing).map_err(BenchError::Memory)?;
+    t.map_memory = lap();
+    vm.register_memory(&mem).map_err(BenchError::Vm)?;
+    t.register_memory = lap();
+    let mut vcpu = Vcpu::create(&vm, 0).map_err(BenchError::Vcpu)?;
+    t.create_vcpu = lap();
+    let entry = GuestAddress(KERNEL_START);
+    mem.write_slice(&FLOOR_CODE, entry)
+        .map_err(BenchError::Code)?;
+    vcpu.setup_pvh_regs(entry, GuestAddress(0))
+        .map_err(BenchError::Vcpu)?;
+    t.set_registers = lap();
+    loop {
+        match vcpu.fd_mut().run() {
+            Ok(VcpuExit::Hlt) => break,
+            Ok(other) => return Err(BenchError::UnexpectedExit(format!("{other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => return Err(BenchError::Vcpu(VcpuError::Run(e))),
+        }
+    }
+    t.run_to_hlt = lap();
+    t.total = start.elapsed();
+
+    let rax = vcpu
+        .fd()
+        .get_regs()
+        .map_err(|e| BenchError::Vcpu(VcpuError::GetRegs(e)))?
+        .rax;
+    if rax != FLOOR_RESULT {
+        return Err(BenchError::WrongResult { rax });
+    }
+    Ok(t)
+}
+
+/// One timed cold boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootSample {
+    /// The build phases.
+    pub build: BuildTimings,
+    /// From resume to the guest's exit.
+    pub run: Duration,
+}
+
+/// Builds and runs `config` once, discarding the console; the guest must exit with success.
+pub fn boot_sample(
+    kvm: &KvmContext,
+    config: &VmConfig,
+    timeout: Duration,
+) -> Result<BootSample, BenchError> {
+    let mut vm = builder::build(kvm, config, Box::new(io::sink())).map_err(BenchError::Build)?;
+    let report = vm.run(timeout).map_err(BenchError::Run)?;
+    if !report.outcome.is_success() {
+        return Err(BenchError::BootFailed(report.outcome.to_string()));
+    }
+    Ok(BootSample {
+        build: *vm.build_timings(),
+        run: report.run_time,
+    })
+}
+
+/// Percentiles of one timed quantity, in nanoseconds.
+#[derive(Debug)]
+pub struct Series {
+    /// What was timed.
+    pub name: &'static str,
+    hist: Histogram<u64>,
+}
+
+impl Series {
+    fn new(name: &'static str) -> Self {
+        Series {
+            name,
+            // 1 ns .. 100 s at three significant digits; creation cannot fail for these bounds.
+            hist: Histogram::new_with_bounds(1, 100_000_000_000, 3)
+                .unwrap_or_else(|_| unreachable!("valid histogram bounds")),
+        }
+    }
+
+    fn record(&mut self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.hist.saturating_record(ns.max(1));
+    }
+
+    /// The `q` quantile (0.0..=1.0).
+    pub fn quantile(&self, q: f64) -> Duration {
+        Duration::from_nanos(self.hist.value_at_quantile(q))
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> u64 {
+        self.hist.len()
+    }
+
+    /// Whether there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.hist.is_empty()
+    }
+}
+
+/// The result of [`boot_vs_floor`].
+#[derive(Debug)]
+pub struct BootBenchReport {
+    /// Floor phases, then the floor total.
+    pub floor: Vec<Series>,
+    /// Boot build phases, the build total, the guest run and build + run.
+    pub boot: Vec<Series>,
+}
+
+impl BootBenchReport {
+    fn series(list: &[Series], name: &str) -> Option<Duration> {
+        list.iter()
+            .find(|s| s.name == name)
+            .map(|s| s.quantile(0.5))
+    }
+
+    /// p50 of the VM build over p50 of the floor (both measured in this run).
+    pub fn build_over_floor_p50(&self) -> Option<f64> {
+        let build = Self::series(&self.boot, "build.total")?;
+        let floor = Self::series(&self.floor, "floor.total")?;
+        (!floor.is_zero()).then(|| build.as_secs_f64() / floor.as_secs_f64())
+    }
+}
+
+impl fmt::Display for BootBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<24} {:>6} {:>10} {:>10} {:>10} {:>10}",
+            "phase", "n", "p50 us", "p90 us", "p99 us", "max us"
+        )?;
+        for s in self.floor.iter().chain(&self.boot) {
+            let us = |q: f64| s.quantile(q).as_secs_f64() * 1e6;
+            writeln!(
+                f,
+                "{:<24} {:>6} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+                s.name,
+                s.len(),
+                us(0.5),
+                us(0.9),
+                us(0.99),
+                us(1.0)
+            )?;
+        }
+        if let Some(r) = self.build_over_floor_p50() {
+            writeln!(f, "build.total p50 / floor.total p50 = {r:.2}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `runs` floor runs and `runs` cold boots of `config`, interleaved, and reports the
+/// percentiles of every phase. The floor uses the same memory size as the boots.
+pub fn boot_vs_floor(
+    kvm: &KvmContext,
+    config: &VmConfig,
+    runs: u32,
+    timeout: Duration,
+) -> Result<BootBenchReport, BenchError> {
+    const FLOOR: [&str; 8] = [
+        "floor.create_vm",
+        "floor.set_tss",
+        "floor.map_memory",
+        "floor.register_memory",
+        "floor.create_vcpu",
+        "floor.set_registers",
+        "floor.run_to_hlt",
+        "floor.total",
+    ];
+    const BOOT: [&str; 12] = [
+        "build.create_vm",
+        "build.map_memory",
+        "build.register_memory",
+        "build.irqchip",
+        "build.load_kernel",
+        "build.devices",
+        "build.create_vcpus",
+        "build.setup_vcpus",
+        "build.start_threads",
+        "build.total",
+        "boot.guest_run",
+        "boot.total",
+    ];
+    let mut floor: Vec<Series> = FLOOR.iter().map(|n| Series::new(n)).collect();
+    let mut boot: Vec<Series> = BOOT.iter().map(|n| Series::new(n)).collect();
+    let mem_size = usize::try_from(config.mem_mib << 20).unwrap_or(usize::MAX);
+    for _ in 0..runs {
+        let t = raw_floor(kvm, mem_size, MemoryBacking::Anonymous)?;
+        let phases = [
+            t.create_vm,
+            t.set_tss,
+            t.map_memory,
+            t.register_memory,
+            t.create_vcpu,
+            t.set_registers,
+            t.run_to_hlt,
+            t.total,
+        ];
+        for (s, d) in floor.iter_mut().zip(phases) {
+            s.record(d);
+        }
+        let b = boot_sample(kvm, config, timeout)?;
+        let p = b.build;
+        let phases = [
+            p.create_vm,
+            p.map_memory,
+            p.register_memory,
+            p.irqchip,
+            p.load_kernel,
+            p.devices,
+            p.create_vcpus,
+            p.setup_vcpus,
+            p.start_threads,
+            p.total,
+            b.run,
+            p.total + b.run,
+        ];
+        for (s, d) in boot.iter_mut().zip(phases) {
+            s.record(d);
+        }
+    }
+    Ok(BootBenchReport { floor, boot })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floor_runs_to_hlt() {
+        if !crate::kvm::test_support::require_kvm() {
+            return;
+        }
+        let kvm = KvmContext::new().unwrap();
+        let t = raw_floor(&kvm, 16 << 20, MemoryBacking::Anonymous).unwrap();
+        assert!(t.total >= t.run_to_hlt);
+    }
+
+    #[test]
+    fn series_quantiles() {
+        let mut s = Series::new("x");
+        assert!(s.is_empty());
+        for us in 1..=100u64 {
+            s.record(Duration::from_micros(us));
+        }
+        assert_eq!(s.len(), 100);
+        let p50 = s.quantile(0.5).as_micros();
+        assert!((49..=51).contains(&p50), "{p50}");
+        assert!(s.quantile(1.0) >= Duration::from_micros(100));
+    }
+}

@@ -1,0 +1,64 @@
+//! The virtio socket device (virtio 1.x, 5.10; device id 19): fnode's invocation channel.
+//!
+//! # Guest side
+//! Three queues (rx, tx, event), config space `le64 guest_cid` =
+//! [`abi::vsock::GUEST_CID`](fnode_guest::abi::vsock::GUEST_CID), STREAM sockets only,
+//! features `VIRTIO_F_VERSION_1` and `VIRTIO_RING_F_EVENT_IDX`. Every tx packet's 44-byte
+//! header is validated ([`packet`]); connections follow the spec's state machine
+//! ([`connection`]) with credit-based flow control both ways: the host never sends more than
+//! the guest's `buf_alloc - (tx_cnt - fwd_cnt)`, and a guest that sends more than the host's
+//! free buffer breaks the device.
+//!
+//! # Host side: Firecracker's hybrid vsock
+//! A Unix listener per VM at a path. A host client connects and writes `CONNECT <port>\n`;
+//! the device sends OP_REQUEST to that guest port; on OP_RESPONSE it writes
+//! `OK <hostport>\n` to the client and bytes flow both ways; an RST from the guest (nobody
+//! listening, or a reset) closes the client's socket. Guest-initiated connections to the
+//! host are refused with RST. A client EOF becomes SHUTDOWN(SEND) to the guest; a guest
+//! SHUTDOWN(SEND) half-closes the client's socket once its bytes are written; a guest
+//! SHUTDOWN of both directions is answered with RST and closes the client after the last
+//! byte.
+//!
+//! # I/O design
+//! Everything runs on the event loop thread; the device is an `event-manager` subscriber
+//! ([`event_handler`]) woken by the queue ioeventfds and by one io_uring ([`uring`]) whose
+//! completions signal an eventfd. The ring carries one `accept` on the listener and, per
+//! connection, at most one `recv` and one `send`. An op owns its buffer and its fd until
+//! its completion is reaped, which is what makes cancellation and teardown sound.
+//!
+//! Data path, host -> guest: `recv` (io_uring; the kernel copies socket -> a per-connection
+//! host buffer, at most min(guest credit, 64 KiB)); when the completion is reaped the device
+//! copies header + bytes into the guest's rx buffers (one memcpy), publishes them in the
+//! used ring and signals the irqfd (one `write` to an eventfd, only if the driver wants an
+//! interrupt). Guest -> host: the ioeventfd wakes the loop; the device copies each packet's
+//! payload from guest memory into the connection's host buffer (one memcpy), returns the
+//! descriptor at once, and a `send` (io_uring) hands the buffer to the socket. Syscalls
+//! per wake-up: one `epoll_wait`, one eventfd `read`, one `io_uring_enter` for all new
+//! submissions, one irqfd `write`.
+//!
+//! # Hostile guests
+//! Chains are walked with every step checked ([`crate::devices::virtio::queue`]); headers,
+//! lengths (64 KiB payload cap), credit and counters are validated; rx and tx loops handle
+//! at most 256 chains per wake-up; host-side memory is bounded per connection (64 KiB
+//! towards the guest, 256 KiB towards the client) and connections are capped at 64. A
+//! violation marks the device broken and reports the fault.
+//!
+//! # Snapshots
+//! [`VsockState`] holds the negotiated features, the live queue positions and each
+//! ESTABLISHED connection's [`ConnectionState`] (ports, credit counters, shutdown flags):
+//! plain data, no fds. A restored device re-binds its listener and *parks* those
+//! connections ([`VsockDevice::park_connection`]); the first client that sends
+//! `CONNECT <port>` for a parked guest port is attached and answered `OK` at once, so the
+//! restored guest serves its next request on the connection it already had.
+
+pub mod connection;
+pub mod device;
+pub mod event_handler;
+pub mod packet;
+pub mod uring;
+
+pub use connection::{ConnectionState, Phase};
+pub use device::{VsockDevice, VsockError, VsockState};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,30 @@
+//! `fnode-vmm`: fnode's lean virtual machine monitor on KVM.
+//!
+//! This crate builds a microVM from a PVH ELF kernel image and runs it: it opens `/dev/kvm`
+//! ([`kvm`]), creates guest memory, the VM and its vCPUs ([`vstate`]), loads the kernel and
+//! the PVH boot data ([`loader`]), wires the legacy devices onto the PIO/MMIO buses
+//! ([`devices`]) and runs one thread per vCPU, controlled over channels ([`microvm`]). A VM
+//! is built paused by one straight-line function ([`builder::build`]); running it ends in an
+//! [`Outcome`]: the guest's exit status, a guest fault with its report, a timeout, or a
+//! KVM/emulation error.
+//!
+//! It also holds the raw-KVM floor benchmark ([`mod@bench`]) that boot and restore timings are
+//! compared with.
+//!
+//! What it does not own: the guest↔host contract (ports, layout, exit codes, fault report)
+//! lives in `fnode-guest`'s `abi` module and is only imported here; snapshot file formats
+//! live in `fnode-snapshot`; pools, HTTP and scheduling live in the agent.
+
+pub mod bench;
+pub mod builder;
+pub mod devices;
+pub mod kvm;
+pub mod loader;
+pub mod microvm;
+pub mod outcome;
+pub mod vstate;
+
+pub use builder::{build, BuildError, BuildTimings, VmConfig};
+pub use kvm::{KvmContext, KvmError};
+pub use microvm::{MicroVm, MicroVmError};
+pub use outcome::Outcome;

@@ -1,0 +1,160 @@
+//! `fnode-vmm`: boot a PVH ELF kernel in a fresh microVM and report how it ended.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fnode_vmm::bench;
+use fnode_vmm::builder::{self, VmConfig, DEFAULT_MEM_MIB};
+use fnode_vmm::outcome::exit_code;
+use fnode_vmm::KvmContext;
+
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  the guest exited with success (abi::exit::SUCCESS)
+  1  the guest exited with another status (failure; its console says why)
+  2  bad command-line usage
+  3  the guest faulted (a CPU exception; one line names it)
+  4  the guest did not exit within --timeout-ms and was stopped
+  5  KVM or emulation failed (triple fault, internal error, unhandled exit)
+  6  the VM could not be built (missing or invalid image, /dev/kvm unusable, bad option)";
+
+/// Limit for one benchmark boot: a guest that needs longer is broken, not slow.
+const BENCH_BOOT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// fnode's microVM monitor: boots PVH ELF kernels on KVM.
+#[derive(Debug, Parser)]
+#[command(name = "fnode-vmm", version, after_help = EXIT_CODES_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot IMAGE, stream its serial console to stdout, and exit with the guest's outcome.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Boot(BootArgs),
+    /// Time cold boots of IMAGE against the raw-KVM floor (interleaved, same run) and print
+    /// percentiles of every phase. The guest must exit with success.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// The PVH ELF kernel image.
+    image: PathBuf,
+    /// Number of boots (and as many floor runs).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    runs: u32,
+    /// Guest memory in MiB (the floor maps as much).
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEM_MIB)]
+    mem: u64,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct BootArgs {
+    /// The PVH ELF kernel image (scripts/build-guest.sh prints the path of fnode's).
+    image: PathBuf,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEM_MIB)]
+    mem: u64,
+    /// Kernel command line (e.g. "fault=ud2").
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Stop the guest if it has not exited after this many milliseconds.
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_ms: u64,
+    /// Write the serial console to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    serial_out: Option<PathBuf>,
+    /// Also print the time of each VM build phase on stderr.
+    #[arg(long)]
+    timings: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Boot(args) => boot(args),
+        Command::Bench(args) => bench(args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code::SETUP)
+        }
+    }
+}
+
+fn boot(args: BootArgs) -> anyhow::Result<u8> {
+    let start = Instant::now();
+    let console: Box<dyn Write + Send> = match &args.serial_out {
+        Some(path) => Box::new(
+            File::create(path)
+                .with_context(|| format!("cannot create serial output {}", path.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    let kvm = KvmContext::new()?;
+    let config = VmConfig {
+        mem_mib: args.mem,
+        cmdline: args.cmdline,
+        ..VmConfig::new(args.image)
+    };
+    let mut vm = builder::build(&kvm, &config, console)?;
+    let report = match vm.run(Duration::from_millis(args.timeout_ms)) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: VM failed: {e}");
+            return Ok(exit_code::VM_ERROR);
+        }
+    };
+    let total = start.elapsed();
+    let timings = *vm.build_timings();
+
+    let outcome = &report.outcome;
+    if outcome.is_success() {
+        eprintln!(
+            "fnode-vmm: {outcome} in {} (VM build {}, guest run {})",
+            ms(total),
+            ms(timings.total),
+            ms(report.run_time)
+        );
+    } else {
+        eprintln!("error: {outcome}");
+    }
+    // Tearing the VM down (KVM destroys it when its fds close) is not part of the boot.
+    let teardown = Instant::now();
+    drop(vm);
+    if args.timings {
+        eprintln!("fnode-vmm: build phases: {timings:?}");
+        eprintln!("fnode-vmm: teardown {}", ms(teardown.elapsed()));
+    }
+    Ok(outcome.exit_code())
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<u8> {
+    let kvm = KvmContext::new()?;
+    let config = VmConfig {
+        mem_mib: args.mem,
+        cmdline: args.cmdline,
+        ..VmConfig::new(args.image)
+    };
+    let report = bench::boot_vs_floor(&kvm, &config, args.runs, BENCH_BOOT_TIMEOUT)?;
+    print!("{report}");
+    Ok(exit_code::SUCCESS)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}

@@ -1,0 +1,5 @@
+//! KVM state of one VM: guest [`memory`], the [`vm`] and its [`vcpu`]s.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,646 @@
+//! One vCPU: its KVM fd, its setup (CPUID, MSRs, PVH entry registers) and its thread.
+//!
+//! Every vCPU runs on its own thread with an explicit [`VcpuState`]. The thread is controlled
+//! over a channel of [`VcpuCommand`]s and reports [`VcpuEvent`]s on a channel shared by all
+//! vCPUs of the VM. A vCPU inside `KVM_RUN` is kicked out by a signal whose handler sets
+//! `kvm_run.immediate_exit`: whether the signal lands before or during `KVM_RUN`, the call
+//! returns `EINTR` and the thread reads its commands again, so a kick is never lost.
+
+use std::cell::Cell;
+use std::io;
+use std::sync::atomic::{compiler_fence, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+use std::sync::{Arc, OnceLock};
+use std::thread::{self, JoinHandle};
+
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, CpuId, Msrs};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestAddress;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use super::vm::Vm;
+use crate::devices::bus::Buses;
+use crate::devices::exit::ExitSignal;
+
+/// `IA32_MISC_ENABLE`: bit 0 enables fast string operations (what firmware leaves set).
+const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// `IA32_MTRR_DEF_TYPE`: MTRRs enabled (bit 11), default type write-back (6). With MTRRs
+/// off, KVM hosts that honour guest MTRRs would map all guest memory uncached.
+const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
+
+/// CR0 bits of the PVH entry state: protected mode on, paging off.
+const X86_CR0_PE: u64 = 1 << 0;
+const X86_CR0_ET: u64 = 1 << 4;
+/// Bit 1 of RFLAGS is reserved and always set.
+const RFLAGS_RESERVED: u64 = 1 << 1;
+
+/// Selectors of the flat boot segments (the layout of a conventional boot GDT: null, code,
+/// data, TSS). The guest loads its own GDT before it reloads a segment register.
+const BOOT_CS: u16 = 0x08;
+const BOOT_DS: u16 = 0x10;
+const BOOT_TR: u16 = 0x18;
+/// Segment types: execute/read accessed code, read/write accessed data, busy 32-bit TSS.
+const SEG_TYPE_CODE: u8 = 0xb;
+const SEG_TYPE_DATA: u8 = 0x3;
+const SEG_TYPE_TSS_BUSY: u8 = 0xb;
+/// Limit of a minimal 32-bit TSS.
+const TSS_LIMIT: u32 = 0x67;
+
+/// Errors setting up or running a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// `KVM_CREATE_VCPU` failed.
+    #[error("KVM_CREATE_VCPU failed for vCPU {id}")]
+    Create {
+        /// vCPU index.
+        id: u8,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_SET_CPUID2` failed.
+    #[error("KVM_SET_CPUID2 failed")]
+    SetCpuid(#[source] kvm_ioctls::Error),
+    /// The MSR list could not be built.
+    #[error("cannot build the boot MSR list")]
+    MsrList(#[source] vmm_sys_util::fam::Error),
+    /// `KVM_SET_MSRS` failed.
+    #[error("KVM_SET_MSRS failed")]
+    SetMsrs(#[source] kvm_ioctls::Error),
+    /// KVM accepted only some of the boot MSRs.
+    #[error("KVM_SET_MSRS refused MSR {msr:#x}")]
+    MsrRefused {
+        /// The first MSR KVM did not set.
+        msr: u32,
+    },
+    /// `KVM_GET_SREGS` failed.
+    #[error("KVM_GET_SREGS failed")]
+    GetSregs(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_SREGS` failed.
+    #[error("KVM_SET_SREGS failed")]
+    SetSregs(#[source] kvm_ioctls::Error),
+    /// `KVM_GET_REGS` failed.
+    #[error("KVM_GET_REGS failed")]
+    GetRegs(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_REGS` failed.
+    #[error("KVM_SET_REGS failed")]
+    SetRegs(#[source] kvm_ioctls::Error),
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    /// The vCPU thread could not be started.
+    #[error("cannot spawn the thread of vCPU {id}")]
+    Spawn {
+        /// vCPU index.
+        id: u8,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// `KVM_RUN` itself failed.
+    #[error("KVM_RUN failed")]
+    Run(#[source] kvm_ioctls::Error),
+    /// The guest triple-faulted (or otherwise shut down the CPU).
+    #[error("guest triple fault (KVM_EXIT_SHUTDOWN)")]
+    Shutdown,
+    /// KVM could not handle something the guest did.
+    #[error("KVM internal error (KVM_EXIT_INTERNAL_ERROR, {})", internal_error_name(*.suberror))]
+    InternalError {
+        /// `kvm_run.internal.suberror`.
+        suberror: u32,
+    },
+    /// The hardware refused to enter the guest.
+    #[error("VM entry failed (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x})")]
+    FailEntry {
+        /// `hardware_entry_failure_reason`.
+        reason: u64,
+    },
+    /// The guest executed `hlt` and KVM handed it to the VMM (only without an in-kernel
+    /// irqchip).
+    #[error("guest halted (KVM_EXIT_HLT)")]
+    Halted,
+    /// The guest asked for a reset, shutdown or crash through a system event.
+    #[error("guest requested a system event (KVM_EXIT_SYSTEM_EVENT type {kind})")]
+    SystemEvent {
+        /// `KVM_SYSTEM_EVENT_*`.
+        kind: u32,
+    },
+    /// The vCPU thread panicked (a bug in fnode-vmm).
+    #[error("the vCPU thread panicked")]
+    ThreadPanicked,
+    /// An exit fnode does not handle.
+    #[error("unhandled vCPU exit: {0}")]
+    UnhandledExit(String),
+}
+
+/// What `kvm_run.internal.suberror` means.
+fn internal_error_name(suberror: u32) -> &'static str {
+    match suberror {
+        kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => "instruction emulation failed",
+        kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+        kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failed",
+        kvm_bindings::KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "unexpected exit reason",
+        _ => "unknown suberror",
+    }
+}
+
+/// A created vCPU, before its thread starts.
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+    id: u8,
+}
+
+impl Vcpu {
+    /// `KVM_CREATE_VCPU` with index `id` (also its APIC id).
+    pub fn create(vm: &Vm, id: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Create { id, source })?;
+        Ok(Vcpu { fd, id })
+    }
+
+    /// The vCPU index.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// The KVM vCPU fd.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The KVM vCPU fd, mutably (`KVM_RUN` needs it).
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
+    /// Sets the CPUID the guest sees: what KVM supports, with this vCPU's APIC id.
+    pub fn configure_cpuid(&self, supported: &CpuId) -> Result<(), VcpuError> {
+        let cpuid = vcpu_cpuid(supported, self.id);
+        self.fd.set_cpuid2(&cpuid).map_err(VcpuError::SetCpuid)
+    }
+
+    /// Sets the MSRs firmware would leave set (fast strings, write-back MTRR default).
+    pub fn configure_msrs(&self) -> Result<(), VcpuError> {
+        let entries = [
+            kvm_msr_entry {
+                index: MSR_IA32_MISC_ENABLE,
+                data: MISC_ENABLE_FAST_STRING,
+                ..Default::default()
+            },
+            kvm_msr_entry {
+                index: MSR_MTRR_DEF_TYPE,
+                data: MTRR_ENABLE_WRITEBACK,
+                ..Default::default()
+            },
+        ];
+        let msrs = Msrs::from_entries(&entries).map_err(VcpuError::MsrList)?;
+        let set = self.fd.set_msrs(&msrs).map_err(VcpuError::SetMsrs)?;
+        match entries.get(set) {
+            None => Ok(()),
+            Some(refused) => Err(VcpuError::MsrRefused { msr: refused.index }),
+        }
+    }
+
+    /// Puts the vCPU in the PVH entry state: 32-bit protected mode with flat segments,
+    /// paging off, interrupts off, `rip` = `entry`, `rbx` = the `hvm_start_info` address.
+    pub fn setup_pvh_regs(
+        &self,
+        entry: GuestAddress,
+        start_info: GuestAddress,
+    ) -> Result<(), VcpuError> {
+        // Start from KVM's reset state: it carries the APIC base and the LDT/GDT/IDT
+        // registers the guest expects, which KVM_SET_SREGS would otherwise overwrite.
+        let mut sregs = self.fd.get_sregs().map_err(VcpuError::GetSregs)?;
+        let code = flat_segment(BOOT_CS, SEG_TYPE_CODE);
+        let data = flat_segment(BOOT_DS, SEG_TYPE_DATA);
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = kvm_segment {
+            base: 0,
+            limit: TSS_LIMIT,
+            selector: BOOT_TR,
+            type_: SEG_TYPE_TSS_BUSY,
+            present: 1,
+            ..Default::default()
+        };
+        sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+        sregs.cr3 = 0;
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        self.fd.set_sregs(&sregs).map_err(VcpuError::SetSregs)?;
+
+        let regs = kvm_regs {
+            rflags: RFLAGS_RESERVED,
+            rip: entry.0,
+            rbx: start_info.0,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(VcpuError::SetRegs)
+    }
+
+    /// Runs the guest until the next exit and handles it.
+    pub fn run_once(&mut self, io: &VcpuIo) -> Result<RunStep, VcpuError> {
+        let wrote = match self.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoOut(port, data) => {
+                    io.buses.pio.write(u64::from(port), data);
+                    true
+                }
+                VcpuExit::IoIn(port, data) => {
+                    io.buses.pio.read(u64::from(port), data);
+                    false
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    io.buses.mmio.write(addr, data);
+                    true
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    io.buses.mmio.read(addr, data);
+                    false
+                }
+                VcpuExit::Intr => false,
+                VcpuExit::Hlt => return Err(VcpuError::Halted),
+                VcpuExit::Shutdown => return Err(VcpuError::Shutdown),
+                VcpuExit::FailEntry(reason, _) => return Err(VcpuError::FailEntry { reason }),
+                VcpuExit::SystemEvent(kind, _) => return Err(VcpuError::SystemEvent { kind }),
+                VcpuExit::InternalError => {
+                    return Err(VcpuError::InternalError {
+                        suberror: self.internal_suberror(),
+                    })
+                }
+                other => return Err(VcpuError::UnhandledExit(format!("{other:?}"))),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick: clear it so the next KVM_RUN enters the guest again.
+                self.fd.set_kvm_immediate_exit(0);
+                return Ok(RunStep::Interrupted);
+            }
+            Err(e) => return Err(VcpuError::Run(e)),
+        };
+        // The exit port is checked after every write: the guest does not run past its exit.
+        match io.exit.requested() {
+            Some(status) if wrote => Ok(RunStep::Exited(status)),
+            _ => Ok(RunStep::Continue),
+        }
+    }
+
+    /// `kvm_run.internal.suberror` after a `KVM_EXIT_INTERNAL_ERROR`.
+    fn internal_suberror(&mut self) -> u32 {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called right after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, for which KVM
+        // fills the `internal` member of the exit union; it is plain integers.
+        unsafe { run.__bindgen_anon_1.internal.suberror }
+    }
+
+    /// Starts the vCPU's thread, paused. It reports on `events`.
+    pub fn start_thread(
+        self,
+        io: VcpuIo,
+        events: Sender<VcpuEvent>,
+    ) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler()?;
+        let id = self.id;
+        let (commands, receiver) = mpsc::channel();
+        let thread = thread::Builder::new()
+            .name(format!("fnode-vcpu{id}"))
+            .spawn(move || {
+                // A panic must not leave the controller waiting for a report forever.
+                let run =
+                    std::panic::AssertUnwindSafe(|| self.thread_main(&io, &receiver, &events));
+                std::panic::catch_unwind(run).map_err(|_| {
+                    let stop = VcpuStop::Error(VcpuError::ThreadPanicked);
+                    let _ = events.send(VcpuEvent::Finished { id, stop });
+                })
+            })
+            .map_err(|source| VcpuError::Spawn { id, source })?;
+        Ok(VcpuHandle {
+            id,
+            commands,
+            thread: Some(thread),
+            state: VcpuState::Paused,
+        })
+    }
+
+    /// The vCPU thread: a state machine driven by commands and guest exits.
+    fn thread_main(
+        mut self,
+        io: &VcpuIo,
+        commands: &Receiver<VcpuCommand>,
+        events: &Sender<VcpuEvent>,
+    ) -> Vcpu {
+        let _kick_target = KickTarget::set(self.fd.get_kvm_run());
+        let id = self.id;
+        let mut state = VcpuState::Paused;
+        loop {
+            state = match state {
+                VcpuState::Paused => match commands.recv() {
+                    Ok(VcpuCommand::Resume) => VcpuState::Running,
+                    Ok(VcpuCommand::Pause) => {
+                        let _ = events.send(VcpuEvent::Paused { id });
+                        VcpuState::Paused
+                    }
+                    Ok(VcpuCommand::Exit) | Err(_) => break,
+                },
+                VcpuState::Running => match commands.try_recv() {
+                    Ok(VcpuCommand::Pause) => {
+                        let _ = events.send(VcpuEvent::Paused { id });
+                        VcpuState::Paused
+                    }
+                    Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => break,
+                    Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => match self.run_once(io) {
+                        Ok(RunStep::Continue | RunStep::Interrupted) => VcpuState::Running,
+                        Ok(RunStep::Exited(status)) => {
+                            let stop = VcpuStop::Exited(status);
+                            let _ = events.send(VcpuEvent::Finished { id, stop });
+                            VcpuState::Finished
+                        }
+                        Err(e) => {
+                            let stop = VcpuStop::Error(e);
+                            let _ = events.send(VcpuEvent::Finished { id, stop });
+                            VcpuState::Finished
+                        }
+                    },
+                },
+                // A finished vCPU never enters the guest again; it waits to be told to go.
+                VcpuState::Finished => match commands.recv() {
+                    Ok(VcpuCommand::Exit) | Err(_) => break,
+                    Ok(VcpuCommand::Resume | VcpuCommand::Pause) => VcpuState::Finished,
+                },
+            };
+        }
+        self
+    }
+}
+
+/// The CPUID for vCPU `id`: KVM's supported CPUID with the vCPU's APIC id and the
+/// hypervisor bit.
+pub fn vcpu_cpuid(supported: &CpuId, id: u8) -> CpuId {
+    let mut cpuid = supported.clone();
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                // EBX[31:24]: initial APIC id. ECX[31]: running under a hypervisor.
+                entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(id) << 24);
+                entry.ecx |= 1 << 31;
+            }
+            // Extended topology leaves: EDX is the x2APIC id.
+            0xb | 0x1f => entry.edx = u32::from(id),
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+/// A flat 4 GiB 32-bit segment.
+fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// What one `KVM_RUN` ended with, when the guest may go on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunStep {
+    /// An exit was handled; run again.
+    Continue,
+    /// A kick interrupted `KVM_RUN`; read the commands, then run again.
+    Interrupted,
+    /// The guest wrote `status` to the exit port.
+    Exited(u32),
+}
+
+/// What a vCPU thread needs to handle exits: the buses and the VM's exit signal.
+#[derive(Clone, Debug)]
+pub struct VcpuIo {
+    /// The VM's PIO and MMIO buses.
+    pub buses: Arc<Buses>,
+    /// Set by the exit device.
+    pub exit: ExitSignal,
+}
+
+/// The state of a vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Not in the guest; waiting for a command.
+    Paused,
+    /// Running the guest.
+    Running,
+    /// The guest exited or failed on this vCPU; it will not run again.
+    Finished,
+}
+
+/// Commands to a vCPU thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuCommand {
+    /// Run the guest.
+    Resume,
+    /// Leave the guest and report [`VcpuEvent::Paused`].
+    Pause,
+    /// End the thread.
+    Exit,
+}
+
+/// Why a vCPU finished.
+#[derive(Debug)]
+pub enum VcpuStop {
+    /// The guest wrote this status to the exit port.
+    Exited(u32),
+    /// KVM or the guest failed.
+    Error(VcpuError),
+}
+
+/// Reports from vCPU threads.
+#[derive(Debug)]
+pub enum VcpuEvent {
+    /// vCPU `id` left the guest because it was told to pause.
+    Paused {
+        /// vCPU index.
+        id: u8,
+    },
+    /// vCPU `id` finished.
+    Finished {
+        /// vCPU index.
+        id: u8,
+        /// Why.
+        stop: VcpuStop,
+    },
+}
+
+/// The controlling side of a vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    id: u8,
+    commands: Sender<VcpuCommand>,
+    thread: Option<JoinHandle<Result<Vcpu, ()>>>,
+    state: VcpuState,
+}
+
+impl VcpuHandle {
+    /// vCPU index.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// The state as last reported by (or commanded to) the thread.
+    pub fn state(&self) -> VcpuState {
+        self.state
+    }
+
+    /// Records a state the thread reported.
+    pub fn set_state(&mut self, state: VcpuState) {
+        self.state = state;
+    }
+
+    /// Sends a command. Returns false if the thread is gone.
+    pub fn send(&self, command: VcpuCommand) -> bool {
+        self.commands.send(command).is_ok()
+    }
+
+    /// Kicks the thread out of `KVM_RUN` so it reads its commands.
+    pub fn kick(&self) {
+        if let Some(thread) = &self.thread {
+            // ESRCH (the thread already ended) is fine: it reads no more commands anyway.
+            let _ = thread.kill(kick_signal());
+        }
+    }
+
+    /// Tells the thread to end, kicks it and waits for it. Returns the vCPU (for saving its
+    /// state), or `None` if the thread panicked or was already joined.
+    pub fn stop(&mut self) -> Option<Vcpu> {
+        let _ = self.commands.send(VcpuCommand::Exit);
+        self.kick();
+        let vcpu = self.thread.take()?.join().ok()?.ok();
+        self.state = VcpuState::Finished;
+        vcpu
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The signal that kicks a vCPU thread out of `KVM_RUN` (the first real-time signal).
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, if it is a vCPU thread; read by the kick signal handler.
+    static THIS_VCPU_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// Publishes a vCPU's `kvm_run` to this thread's kick handler; unpublishes it on drop
+/// (before the vCPU fd, and with it the `kvm_run` mapping, can go away).
+struct KickTarget;
+
+impl KickTarget {
+    fn set(run: &mut kvm_run) -> KickTarget {
+        THIS_VCPU_RUN.with(|c| c.set(run));
+        KickTarget
+    }
+}
+
+impl Drop for KickTarget {
+    fn drop(&mut self) {
+        THIS_VCPU_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// The kick handler: async-signal-safe (a thread-local read and a volatile store).
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let _ = THIS_VCPU_RUN.try_with(|c| {
+        let run = c.get();
+        if !run.is_null() {
+            // SAFETY: `run` was published by this thread's KickTarget, which unpublishes it
+            // before the vCPU fd that owns the mapping is dropped; the handler runs on the
+            // same thread, so the mapping is alive. A volatile store of a u8 field is sound
+            // even if it interrupts the thread's own accesses to kvm_run.
+            unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*run).immediate_exit), 1) };
+        }
+    });
+    compiler_fence(Ordering::SeqCst);
+}
+
+/// Installs the kick handler once per process.
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static INSTALLED: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
+    (*INSTALLED.get_or_init(|| register_signal_handler(kick_signal(), handle_kick)))
+        .map_err(VcpuError::SignalHandler)
+}
+
+#[cfg(test)]
+mod tests {
+    use kvm_bindings::{kvm_cpuid_entry2, KVM_MAX_CPUID_ENTRIES};
+
+    use super::*;
+
+    #[test]
+    fn cpuid_gets_the_apic_id() {
+        let entries = [
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xab12_3456,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                edx: 7,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0,
+                ebx: 0x756e_6547,
+                ..Default::default()
+            },
+        ];
+        let supported = CpuId::from_entries(&entries).unwrap();
+        assert!(supported.as_slice().len() <= KVM_MAX_CPUID_ENTRIES);
+        let c = vcpu_cpuid(&supported, 3);
+        let s = c.as_slice();
+        assert_eq!(s[0].ebx, 0x0312_3456);
+        assert_eq!(s[0].ecx >> 31, 1);
+        assert_eq!(s[1].edx, 3);
+        assert_eq!(s[2].ebx, 0x756e_6547);
+    }
+
+    #[test]
+    fn flat_segments_cover_4g() {
+        let cs = flat_segment(BOOT_CS, SEG_TYPE_CODE);
+        assert_eq!(
+            (cs.base, cs.limit, cs.db, cs.l, cs.g),
+            (0, 0xffff_ffff, 1, 0, 1)
+        );
+    }
+
+    #[test]
+    fn internal_error_names() {
+        let e = VcpuError::InternalError { suberror: 1 };
+        assert_eq!(
+            e.to_string(),
+            "KVM internal error (KVM_EXIT_INTERNAL_ERROR, instruction emulation failed)"
+        );
+    }
+}

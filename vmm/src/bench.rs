@@ -8,10 +8,13 @@
 
 use std::fmt;
 use std::io;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
+use fnode_guest::abi::exit;
 use fnode_guest::abi::layout::KERNEL_START;
 use kvm_ioctls::VcpuExit;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
@@ -55,6 +58,25 @@ pub enum BenchError {
     /// The guest of a boot sample did not exit with success.
     #[error("benchmark boot did not succeed: {0}")]
     BootFailed(String),
+    /// A whole-process boot (fnode-vmm or a peer VMM) could not be started.
+    #[error("benchmark: cannot start {program}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A whole-process boot ended with the wrong exit code.
+    #[error("benchmark: {program} exited with {code:?}, expected {expected}")]
+    ProcessFailed {
+        /// The program.
+        program: String,
+        /// Its exit code (`None`: killed by a signal).
+        code: Option<i32>,
+        /// The code a good boot gives.
+        expected: i32,
+    },
     /// The guest halted with the wrong result (it did not run the code).
     #[error("floor guest halted with eax {rax:#x}, expected {FLOOR_RESULT:#x}")]
     WrongResult {
@@ -164,6 +186,42 @@ pub fn boot_sample(
     })
 }
 
+/// Runs `cmd` to completion with its output discarded and times it, from spawn to exit.
+/// It must exit with `expected` (a boot that fails is not a sample).
+pub fn process_sample(cmd: &mut Command, expected: i32) -> Result<Duration, BenchError> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let start = Instant::now();
+    let status = cmd
+        .status()
+        .map_err(|source| BenchError::Spawn { program: program.clone(), source })?;
+    let elapsed = start.elapsed();
+    if status.code() != Some(expected) {
+        return Err(BenchError::ProcessFailed { program, code: status.code(), expected });
+    }
+    Ok(elapsed)
+}
+
+/// The QEMU peer: `image` under `qemu-system-x86_64 -M microvm` with KVM, COM1 and the exit
+/// port, the same machine `scripts/qemu-boot.sh` checks images with. A good boot exits with
+/// [`QEMU_SUCCESS`].
+pub fn qemu_microvm_command(image: &Path, mem_mib: u64, cmdline: &str) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-M", "microvm,isa-serial=on,rtc=off,pic=off,pit=off"])
+        .args(["-accel", "kvm", "-cpu", "host", "-smp", "1"])
+        .args(["-m", &format!("{mem_mib}M")])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-serial", "null"])
+        .args(["-device", &format!("isa-debug-exit,iobase={:#x},iosize=4", exit::PORT)])
+        .arg("-kernel")
+        .arg(image)
+        .args(["-append", cmdline]);
+    cmd
+}
+
+/// QEMU's process exit code when the guest exits with [`exit::SUCCESS`].
+pub const QEMU_SUCCESS: i32 = exit::qemu_exit_code(exit::SUCCESS);
+
 /// Percentiles of one timed quantity, in nanoseconds.
 #[derive(Debug)]
 pub struct Series {
@@ -173,7 +231,8 @@ pub struct Series {
 }
 
 impl Series {
-    fn new(name: &'static str) -> Self {
+    /// An empty series.
+    pub fn new(name: &'static str) -> Self {
         Series {
             name,
             // 1 ns .. 100 s at three significant digits; creation cannot fail for these bounds.
@@ -182,7 +241,8 @@ impl Series {
         }
     }
 
-    fn record(&mut self, d: Duration) {
+    /// Adds one sample.
+    pub fn record(&mut self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         self.hist.saturating_record(ns.max(1));
     }
@@ -210,6 +270,9 @@ pub struct BootBenchReport {
     pub floor: Vec<Series>,
     /// Boot build phases, the build total, the guest run and build + run.
     pub boot: Vec<Series>,
+    /// Whole-process boots (spawn to exit): `process.fnode-vmm` and peers such as
+    /// `process.qemu-microvm`, added by the caller with [`Series::record`].
+    pub process: Vec<Series>,
 }
 
 impl BootBenchReport {
@@ -217,6 +280,14 @@ impl BootBenchReport {
         list.iter()
             .find(|s| s.name == name)
             .map(|s| s.quantile(0.5))
+    }
+
+    /// p50 of series `a` over p50 of series `b` (any of the report's series).
+    pub fn p50_ratio(&self, a: &str, b: &str) -> Option<f64> {
+        let all = || self.floor.iter().chain(&self.boot).chain(&self.process);
+        let a = all().find(|s| s.name == a)?.quantile(0.5);
+        let b = all().find(|s| s.name == b)?.quantile(0.5);
+        (!b.is_zero()).then(|| a.as_secs_f64() / b.as_secs_f64())
     }
 
     /// p50 of the VM build over p50 of the floor (both measured in this run).
@@ -234,7 +305,7 @@ impl fmt::Display for BootBenchReport {
             "{:<24} {:>6} {:>10} {:>10} {:>10} {:>10}",
             "phase", "n", "p50 us", "p90 us", "p99 us", "max us"
         )?;
-        for s in self.floor.iter().chain(&self.boot) {
+        for s in self.floor.iter().chain(&self.boot).chain(&self.process) {
             let us = |q: f64| s.quantile(q).as_secs_f64() * 1e6;
             writeln!(
                 f,
@@ -250,17 +321,40 @@ impl fmt::Display for BootBenchReport {
         if let Some(r) = self.build_over_floor_p50() {
             writeln!(f, "build.total p50 / floor.total p50 = {r:.2}")?;
         }
+        for (a, b) in [
+            ("boot.total", "floor.total"),
+            ("process.fnode-vmm", "process.qemu-microvm"),
+            ("boot.total", "process.qemu-microvm"),
+        ] {
+            if let Some(r) = self.p50_ratio(a, b) {
+                writeln!(f, "{a} p50 / {b} p50 = {r:.3}")?;
+            }
+        }
         Ok(())
     }
 }
 
-/// Runs `runs` floor runs and `runs` cold boots of `config`, interleaved, and reports the
+/// A whole-process boot to time next to the in-process ones: a command, the exit code a good
+/// boot gives, and the series name (`process.<name>`).
+#[derive(Debug)]
+pub struct ProcessBoot {
+    /// The series name, e.g. `process.qemu-microvm`.
+    pub name: &'static str,
+    /// The command that boots the image once.
+    pub command: Command,
+    /// Its exit code on a good boot.
+    pub expected: i32,
+}
+
+/// Runs `runs` floor runs, `runs` cold boots of `config` and `runs` of each whole-process
+/// boot in `processes`, interleaved so that host noise hits all alike, and reports the
 /// percentiles of every phase. The floor uses the same memory size as the boots.
 pub fn boot_vs_floor(
     kvm: &KvmContext,
     config: &VmConfig,
     runs: u32,
     timeout: Duration,
+    mut processes: Vec<ProcessBoot>,
 ) -> Result<BootBenchReport, BenchError> {
     const FLOOR: [&str; 8] = [
         "floor.create_vm",
@@ -288,6 +382,7 @@ pub fn boot_vs_floor(
     ];
     let mut floor: Vec<Series> = FLOOR.iter().map(|n| Series::new(n)).collect();
     let mut boot: Vec<Series> = BOOT.iter().map(|n| Series::new(n)).collect();
+    let mut process: Vec<Series> = processes.iter().map(|p| Series::new(p.name)).collect();
     let mem_size = usize::try_from(config.mem_mib << 20).unwrap_or(usize::MAX);
     for _ in 0..runs {
         let t = raw_floor(kvm, mem_size, MemoryBacking::Anonymous)?;
@@ -323,8 +418,11 @@ pub fn boot_vs_floor(
         for (s, d) in boot.iter_mut().zip(phases) {
             s.record(d);
         }
+        for (s, p) in process.iter_mut().zip(&mut processes) {
+            s.record(process_sample(&mut p.command, p.expected)?);
+        }
     }
-    Ok(BootBenchReport { floor, boot })
+    Ok(BootBenchReport { floor, boot, process })
 }
 
 #[cfg(test)]

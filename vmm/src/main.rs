@@ -57,6 +57,9 @@ struct BenchArgs {
     /// Kernel command line.
     #[arg(long, value_name = "STR", default_value = "")]
     cmdline: String,
+    /// Do not boot the image under QEMU microvm (the peer) in the same run.
+    #[arg(long)]
+    no_qemu: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -150,7 +153,33 @@ fn bench(args: BenchArgs) -> anyhow::Result<u8> {
         cmdline: args.cmdline,
         ..VmConfig::new(args.image)
     };
-    let report = bench::boot_vs_floor(&kvm, &config, args.runs, BENCH_BOOT_TIMEOUT)?;
+    // Whole processes, spawn to exit: fnode-vmm itself next to the QEMU peer.
+    let mut fnode_vmm = std::process::Command::new(
+        std::env::current_exe().context("cannot find the fnode-vmm executable")?,
+    );
+    fnode_vmm
+        .arg("boot")
+        .arg(&config.kernel)
+        .args(["--mem", &config.mem_mib.to_string(), "--cmdline", &config.cmdline]);
+    let mut processes = vec![bench::ProcessBoot {
+        name: "process.fnode-vmm",
+        command: fnode_vmm,
+        expected: i32::from(exit_code::SUCCESS),
+    }];
+    if !args.no_qemu {
+        processes.push(bench::ProcessBoot {
+            name: "process.qemu-microvm",
+            command: bench::qemu_microvm_command(&config.kernel, config.mem_mib, &config.cmdline),
+            expected: bench::QEMU_SUCCESS,
+        });
+    }
+    eprintln!(
+        "fnode-vmm bench: {} rounds of floor, in-process boot{} ...",
+        args.runs,
+        if args.no_qemu { ", fnode-vmm process" } else { ", fnode-vmm process, QEMU microvm process" }
+    );
+    let report =
+        bench::boot_vs_floor(&kvm, &config, args.runs, BENCH_BOOT_TIMEOUT, processes)?;
     print!("{report}");
     Ok(exit_code::SUCCESS)
 }

@@ -340,6 +340,9 @@ impl VsockDevice {
         if self.broken {
             return;
         }
+        // Pump first (it may queue RSTs for closed connections), deliver, then pump again
+        // (delivery may have drained a connection's buffer, making room for the next recv).
+        self.pump();
         self.process_rx();
         self.pump();
         if let Err(e) = self.uring.submit() {

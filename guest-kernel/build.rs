@@ -62,6 +62,7 @@ SECTIONS
     .text : {{
         KEEP(*(.text.fnode_boot))
         KEEP(*(.text.fnode_vectors))
+        KEEP(*(.text.fnode_pic))
         *(.text .text.*)
     }} :image
 
@@ -112,9 +113,14 @@ fnode_tss_mid8 = (ABSOLUTE(fnode_tss) >> 16) & 0xff;
 fnode_tss_high8 = (ABSOLUTE(fnode_tss) >> 24) & 0xff;
 fnode_vectors_lo16 = ABSOLUTE(fnode_vectors) & 0xffff;
 fnode_vectors_hi16 = (ABSOLUTE(fnode_vectors) >> 16) & 0xffff;
+/* The PIC interrupt handler (crate::pic), which the IDT's gates 32-47 point at. */
+EXTERN(fnode_pic_irq)
+fnode_pic_irq_lo16 = ABSOLUTE(fnode_pic_irq) & 0xffff;
+fnode_pic_irq_hi16 = (ABSOLUTE(fnode_pic_irq) >> 16) & 0xffff;
 
 ASSERT(fnode_image_end <= {identity_end:#x}, "the kernel image must lie inside the boot identity map")
 ASSERT(fnode_tss < 0x100000000, "the TSS must lie below 4 GiB (its descriptor's high half is 0)")
+ASSERT(fnode_pic_irq < 0x100000000, "the PIC interrupt handler must lie below 4 GiB (gate offset 63:32 is 0)")
 ASSERT(fnode_vectors_end <= 0x100000000, "the exception stubs must lie below 4 GiB (gate offset 63:32 is 0)")
 ASSERT((fnode_vectors >> 16) == ((fnode_vectors_end - 1) >> 16), "the exception stubs must not cross a 64 KiB boundary (their gates share offset 31:16)")
 "#,

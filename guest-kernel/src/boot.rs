@@ -22,8 +22,9 @@ const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 
 /// Size of the stack the boot path and the kernel run on.
 pub const KERNEL_STACK_SIZE: usize = 64 * 1024;
-/// Size of the stack the CPU switches to on a trap from user mode (TSS.RSP0).
-pub const TRAP_STACK_SIZE: usize = 16 * 1024;
+/// Size of the stack the CPU switches to on a trap from user mode (TSS.RSP0). System calls
+/// run on it too ([`crate::syscall`]), the invocation channel's send and receive included.
+pub const TRAP_STACK_SIZE: usize = 64 * 1024;
 /// Size of the double-fault stack (TSS.IST1): a #DF must not run on a broken stack.
 pub const DOUBLE_FAULT_STACK_SIZE: usize = 4 * 1024;
 

@@ -1,5 +1,7 @@
 //! The IDT for the 32 exception vectors, and the fault report.
 //!
+//! Gates 32-47 take the legacy PIC's interrupts, all to one handler in [`crate::pic`].
+//!
 //! Any exception ends the guest: the handler writes an [`abi::fault::FaultReport`] at
 //! [`abi::layout::REPORT_ADDR`], prints one line on the serial console and exits with
 //! [`abi::exit::FAULT`]. Exceptions are never resumed.
@@ -26,6 +28,8 @@ pub const EXCEPTION_VECTORS: u64 = 32;
 const VECTOR_SLOT: u64 = 16;
 /// The double-fault vector (it gets its own stack).
 const DOUBLE_FAULT_VECTOR: u64 = 8;
+/// The page-fault vector (its stub goes through [`crate::syscall`]'s check first).
+pub const PAGE_FAULT_VECTOR: u64 = 14;
 /// Vectors for which the CPU pushes an error code: #DF, #TS, #NP, #SS, #GP, #PF, #AC, #CP,
 /// #VC, #SX.
 const ERROR_CODE_VECTORS: u32 = 1 << 8
@@ -124,8 +128,13 @@ mod imp {
         .if (({error_code_vectors} >> fnode_vector) & 1) == 0
         pushq $0
         .endif
+        .if fnode_vector == {page_fault_vector}
+        /* A user-mode `syscall` may arrive as a page fault: see crate::syscall. */
+        jmp fnode_page_fault_entry
+        .else
         pushq $fnode_vector
         jmp fnode_exception_common
+        .endif
         /* Pad to the next slot; fails to assemble if a stub outgrows its slot. */
         .org fnode_vectors + (fnode_vector + 1) * {slot}, 0xcc
         .set fnode_vector, fnode_vector + 1
@@ -133,6 +142,7 @@ mod imp {
         .global fnode_vectors_end
     fnode_vectors_end:
 
+        .global fnode_exception_common
     fnode_exception_common:
         movq %rsp, %rdi             /* &TrapFrame */
         andq $-16, %rsp             /* the call's ABI alignment; the handler never returns */
@@ -157,6 +167,16 @@ mod imp {
         .long 0
         .set fnode_vector, fnode_vector + 1
         .endr
+        /* Vectors 32-47: the PIC's IRQ 0-15, all to one handler (crate::pic). */
+        .rept {pic_lines}
+        .word fnode_pic_irq_lo16
+        .word {kernel_cs}
+        .byte 0
+        .byte {gate}
+        .word fnode_pic_irq_hi16
+        .long 0
+        .long 0
+        .endr
     fnode_idt_end:
 
         .balign 8
@@ -169,12 +189,17 @@ mod imp {
         vectors = const EXCEPTION_VECTORS,
         error_code_vectors = const ERROR_CODE_VECTORS,
         handler = sym exception,
+        page_fault_vector = const PAGE_FAULT_VECTOR,
         kernel_cs = const gdt::KERNEL_CODE_SELECTOR,
         df_vector = const DOUBLE_FAULT_VECTOR,
         df_ist = const gdt::DOUBLE_FAULT_IST,
         gate = const INTERRUPT_GATE,
+        pic_lines = const crate::pic::IRQ_LINES,
         options(att_syntax)
     );
+
+    // The PIC's gates follow the exception gates directly.
+    const _: () = assert!(crate::pic::VECTOR_BASE as u64 == EXCEPTION_VECTORS);
 
     /// Loads the IDT.
     pub fn load() {
@@ -197,6 +222,10 @@ mod imp {
             exit::exit(abi::exit::FAULT);
         }
         let report = frame.report(read_cr2());
+        if frame.cs & 3 == 3 {
+            // The function faulted: its request in flight gets an error frame first.
+            crate::runloop::user_fault(&report);
+        }
         // SAFETY: REPORT_ADDR is guest RAM the abi reserves for this report, inside the
         // identity map, and suitably aligned; nothing else in the guest uses it.
         unsafe {

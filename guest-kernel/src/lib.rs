@@ -48,8 +48,11 @@
 
 #![cfg_attr(not(test), no_std)]
 
+extern crate alloc;
+
 #[cfg(target_os = "none")]
 mod boot;
+pub mod channel;
 pub mod cmdline;
 #[cfg(target_os = "none")]
 pub mod exit;
@@ -59,9 +62,14 @@ pub mod idt;
 pub mod line;
 #[cfg(target_os = "none")]
 mod panic;
+pub mod pic;
 pub mod pvh;
+pub mod runloop;
 #[cfg(target_os = "none")]
 pub mod serial;
+pub mod syscall;
+pub mod user;
+pub mod virtio;
 
 use core::ops::Range;
 

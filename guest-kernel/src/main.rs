@@ -11,7 +11,15 @@
 fnode_guest_kernel::kernel_main!(run);
 
 #[cfg(target_os = "none")]
-fn run(_boot: &fnode_guest_kernel::BootInfo) -> ! {
+fn run(boot: &fnode_guest_kernel::BootInfo) -> ! {
+    use fnode_guest::abi::cmdline;
+    if cmdline::get(boot.cmdline, cmdline::ECHO_KEY) == Some("1") {
+        fnode_guest_kernel::channel::echo_main(boot.cmdline);
+    }
+    // A function image enters its function here and never comes back.
+    if let Err(e) = fnode_guest_kernel::runloop::start(boot) {
+        fnode_guest_kernel::exit::fail(&e);
+    }
     fnode_guest_kernel::exit::exit(fnode_guest::abi::exit::SUCCESS)
 }
 

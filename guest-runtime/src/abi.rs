@@ -168,6 +168,13 @@ pub mod cmdline {
     /// `fnode: response <kind> <len>: <bytes>` on the serial console and exits with
     /// [`super::exit::SUCCESS`].
     pub const INVOKE_KEY: &str = "invoke";
+    /// `invoke_repeat=<n>` (with `invoke=`): hand the function the request `n` times and print
+    /// only the last response, a way to time the kernel's per-invocation path.
+    pub const INVOKE_REPEAT_KEY: &str = "invoke_repeat";
+    /// `fnode.echo=1`: instead of running a function, the kernel serves the invocation
+    /// channel itself, answering every REQUEST with a RESPONSE carrying the same payload
+    /// (a test of the vsock path end to end). Needs a virtio-vsock device.
+    pub const ECHO_KEY: &str = "fnode.echo";
 
     /// The value of `key` in a command line, if present.
     pub fn get<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
@@ -590,8 +597,13 @@ pub mod user {
 
         /// Whether `[ptr, ptr + len)` lies in user memory (a system call argument check).
         pub fn contains(&self, ptr: u64, len: u64) -> bool {
-            ptr >= USER_START && ptr <= self.user_end && len <= self.user_end - ptr
+            in_user_memory(self.user_end, ptr, len)
         }
+    }
+
+    /// Whether `[ptr, ptr + len)` lies in `[USER_START, user_end)`, without overflow.
+    pub const fn in_user_memory(user_end: u64, ptr: u64, len: u64) -> bool {
+        ptr >= USER_START && ptr <= user_end && len <= user_end - ptr
     }
 
     impl core::fmt::Display for LayoutError {

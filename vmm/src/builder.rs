@@ -15,11 +15,13 @@ use vm_memory::GuestAddress;
 use crate::devices::bus::{BusError, Buses, SharedDevice};
 use crate::devices::exit::{ExitDevice, ExitSignal};
 use crate::devices::serial::{SerialDevice, SerialError};
+use crate::devices::virtio::setup::{self as virtio, DeviceSet, SetupError};
+use crate::devices::virtio::FaultSink;
 use crate::kvm::KvmContext;
 use crate::loader::{self, LoaderError};
 use crate::microvm::MicroVm;
 use crate::vstate::memory::{self, MemoryBacking, MemoryError};
-use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuIo};
+use crate::vstate::vcpu::{Vcpu, VcpuError, VcpuEvent, VcpuIo};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Guest memory when none is asked for.
@@ -39,6 +41,9 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// The kernel command line.
     pub cmdline: String,
+    /// Give the guest a virtio-vsock device whose host end is this Unix socket (hybrid
+    /// vsock: a client connects and writes `CONNECT <port>\n`). `None`: no vsock device.
+    pub vsock_uds: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -49,6 +54,14 @@ impl VmConfig {
             mem_mib: DEFAULT_MEM_MIB,
             vcpus: 1,
             cmdline: String::new(),
+            vsock_uds: None,
+        }
+    }
+
+    /// The virtio devices this configuration asks for.
+    fn virtio_devices(&self) -> DeviceSet<'_> {
+        DeviceSet {
+            vsock_uds: self.vsock_uds.as_deref(),
         }
     }
 }
@@ -90,6 +103,9 @@ pub enum BuildError {
     /// Two devices claim the same addresses.
     #[error("cannot place a device on its bus")]
     Bus(#[source] BusError),
+    /// The virtio devices could not be set up.
+    #[error("cannot set up the virtio devices")]
+    Virtio(#[source] SetupError),
 }
 
 /// Time spent in each phase of [`build`].
@@ -167,7 +183,9 @@ pub fn build(
             count: config.vcpus,
         });
     }
-    loader::validate_cmdline(&config.cmdline).map_err(BuildError::Load)?;
+    // The command line announces the virtio devices (`virtio_mmio.device=...`).
+    let cmdline = config.virtio_devices().cmdline(&config.cmdline);
+    loader::validate_cmdline(&cmdline).map_err(BuildError::Load)?;
     let mut image = loader::open_image(&config.kernel).map_err(BuildError::Load)?;
     clock.lap();
 
@@ -188,7 +206,7 @@ pub fn build(
 
     let kernel =
         loader::load_kernel(&guest_memory, &mut image, &config.kernel).map_err(BuildError::Load)?;
-    loader::write_boot_data(&guest_memory, &config.cmdline).map_err(BuildError::Load)?;
+    loader::write_boot_data(&guest_memory, &cmdline).map_err(BuildError::Load)?;
     t.load_kernel = clock.lap();
 
     let serial = SerialDevice::new(console).map_err(BuildError::Serial)?;
@@ -212,6 +230,20 @@ pub fn build(
         .pio
         .insert(exit_dev, u64::from(abi::exit::PORT), 4)
         .map_err(BuildError::Bus)?;
+    // vCPU events; devices report faults on the same channel so `MicroVm::wait` wakes up.
+    let (events_tx, events) = mpsc::channel();
+    let fault_tx = events_tx.clone();
+    let faults = FaultSink::new(move |f| {
+        let _ = fault_tx.send(VcpuEvent::DeviceFault(f));
+    });
+    let virtio = virtio::attach(
+        vm.fd(),
+        &guest_memory,
+        &mut buses.mmio,
+        config.virtio_devices(),
+        faults,
+    )
+    .map_err(BuildError::Virtio)?;
     let buses = Arc::new(buses);
     t.devices = clock.lap();
 
@@ -232,7 +264,6 @@ pub fn build(
         .map_err(BuildError::Vcpu)?;
     t.setup_vcpus = clock.lap();
 
-    let (events_tx, events) = mpsc::channel();
     let io = VcpuIo {
         buses: buses.clone(),
         exit: exit.clone(),
@@ -255,6 +286,7 @@ pub fn build(
         serial,
         buses,
         exit,
+        virtio,
         t,
     ))
 }

@@ -82,6 +82,10 @@ struct BootArgs {
     /// Also print the time of each VM build phase on stderr.
     #[arg(long)]
     timings: bool,
+    /// Give the guest a virtio-vsock device whose host end is the Unix socket PATH
+    /// (Firecracker's hybrid vsock: connect, write "CONNECT <port>\n", read "OK <port>\n").
+    #[arg(long, value_name = "PATH")]
+    vsock: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -112,6 +116,7 @@ fn boot(args: BootArgs) -> anyhow::Result<u8> {
     let config = VmConfig {
         mem_mib: args.mem,
         cmdline: args.cmdline,
+        vsock_uds: args.vsock,
         ..VmConfig::new(args.image)
     };
     let mut vm = builder::build(&kvm, &config, console)?;

@@ -11,6 +11,8 @@ use crate::builder::BuildTimings;
 use crate::devices::bus::Buses;
 use crate::devices::exit::ExitSignal;
 use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::setup::VirtioDevices;
+use crate::devices::virtio::DeviceFault;
 use crate::outcome::Outcome;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuHandle, VcpuState, VcpuStop};
@@ -63,6 +65,10 @@ pub struct MicroVm {
     // devices, then the VM fd, then guest memory.
     vcpus: Vec<VcpuHandle>,
     events: Receiver<VcpuEvent>,
+    /// The virtio devices and their event loop thread (stopped on drop).
+    virtio: VirtioDevices,
+    /// A device fault that arrived and still has to stop the VM.
+    device_fault: Option<DeviceFault>,
     serial: Arc<Mutex<SerialDevice>>,
     buses: Arc<Buses>,
     exit: ExitSignal,
@@ -83,11 +89,14 @@ impl MicroVm {
         serial: Arc<Mutex<SerialDevice>>,
         buses: Arc<Buses>,
         exit: ExitSignal,
+        virtio: VirtioDevices,
         build_timings: BuildTimings,
     ) -> Self {
         MicroVm {
             vcpus,
             events,
+            virtio,
+            device_fault: None,
             serial,
             buses,
             exit,
@@ -171,6 +180,11 @@ impl MicroVm {
                         self.state = VmState::Finished;
                         return Ok(self.outcome_of(stop));
                     }
+                    if let Some(fault) = self.device_fault.take() {
+                        self.pause()?;
+                        self.state = VmState::Finished;
+                        return Ok(Outcome::DeviceFault(fault));
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     return Ok(match self.pause()? {
@@ -229,6 +243,11 @@ impl MicroVm {
         self.exit.requested()
     }
 
+    /// The virtio devices (the vsock device, when the VM has one).
+    pub fn virtio(&self) -> &VirtioDevices {
+        &self.virtio
+    }
+
     /// Time spent building the VM, by phase.
     pub fn build_timings(&self) -> &BuildTimings {
         &self.build_timings
@@ -239,6 +258,10 @@ impl MicroVm {
         let (id, state, stop) = match event {
             VcpuEvent::Paused { id } => (id, VcpuState::Paused, None),
             VcpuEvent::Finished { id, stop } => (id, VcpuState::Finished, Some(stop)),
+            VcpuEvent::DeviceFault(fault) => {
+                self.device_fault.get_or_insert(fault);
+                return None;
+            }
         };
         if let Some(vcpu) = self.vcpus.iter_mut().find(|v| v.id() == id) {
             vcpu.set_state(state);

@@ -8,6 +8,7 @@ use fnode_guest::abi::fault::{FaultReport, REPORT_LEN};
 use fnode_guest::abi::layout::REPORT_ADDR;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::devices::virtio::DeviceFault;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::VcpuError;
 
@@ -35,6 +36,9 @@ pub enum Outcome {
     },
     /// KVM or the emulation failed: a triple fault, an internal error, an unhandled exit.
     Crashed(VcpuError),
+    /// A device found the guest breaking its contract (a malformed virtqueue, a bad packet
+    /// header); the VM was stopped.
+    DeviceFault(DeviceFault),
 }
 
 impl Outcome {
@@ -51,6 +55,7 @@ impl Outcome {
             Outcome::Faulted { .. } => exit_code::GUEST_FAULT,
             Outcome::TimedOut { .. } => exit_code::TIMEOUT,
             Outcome::Crashed(_) => exit_code::VM_ERROR,
+            Outcome::DeviceFault(_) => exit_code::GUEST_FAULT,
         }
     }
 
@@ -102,6 +107,7 @@ impl fmt::Display for Outcome {
                 "guest did not exit within {} ms; stopped it",
                 timeout.as_millis()
             ),
+            Outcome::DeviceFault(d) => write!(f, "guest broke a device; stopped the VM: {d}"),
             Outcome::Crashed(e) => {
                 write!(f, "VM failed: {e}")?;
                 let mut source = std::error::Error::source(e);
@@ -136,7 +142,7 @@ pub mod exit_code {
     pub const GUEST_FAILURE: u8 = 1;
     /// Bad command-line usage (clap's own code).
     pub const USAGE: u8 = 2;
-    /// The guest faulted (a CPU exception it reported).
+    /// The guest faulted (a CPU exception it reported, or a device it broke).
     pub const GUEST_FAULT: u8 = 3;
     /// The guest did not exit within the timeout.
     pub const TIMEOUT: u8 = 4;

@@ -12,7 +12,7 @@
 
 use core::{
     alloc::Layout,
-    ptr::{self, addr_of, addr_of_mut, NonNull},
+    ptr::{addr_of, addr_of_mut, NonNull},
     sync::atomic::{fence, AtomicU16, Ordering},
 };
 
@@ -333,7 +333,7 @@ pub(crate) fn read_guest(addr: u64, len: u32) -> std::vec::Vec<u8> {
 #[cfg(test)]
 pub(crate) fn write_guest(addr: u64, bytes: &[u8]) {
     // SAFETY: as in `read_guest`; the caller stays inside the buffer.
-    unsafe { ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
 }
 
 #[cfg(test)]

@@ -3,9 +3,10 @@
 //! - [`bus`]: the PIO and MMIO buses and the [`bus::BusDevice`] trait every device implements.
 //! - [`serial`]: the COM1 16550A console.
 //! - [`exit`]: the exit port the guest ends the VM through.
-//!
-//! The virtio-mmio transport and its devices live in `virtio` (declared here by that module).
+//! - [`virtio`]: the virtio-mmio transport, the vsock device (the invocation channel) and
+//!   the event loop thread that runs them.
 
 pub mod bus;
 pub mod exit;
 pub mod serial;
+pub mod virtio;

@@ -485,6 +485,9 @@ pub enum VcpuEvent {
         /// Why.
         stop: VcpuStop,
     },
+    /// Not from a vCPU: a device found the guest breaking its contract and stopped working;
+    /// it reports on this channel so the VM's control loop wakes up and stops the VM.
+    DeviceFault(crate::devices::virtio::DeviceFault),
 }
 
 /// The controlling side of a vCPU thread.

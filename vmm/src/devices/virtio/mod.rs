@@ -6,6 +6,8 @@
 //! * [`vsock`]: the socket device (fnode's invocation channel) with Firecracker's hybrid
 //!   vsock host end.
 //! * [`event_loop`]: the thread that runs the devices' `event-manager` subscribers.
+//! * [`setup`]: what the VM builder calls: create the devices, put them on the MMIO bus,
+//!   register their irqfds/ioeventfds, start the event loop.
 //!
 //! Threads: the transport runs on the vCPU thread (MMIO exits); a device's queues are
 //! processed on the event loop thread. Both share the device behind an `Arc<Mutex<_>>`; the
@@ -15,8 +17,9 @@
 //!
 //! Guests are untrusted. A guest that breaks the virtio contract (a descriptor loop, a buffer
 //! outside guest memory, a bad packet header, a wrong queue size) makes the device *broken*:
-//! it stops processing and sends one [`DeviceFault`] through its [`FaultSink`]; the VMM waits
-//! on the [`FaultReceiver`] and stops the VM with the fault's message.
+//! it stops processing and sends one [`DeviceFault`] through its [`FaultSink`] (a callback
+//! the VMM chooses; [`fault_channel`] gives a channel + eventfd) and the VMM stops the VM
+//! with the fault's message.
 //!
 //! State kept for snapshots lives in plain data structs (`*State`, serde-ready, no fds):
 //! [`mmio::TransportState`], [`QueueStateData`], [`vsock::VsockState`].
@@ -24,6 +27,7 @@
 pub mod event_loop;
 pub mod mmio;
 pub mod queue;
+pub mod setup;
 pub mod vsock;
 
 use std::fmt;
@@ -214,19 +218,28 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     s
 }
 
-/// Where devices send their faults. Cheap to clone; one per device.
-#[derive(Clone, Debug)]
+/// Where devices send their faults: a callback the VMM chooses (a channel send, a wake-up of
+/// its control loop). Cheap to clone.
+#[derive(Clone)]
 pub struct FaultSink {
-    tx: mpsc::Sender<DeviceFault>,
-    evt: Arc<EventFd>,
+    notify: Arc<dyn Fn(DeviceFault) + Send + Sync>,
+}
+
+impl fmt::Debug for FaultSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultSink").finish_non_exhaustive()
+    }
 }
 
 impl FaultSink {
-    /// Sends a fault and wakes whoever polls the receiver's eventfd. A receiver that is gone
-    /// (the VM is already stopping) is not an error.
+    /// A sink calling `notify` for each fault (from the vCPU or the event loop thread).
+    pub fn new(notify: impl Fn(DeviceFault) + Send + Sync + 'static) -> Self {
+        FaultSink { notify: Arc::new(notify) }
+    }
+
+    /// Reports a fault.
     pub fn report(&self, fault: DeviceFault) {
-        let _ = self.tx.send(fault);
-        let _ = self.evt.write(1);
+        (self.notify)(fault);
     }
 }
 
@@ -255,11 +268,17 @@ impl FaultReceiver {
     }
 }
 
-/// A new fault channel.
+/// A sink that sends faults down a channel and signals an eventfd (for a VMM that waits
+/// with epoll or polls), and the receiving end. A receiver that is gone is not an error.
 pub fn fault_channel() -> io::Result<(FaultSink, FaultReceiver)> {
     let evt = Arc::new(EventFd::new(EFD_NONBLOCK)?);
     let (tx, rx) = mpsc::channel();
-    Ok((FaultSink { tx, evt: evt.clone() }, FaultReceiver { rx, evt }))
+    let wake = evt.clone();
+    let sink = FaultSink::new(move |fault| {
+        let _ = tx.send(fault);
+        let _ = wake.write(1);
+    });
+    Ok((sink, FaultReceiver { rx, evt }))
 }
 
 /// A queue's state as plain data (virtio-queue's `QueueState`, serde-ready). Restoring goes
@@ -323,12 +342,9 @@ impl TryFrom<QueueStateData> for Queue {
 
 /// A fresh queue of `max_size` (a power of two <= 32768; devices pass constants).
 fn new_queue(max_size: u16) -> Queue {
-    match Queue::new(max_size) {
-        Ok(q) => q,
-        // Devices' max sizes are constants checked by their tests; fall back to an empty
-        // configuration rather than panicking.
-        Err(_) => Queue::default(),
-    }
+    // Devices' max sizes are constants checked by their tests; fall back to an empty
+    // configuration rather than panicking.
+    Queue::new(max_size).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -364,6 +380,6 @@ mod tests {
         let q2 = Queue::try_from(s).unwrap();
         assert_eq!(QueueStateData::from(&q2), s);
         let bad = QueueStateData { size: 3, ..s };
-        assert!(Queue::try_from(bad).is_err());
+        assert!(matches!(Queue::try_from(bad), Err(virtio_queue::Error::InvalidSize)));
     }
 }

@@ -14,7 +14,7 @@ use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
 use virtio_bindings::bindings::virtio_ring::{
-    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
@@ -234,6 +234,22 @@ pub fn pop_head(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<u16>,
     }
 }
 
+/// Whether the driver wants an interrupt after the device used buffers of `queue`: the
+/// `used_event` test with VIRTIO_RING_F_EVENT_IDX, else the avail ring's
+/// VRING_AVAIL_F_NO_INTERRUPT flag (which virtio-queue's `needs_notification` ignores).
+pub fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, virtio_queue::Error> {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem);
+    }
+    // Order the used-ring writes before reading the flag (as needs_notification does).
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let flags: u16 = mem
+        .load(GuestAddress(queue.avail_ring()), Ordering::Acquire)
+        .map(u16::from_le)
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    Ok(flags & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0)
+}
+
 /// Walks the chain starting at `head` of `queue`, checking every step (see the module doc).
 pub fn walk_chain(mem: &GuestMemoryMmap, queue: &Queue, head: u16) -> Result<Chain, ChainError> {
     let size = queue.size();
@@ -388,6 +404,10 @@ pub(crate) mod tests {
         assert_eq!(&out, b"xyz");
         assert!(c.read_at(&mem, 7, &mut buf).is_err());
         assert_eq!(pop_head(&mut q, &mem).unwrap(), None);
+        // No EVENT_IDX: the avail ring's NO_INTERRUPT flag decides.
+        assert!(needs_interrupt(&mut q, &mem).unwrap());
+        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, GuestAddress(tq.avail)).unwrap();
+        assert!(!needs_interrupt(&mut q, &mem).unwrap());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::connection::{rst_reply, ConnectionState, Phase, ProtoError};
 use super::packet::{op, PacketError, PacketHeader, HDR_LEN, MAX_PKT_PAYLOAD, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND};
 use super::uring::{Completion, OpId, OpKind, Uring};
-use crate::devices::virtio::queue::{pop_head, walk_chain, Chain, ChainError};
+use crate::devices::virtio::queue::{needs_interrupt, pop_head, walk_chain, Chain, ChainError};
 use crate::devices::virtio::{
     error_chain, features, ActivateContext, ActivateError, DeviceFault, FaultSink, Interrupt,
     InterruptKind, QueueStateData, VirtioDevice,
@@ -431,7 +431,7 @@ impl VsockDevice {
             a.queues[TXQ].add_used(&a.mem, head, 0).map_err(ring_err("tx"))?;
             used = true;
         }
-        if used && a.queues[TXQ].needs_notification(&a.mem).map_err(ring_err("tx"))? {
+        if used && needs_interrupt(&mut a.queues[TXQ], &a.mem).map_err(ring_err("tx"))? {
             let _ = a.interrupt.trigger(InterruptKind::Vring);
         }
         Ok(())
@@ -559,7 +559,7 @@ impl VsockDevice {
             a.queues[RXQ].add_used(&a.mem, head, len as u32).map_err(ring_err("rx"))?;
             used = true;
         }
-        if used && a.queues[RXQ].needs_notification(&a.mem).map_err(ring_err("rx"))? {
+        if used && needs_interrupt(&mut a.queues[RXQ], &a.mem).map_err(ring_err("rx"))? {
             let _ = a.interrupt.trigger(InterruptKind::Vring);
         }
         Ok(())
@@ -639,9 +639,9 @@ impl VsockDevice {
             }
         }
         for i in 0..self.conns.len() {
-            if let Err(e) = self.pump_conn(i) {
-                // The host side failed (the ring is full or broken): drop this connection.
-                let _ = e;
+            if self.pump_conn(i).is_err() {
+                // The ring refused the op (full or broken): a host-side failure, not the
+                // guest's; drop this connection and tell the guest with an RST.
                 self.drop_conn(i, true);
             }
         }
@@ -700,7 +700,7 @@ impl VsockDevice {
     fn on_completion(&mut self, comp: Completion) {
         if comp.tag == ACCEPT_TAG {
             self.accept_op = None;
-            self.on_accept(comp.result);
+            self.on_accept(comp.result, comp.accepted);
             return;
         }
         let slot = (comp.tag >> 32) as usize;
@@ -764,16 +764,14 @@ impl VsockDevice {
         }
     }
 
-    fn on_accept(&mut self, result: i32) {
-        if result < 0 {
+    fn on_accept(&mut self, result: i32, accepted: Option<OwnedFd>) {
+        let Some(fd) = accepted else {
             if ![libc::EINTR, libc::EAGAIN, libc::ECONNABORTED, libc::ECANCELED].contains(&-result) {
                 // Out of fds or the listener is gone: stop accepting rather than spin.
                 self.accept_failed = Some(-result);
             }
             return;
-        }
-        // SAFETY: a successful accept returns a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(result) };
+        };
         let Some(slot) = self.conns.iter().position(Option::is_none) else {
             // Too many connections: the client sees its socket closed.
             return;

@@ -62,6 +62,16 @@ impl Guest {
     }
 
     fn with(name: &str, rx_buf: u32, rx_count: u16, before_start: impl FnOnce(&mut VsockDevice)) -> Guest {
+        Self::with_features(name, rx_buf, rx_count, features::VERSION_1 | features::RING_EVENT_IDX, before_start)
+    }
+
+    fn with_features(
+        name: &str,
+        rx_buf: u32,
+        rx_count: u16,
+        driver_features: u64,
+        before_start: impl FnOnce(&mut VsockDevice),
+    ) -> Guest {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let path = sock_path(name);
         let (sink, faults) = fault_channel().unwrap();
@@ -91,7 +101,7 @@ impl Guest {
         let mut cid = [0u8; 8];
         g.t.read(0x100, &mut cid);
         assert_eq!(u64::from_le_bytes(cid), abi::vsock::GUEST_CID);
-        assert!(negotiate(&mut g.t, features::VERSION_1 | features::RING_EVENT_IDX));
+        assert!(negotiate(&mut g.t, driver_features));
         setup_queue(&mut g.t, 0, &g.rx);
         setup_queue(&mut g.t, 1, &g.tx);
         setup_queue(&mut g.t, 2, &g.ev);
@@ -174,6 +184,9 @@ impl Guest {
                 let h = PacketHeader::decode(&hb);
                 assert_eq!(h.len as usize, b.len() - HDR_LEN, "used length matches the header");
                 self.rx.publish(&self.mem, id as u16);
+                // used_event (after the avail ring): interrupt me for the next buffer too.
+                let used_event = self.rx.avail + 4 + 2 * u64::from(self.rx.size);
+                self.mem.write_obj(self.rx.used_seen, GuestAddress(used_event)).unwrap();
                 self.notify(RXQ);
                 return Some((h, b.split_off(HDR_LEN)));
             }
@@ -207,15 +220,22 @@ impl Guest {
 
     /// A client that connected and got `OK`, with the guest side established.
     fn connect(&mut self, port: u32) -> UnixStream {
+        self.connect_as(port, LOCAL_PORT)
+    }
+
+    /// Like [`connect`](Self::connect), expecting host port `local`.
+    fn connect_as(&mut self, port: u32, local: u32) -> UnixStream {
         let mut c = UnixStream::connect(&self.path).unwrap();
         c.set_read_timeout(Some(TIMEOUT)).unwrap();
         c.write_all(format!("CONNECT {port}\n").as_bytes()).unwrap();
         let (req, _) = self.expect(op::REQUEST);
-        assert_eq!((req.dst_port, req.src_port), (port, LOCAL_PORT));
+        assert_eq!((req.dst_port, req.src_port), (port, local));
         assert_eq!(req.buf_alloc, BUF_ALLOC);
-        self.send(self.hdr(op::RESPONSE, req.src_port, 0, 0), &[]);
+        let mut resp = self.hdr(op::RESPONSE, req.src_port, 0, 0);
+        resp.src_port = port;
+        self.send(resp, &[]);
         let line = read_line(&mut c);
-        assert_eq!(line, format!("OK {LOCAL_PORT}\n"));
+        assert_eq!(line, format!("OK {local}\n"));
         c
     }
 
@@ -344,6 +364,43 @@ fn client_eof_is_shutdown_send_and_guest_can_still_answer() {
     let mut buf = [0u8; 8];
     c.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"response");
+    g.finish();
+}
+
+#[test]
+fn two_connections_without_event_idx_and_interrupts() {
+    let mut g = Guest::with_features("two", 4096, 16, features::VERSION_1, |_| {});
+    let mut a = g.connect_as(1024, LOCAL_PORT);
+    let mut b = g.connect_as(1025, LOCAL_PORT + 1);
+    assert_ne!(g.t.irqfd().read().unwrap(), 0, "packets to the guest raise the irqfd");
+    assert_eq!(r(&mut g.t, reg::VIRTIO_MMIO_INTERRUPT_STATUS) & 1, 1);
+    w(&mut g.t, reg::VIRTIO_MMIO_INTERRUPT_ACK, 1);
+    a.write_all(b"to-a").unwrap();
+    b.write_all(b"to-b").unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let (h, d) = g.expect(op::RW);
+        seen.push((h.src_port, h.dst_port, d));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![(LOCAL_PORT, 1024, b"to-a".to_vec()), (LOCAL_PORT + 1, 1025, b"to-b".to_vec())]
+    );
+    let mut h = g.hdr(op::RW, LOCAL_PORT + 1, 4, 0);
+    h.src_port = 1025;
+    g.send(h, b"from");
+    let mut buf = [0u8; 4];
+    b.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"from");
+    // The same guest port on the other connection reaches the other client.
+    let mut h = g.hdr(op::RW, LOCAL_PORT, 2, 0);
+    h.src_port = 1024;
+    g.send(h, b"ok");
+    let mut buf = [0u8; 2];
+    a.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ok");
+    assert_eq!(g.dev.lock().unwrap().connection_count(), 2);
     g.finish();
 }
 
@@ -545,7 +602,9 @@ fn fwd_cnt_beyond_sent_breaks_the_device() {
     let mut g = Guest::new("fwdcnt", 4096, 8);
     let _c = g.connect(abi::vsock::INVOKE_PORT);
     g.fwd_cnt = 10;
-    g.send(g.hdr(op::CREDIT_UPDATE, LOCAL_PORT, 0, 0), &[]);
+    let h = g.hdr(op::CREDIT_UPDATE, LOCAL_PORT, 0, 0);
+    g.queue_tx(&h, &[]);
+    g.notify(TXQ);
     assert_broken(g, "fwd_cnt 10 acknowledges bytes the host never sent");
 }
 

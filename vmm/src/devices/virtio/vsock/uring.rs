@@ -13,7 +13,7 @@
 //! Sends use `MSG_NOSIGNAL` so a client that went away yields `EPIPE`, not a SIGPIPE.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
@@ -53,6 +53,9 @@ pub struct Completion {
     pub buf: Vec<u8>,
     /// For a send: where the bytes it sent started.
     pub offset: usize,
+    /// For a successful accept: the new connection (owned from the moment it is reaped, so
+    /// a completion nobody handles still closes it).
+    pub accepted: Option<OwnedFd>,
     /// The socket.
     pub fd: Arc<OwnedFd>,
 }
@@ -209,6 +212,10 @@ impl Uring {
                 // was given (and never more than that).
                 unsafe { op.buf.set_len(op.buf.len() + n) };
             }
+            let accepted = (op.kind == OpKind::Accept && result >= 0).then(|| {
+                // SAFETY: a successful accept returns a new fd that nothing else owns.
+                unsafe { OwnedFd::from_raw_fd(result) }
+            });
             out.push(Completion {
                 tag: op.tag,
                 kind: op.kind,
@@ -216,6 +223,7 @@ impl Uring {
                 buf: op.buf,
                 offset: op.offset,
                 fd: op.fd,
+                accepted,
             });
         }
     }

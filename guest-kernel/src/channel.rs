@@ -1,0 +1,685 @@
+//! The invocation channel: [`abi::frame`] frames over the vsock connection the host opens on
+//! [`abi::vsock::INVOKE_PORT`].
+//!
+//! The kernel's run loop calls [`Channel::wait_request`], which halts the CPU until a whole
+//! REQUEST frame has arrived and its payload lies in the request buffer, then
+//! [`Channel::send_response`] with the function's RESPONSE (or an ERROR message).
+//!
+//! The request buffer is registered once ([`Channel::new`]) rather than passed per call: the
+//! device writes large payloads straight into it (no copy, see [`crate::virtio::vsock`]), and
+//! if the connection ends while a payload is half received, the device still holds a window
+//! into the buffer until its next packet, which may come after `wait_request` has returned.
+//! The buffer must therefore outlive every call, which a per-call `&mut [u8]` cannot promise.
+//!
+//! A frame the guest cannot take (bad magic or version, not a REQUEST, longer than the
+//! buffer) is answered with an ERROR frame naming the problem, the connection is closed, and
+//! `wait_request` reports it ([`ChannelError::Rejected`]); the caller logs it and waits
+//! again. When the host closes the connection, `wait_request` returns
+//! [`ChannelError::Closed`] and the next call waits for the next connection.
+
+use core::{fmt, ptr::NonNull};
+
+use fnode_guest::abi::frame::{self, Header, HeaderError, HEADER_LEN, KIND_REQUEST, MAX_PAYLOAD};
+
+use crate::virtio::{
+    dma_addr, dma_reachable,
+    vsock::{Event, Vsock, VsockError},
+    Transport,
+};
+
+/// Most bytes the channel holds that arrived ahead of the request being received (a host
+/// sends the next request only after reading the response, so normally none).
+pub const CARRY_MAX: usize = 1024;
+
+/// Why a frame from the host was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// The header does not decode.
+    Header(HeaderError),
+    /// The frame is not a REQUEST.
+    NotRequest(u16),
+    /// The payload does not fit the request buffer.
+    TooLong {
+        /// The header's length.
+        len: u32,
+        /// The request buffer's size.
+        cap: usize,
+    },
+    /// The host sent more than [`CARRY_MAX`] bytes ahead of the request being served.
+    Overrun,
+    /// Data arrived in a receive window the channel was not expecting data in.
+    Unexpected,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::Header(e) => write!(f, "{e}"),
+            Rejection::NotRequest(kind) => {
+                write!(f, "frame kind {kind} where a REQUEST (kind {KIND_REQUEST}) was expected")
+            }
+            Rejection::TooLong { len, cap } => {
+                write!(f, "payload of {len} bytes exceeds the guest's {cap}-byte request buffer")
+            }
+            Rejection::Overrun => write!(
+                f,
+                "the host sent more than {CARRY_MAX} bytes ahead of the request being served: \
+                 send the next request after reading the response"
+            ),
+            Rejection::Unexpected => write!(f, "stream data arrived where none was expected"),
+        }
+    }
+}
+
+/// Errors of the channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// The host closed the connection (or never opened one); call `wait_request` again to
+    /// wait for the next.
+    #[error("the host closed the invocation connection")]
+    Closed,
+    /// A frame was refused: an ERROR frame went back and the connection was closed.
+    #[error("refused a frame from the host (sent an ERROR frame, closed the connection): {0}")]
+    Rejected(Rejection),
+    /// The response is longer than a frame may be.
+    #[error("response of {0} bytes exceeds the {max}-byte frame limit", max = MAX_PAYLOAD)]
+    ResponseTooLong(usize),
+    /// The response lies where the device cannot read it.
+    #[error("response buffer at {0:#x} is outside the identity map, where the device cannot read it")]
+    Unreachable(u64),
+    /// The device broke the virtio protocol; the channel is unusable.
+    #[error("the invocation channel's device failed")]
+    Device(#[source] VsockError),
+}
+
+impl From<VsockError> for ChannelError {
+    fn from(e: VsockError) -> Self {
+        ChannelError::Device(e)
+    }
+}
+
+/// The receive side of the frame protocol: the header being assembled, then the payload.
+#[derive(Debug)]
+struct FrameRx {
+    hdr: [u8; HEADER_LEN],
+    hdr_len: usize,
+    /// Once the header is accepted: id, payload length, payload bytes received.
+    payload: Option<(u64, usize, usize)>,
+}
+
+impl FrameRx {
+    const fn new() -> Self {
+        FrameRx { hdr: [0; HEADER_LEN], hdr_len: 0, payload: None }
+    }
+
+    fn reset(&mut self) {
+        self.hdr_len = 0;
+        self.payload = None;
+    }
+
+    /// The id in the header bytes received so far (for an ERROR answer to a bad header).
+    fn raw_id(&self) -> u64 {
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&self.hdr[16..24]);
+        u64::from_le_bytes(id)
+    }
+
+    /// Takes stream bytes up to the end of the current frame: header bytes into the header,
+    /// payload bytes into `buf`. Returns how many bytes were taken and, when the frame is
+    /// complete, its id and payload length.
+    fn feed(&mut self, bytes: &[u8], buf: &mut [u8]) -> Result<(usize, Option<(u64, usize)>), Rejection> {
+        let mut taken = 0;
+        let (id, len, mut have) = match self.payload {
+            Some(p) => p,
+            None => {
+                taken = (HEADER_LEN - self.hdr_len).min(bytes.len());
+                self.hdr[self.hdr_len..self.hdr_len + taken].copy_from_slice(&bytes[..taken]);
+                self.hdr_len += taken;
+                if self.hdr_len < HEADER_LEN {
+                    return Ok((taken, None));
+                }
+                let h = Header::decode(&self.hdr).map_err(Rejection::Header)?;
+                if h.kind != KIND_REQUEST {
+                    return Err(Rejection::NotRequest(h.kind));
+                }
+                if h.len as usize > buf.len() {
+                    return Err(Rejection::TooLong { len: h.len, cap: buf.len() });
+                }
+                (h.id, h.len as usize, 0)
+            }
+        };
+        let n = (len - have).min(bytes.len() - taken);
+        buf[have..have + n].copy_from_slice(&bytes[taken..taken + n]);
+        have += n;
+        taken += n;
+        if have == len {
+            self.reset();
+            return Ok((taken, Some((id, len))));
+        }
+        self.payload = Some((id, len, have));
+        Ok((taken, None))
+    }
+}
+
+/// The invocation channel over a vsock driver.
+#[derive(Debug)]
+pub struct Channel<T: Transport> {
+    vsock: Vsock<T>,
+    buf: NonNull<u8>,
+    cap: usize,
+    rx: FrameRx,
+    carry: [u8; CARRY_MAX],
+    carry_len: usize,
+}
+
+impl<T: Transport> Channel<T> {
+    /// A channel whose request payloads land in `buf[..cap]`.
+    ///
+    /// # Safety
+    /// `buf` must be valid for reads and writes of `cap` bytes for as long as the channel
+    /// lives, and nothing else may access it while a `Channel` method runs (the device writes
+    /// it during `wait_request`, and may still hold a window into it after a connection
+    /// ended mid-payload).
+    pub unsafe fn new(vsock: Vsock<T>, buf: NonNull<u8>, cap: usize) -> Result<Self, ChannelError> {
+        if !dma_reachable(dma_addr(buf.as_ptr()), cap) {
+            return Err(ChannelError::Unreachable(dma_addr(buf.as_ptr())));
+        }
+        Ok(Channel { vsock, buf, cap, rx: FrameRx::new(), carry: [0; CARRY_MAX], carry_len: 0 })
+    }
+
+    /// The first `len` bytes of the request buffer (a request's payload after
+    /// [`wait_request`](Self::wait_request) returned `len`).
+    pub fn request(&self, len: usize) -> &[u8] {
+        // SAFETY: as in `buf`; `len` is capped at the buffer size.
+        unsafe { core::slice::from_raw_parts(self.buf.as_ptr(), len.min(self.cap)) }
+    }
+
+    /// The driver (for its counters and state).
+    pub fn vsock(&self) -> &Vsock<T> {
+        &self.vsock
+    }
+
+    #[cfg(test)]
+    pub(crate) fn vsock_mut(&mut self) -> &mut Vsock<T> {
+        &mut self.vsock
+    }
+
+    /// Waits (halting the CPU) until a whole REQUEST frame has arrived on the open
+    /// connection, accepting a connection first if none is open. Returns the request id and
+    /// the payload length; the payload is in the request buffer ([`request`](Self::request)).
+    pub fn wait_request(&mut self) -> Result<(u64, usize), ChannelError> {
+        if self.carry_len > 0 {
+            if let Some(done) = self.feed_carry()? {
+                return Ok(done);
+            }
+        }
+        loop {
+            let window = match self.rx.payload {
+                Some((_, len, have)) if have < len => {
+                    // SAFETY: `have < len <= cap`: inside the request buffer.
+                    let at = unsafe { self.buf.as_ptr().add(have) };
+                    Some((dma_addr(at), (len - have) as u32))
+                }
+                _ => None,
+            };
+            self.vsock.arm_rx(window);
+            match self.vsock.poll()? {
+                Event::None => {
+                    if self.vsock.peer_done_sending() && self.carry_len == 0 {
+                        self.vsock.close()?;
+                        self.forget();
+                        return Err(ChannelError::Closed);
+                    }
+                    self.vsock.update_credit_if_low()?;
+                    self.vsock.wait()?;
+                }
+                Event::Control => {}
+                Event::Connected => self.forget(),
+                Event::Closed => {
+                    self.forget();
+                    return Err(ChannelError::Closed);
+                }
+                Event::Data { len, inline: true } => {
+                    let (buf, cap) = (self.buf, self.cap);
+                    // SAFETY: `new`'s contract; disjoint from the driver's inline buffer.
+                    let dst = unsafe { core::slice::from_raw_parts_mut(buf.as_ptr(), cap) };
+                    let bytes = self.vsock.inline_data(len);
+                    match self.rx.feed(bytes, dst) {
+                        Ok((taken, done)) => {
+                            let rest = bytes.len() - taken;
+                            if rest > CARRY_MAX - self.carry_len {
+                                return Err(self.reject(Rejection::Overrun));
+                            }
+                            self.carry[self.carry_len..self.carry_len + rest]
+                                .copy_from_slice(&bytes[taken..]);
+                            self.carry_len += rest;
+                            if let Some(done) = done {
+                                return Ok(done);
+                            }
+                        }
+                        Err(r) => return Err(self.reject(r)),
+                    }
+                }
+                Event::Data { len, inline: false } => match (window, self.rx.payload) {
+                    (Some(_), Some((id, plen, have))) => {
+                        // The device wrote `len <= plen - have` bytes where they belong.
+                        let have = have + len as usize;
+                        if have == plen {
+                            self.rx.reset();
+                            return Ok((id, plen));
+                        }
+                        self.rx.payload = Some((id, plen, have));
+                    }
+                    _ => return Err(self.reject(Rejection::Unexpected)),
+                },
+            }
+        }
+    }
+
+    /// Feeds bytes that arrived ahead into the frame being received.
+    fn feed_carry(&mut self) -> Result<Option<(u64, usize)>, ChannelError> {
+        // SAFETY: `new`'s contract.
+        let dst = unsafe { core::slice::from_raw_parts_mut(self.buf.as_ptr(), self.cap) };
+        match self.rx.feed(&self.carry[..self.carry_len], dst) {
+            Ok((taken, done)) => {
+                self.carry.copy_within(taken..self.carry_len, 0);
+                self.carry_len -= taken;
+                Ok(done)
+            }
+            Err(r) => Err(self.reject(r)),
+        }
+    }
+
+    /// Drops any partial frame and bytes held ahead.
+    fn forget(&mut self) {
+        self.rx.reset();
+        self.carry_len = 0;
+    }
+
+    /// Answers a refused frame with an ERROR frame, closes the connection, and returns the
+    /// error for `wait_request` to report.
+    fn reject(&mut self, why: Rejection) -> ChannelError {
+        let id = self.rx.raw_id();
+        let mut msg = MessageBuf::new();
+        // A `MessageBuf` never fails; it cuts what does not fit.
+        let _ = fmt::Write::write_fmt(&mut msg, format_args!("fnode guest refused the frame: {why}"));
+        let hdr = Header { kind: frame::KIND_ERROR, id, len: msg.len as u32 }.encode();
+        let sent = self.send_stream(&hdr, &msg.buf[..msg.len]);
+        let closed = self.vsock.close();
+        self.forget();
+        match (sent, closed) {
+            (Err(ChannelError::Device(e)), _) | (_, Err(e)) => ChannelError::Device(e),
+            _ => ChannelError::Rejected(why),
+        }
+    }
+
+    /// Sends a RESPONSE ([`frame::KIND_RESPONSE`]) or ERROR ([`frame::KIND_ERROR`]) frame for
+    /// request `id`. Returns once the device no longer needs `payload` (small payloads are
+    /// copied; large ones are read by the device where they lie).
+    pub fn send_response(&mut self, id: u64, kind: u16, payload: &[u8]) -> Result<(), ChannelError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(ChannelError::ResponseTooLong(payload.len()));
+        }
+        let at = dma_addr(payload.as_ptr());
+        if !dma_reachable(at, payload.len()) {
+            return Err(ChannelError::Unreachable(at));
+        }
+        let hdr = Header { kind, id, len: payload.len() as u32 }.encode();
+        self.send_stream(&hdr, payload)
+    }
+
+    /// Sends the first `len` bytes of the request buffer back as the RESPONSE to `id` (the
+    /// echo service).
+    pub fn echo(&mut self, id: u64, len: usize) -> Result<(), ChannelError> {
+        let len = len.min(self.cap);
+        let hdr = Header { kind: frame::KIND_RESPONSE, id, len: len as u32 }.encode();
+        // SAFETY: `new`'s contract; the device only reads the buffer while sending, and no
+        // receive window is armed into it outside `wait_request`'s payload phase.
+        let payload = unsafe { core::slice::from_raw_parts(self.buf.as_ptr(), len) };
+        self.send_stream(&hdr, payload)
+    }
+
+    /// Sends `head ++ body` on the open connection and waits until the device no longer
+    /// needs `body`.
+    fn send_stream(&mut self, head: &[u8], body: &[u8]) -> Result<(), ChannelError> {
+        if !self.vsock.is_open() {
+            return Err(ChannelError::Closed);
+        }
+        let total = head.len() + body.len();
+        let mut offset = 0;
+        loop {
+            if offset < total {
+                offset = self.vsock.send(head, body, offset)?;
+            }
+            if offset == total && !self.vsock.tx_zero_copy_pending()? {
+                return Ok(());
+            }
+            // Waiting for credit, a transmit slot, or the device to finish reading `body`.
+            self.vsock.arm_rx(None);
+            match self.vsock.poll()? {
+                Event::None => self.vsock.wait()?,
+                Event::Control | Event::Connected => {}
+                Event::Closed => {
+                    self.forget();
+                    return Err(ChannelError::Closed);
+                }
+                Event::Data { len, inline: true } => {
+                    // The host sent ahead; keep it for the next wait_request.
+                    let bytes = self.vsock.inline_data(len);
+                    if bytes.len() > CARRY_MAX - self.carry_len {
+                        self.vsock.close()?;
+                        self.forget();
+                        return Err(ChannelError::Rejected(Rejection::Overrun));
+                    }
+                    self.carry[self.carry_len..self.carry_len + bytes.len()].copy_from_slice(bytes);
+                    self.carry_len += bytes.len();
+                }
+                // A window armed by an interrupted receive: nothing to keep.
+                Event::Data { inline: false, .. } => {}
+            }
+        }
+    }
+}
+
+/// A fixed buffer for an ERROR message.
+struct MessageBuf {
+    buf: [u8; 160],
+    len: usize,
+}
+
+impl MessageBuf {
+    const fn new() -> Self {
+        MessageBuf { buf: [0; 160], len: 0 }
+    }
+}
+
+impl fmt::Write for MessageBuf {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+/// The `fnode.echo=1` mode: brings up the virtio-vsock device the command line announces
+/// and serves [`serve_echo`] on it. Never returns; fails the guest if there is no device or
+/// it breaks.
+#[cfg(target_os = "none")]
+pub fn echo_main(cmdline: &str) -> ! {
+    let Some(vsock) = crate::virtio::find_vsock(cmdline) else {
+        crate::exit::fail(&"fnode.echo=1 needs a virtio-vsock device: announce one with virtio_mmio.device= (fnode-vmm boot --vsock)")
+    };
+    let e = serve_echo(vsock);
+    crate::exit::fail(&format_args!("echo service stopped: {e}: {}", SourceOf(&e)))
+}
+
+/// Displays an error's source, or nothing.
+#[cfg(target_os = "none")]
+struct SourceOf<'a>(&'a ChannelError);
+
+#[cfg(target_os = "none")]
+impl fmt::Display for SourceOf<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut source = core::error::Error::source(self.0);
+        while let Some(e) = source {
+            write!(f, "{e}; ")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// The echo service (`fnode.echo=1`): answers every REQUEST with its own payload, for
+/// testing the channel end to end. Runs until the device fails.
+#[cfg(target_os = "none")]
+pub fn serve_echo(vsock: Vsock<crate::virtio::mmio::MmioTransport>) -> ChannelError {
+    use core::alloc::Layout;
+
+    use crate::{line::Line, serial};
+
+    let Ok(layout) = Layout::from_size_align(MAX_PAYLOAD, 4096) else {
+        return ChannelError::ResponseTooLong(MAX_PAYLOAD);
+    };
+    // SAFETY: non-zero size. Never freed. Not zeroed on purpose: the device writes every
+    // byte the channel hands out (zeroing 6 MiB of emulated kernel code costs ~0.4 s).
+    let Some(buf) = NonNull::new(unsafe { alloc::alloc::alloc(layout) }) else {
+        return ChannelError::ResponseTooLong(MAX_PAYLOAD);
+    };
+    // SAFETY: the buffer is MAX_PAYLOAD bytes, never freed, and only the channel uses it.
+    let mut ch = match unsafe { Channel::new(vsock, buf, MAX_PAYLOAD) } {
+        Ok(ch) => ch,
+        Err(e) => return e,
+    };
+    let mut line = Line::log();
+    line.str("echo service on vsock port ").dec(u64::from(fnode_guest::abi::vsock::INVOKE_PORT));
+    serial::write_line(&mut line);
+    loop {
+        let result = match ch.wait_request() {
+            Ok((id, len)) => ch.echo(id, len),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) | Err(ChannelError::Closed) => {}
+            Err(e @ ChannelError::Device(_)) => return e,
+            Err(e) => {
+                use core::fmt::Write;
+                let mut line = Line::log();
+                // A `Line` never fails to take text; it cuts what does not fit.
+                let _ = write!(line, "{e}");
+                serial::write_line(&mut line);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::vec::Vec;
+
+    use super::*;
+    use crate::virtio::vsock::{
+        op,
+        tests::{driver, FakeHost},
+    };
+
+    const PORT: u32 = 4321;
+
+    struct Harness {
+        ch: Channel<FakeHost>,
+        _buf: Vec<u8>,
+    }
+
+    fn channel(cap: usize) -> Harness {
+        let mut buf = std::vec![0u8; cap.max(1)];
+        let ptr = NonNull::new(buf.as_mut_ptr()).unwrap();
+        // SAFETY: the vector lives in the harness, as long as the channel.
+        let ch = unsafe { Channel::new(driver(32), ptr, cap) }.unwrap();
+        Harness { ch, _buf: buf }
+    }
+
+    fn host(h: &mut Harness) -> &mut FakeHost {
+        h.ch.vsock_mut().transport_mut()
+    }
+
+    fn request(id: u64, payload: &[u8]) -> Vec<u8> {
+        let mut f = Header { kind: KIND_REQUEST, id, len: payload.len() as u32 }.encode().to_vec();
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Splits `frame` into packets of `sizes` (cycled) from the host.
+    fn send_split(h: &mut Harness, frame: &[u8], sizes: &[usize]) {
+        let mut at = 0;
+        for &n in sizes.iter().cycle() {
+            if at >= frame.len() {
+                break;
+            }
+            let end = (at + n).min(frame.len());
+            host(h).send(op::RW, PORT, &frame[at..end]);
+            at = end;
+        }
+    }
+
+    fn connect(h: &mut Harness) {
+        host(h).send(op::REQUEST, PORT, &[]);
+    }
+
+    /// The frames the guest sent: (kind, id, payload).
+    fn responses(h: &mut Harness) -> Vec<(u16, u64, Vec<u8>)> {
+        host(h).run();
+        let stream = host(h).stream_from_guest(PORT);
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at + HEADER_LEN <= stream.len() {
+            let hdr = Header::decode(stream[at..at + HEADER_LEN].try_into().unwrap()).unwrap();
+            let end = at + HEADER_LEN + hdr.len as usize;
+            out.push((hdr.kind, hdr.id, stream[at + HEADER_LEN..end].to_vec()));
+            at = end;
+        }
+        out
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    #[test]
+    fn echoes_small_and_large_payloads() {
+        let mut h = channel(MAX_PAYLOAD);
+        connect(&mut h);
+        for (i, n) in [0usize, 1, 200, 232, 233, 5000, 64 * 1024, 300_000].into_iter().enumerate() {
+            let payload = pattern(n);
+            send_split(&mut h, &request(i as u64, &payload), &[usize::MAX]);
+            let (id, len) = h.ch.wait_request().unwrap();
+            assert_eq!((id, len), (i as u64, n));
+            assert_eq!(h.ch.request(len), &payload[..]);
+            h.ch.echo(id, len).unwrap();
+        }
+        let got = responses(&mut h);
+        assert_eq!(got.len(), 8);
+        for (i, (kind, id, data)) in got.iter().enumerate() {
+            assert_eq!((*kind, *id), (frame::KIND_RESPONSE, i as u64));
+            assert_eq!(data, &pattern(data.len()));
+        }
+        assert_eq!(got[7].2.len(), 300_000);
+    }
+
+    #[test]
+    fn large_payloads_go_straight_into_the_buffer() {
+        let mut h = channel(MAX_PAYLOAD);
+        connect(&mut h);
+        host(&mut h).max_rx_packet = 64 * 1024;
+        let payload = pattern(MAX_PAYLOAD);
+        send_split(&mut h, &request(9, &payload), &[usize::MAX]);
+        let (id, len) = h.ch.wait_request().unwrap();
+        assert_eq!((id, len), (9, MAX_PAYLOAD));
+        assert!(h.ch.request(len) == &payload[..]);
+        // One inline packet (header + 232 bytes), then 64 KiB windows: no copies beyond that.
+        let rx_notifies = host(&mut h).notifies[0];
+        assert!(rx_notifies <= 2 + MAX_PAYLOAD.div_ceil(64 * 1024) as u32, "{rx_notifies}");
+        h.ch.send_response(id, frame::KIND_RESPONSE, &payload).unwrap();
+        let got = responses(&mut h);
+        assert!(got[0].2 == payload);
+    }
+
+    #[test]
+    fn frames_split_anywhere_and_back_to_back() {
+        let mut h = channel(4096);
+        connect(&mut h);
+        let mut stream = Vec::new();
+        for i in 0..6u64 {
+            stream.extend(request(i, &pattern(i as usize * 300)));
+        }
+        send_split(&mut h, &stream, &[1, 5, 23, 24, 100, 3000, 7]);
+        for i in 0..6u64 {
+            let (id, len) = h.ch.wait_request().unwrap();
+            assert_eq!((id, len), (i, i as usize * 300));
+            assert_eq!(h.ch.request(len), &pattern(len)[..]);
+            h.ch.send_response(id, frame::KIND_RESPONSE, b"ok").unwrap();
+        }
+        assert_eq!(responses(&mut h).len(), 6);
+    }
+
+    #[test]
+    fn oversized_header_is_answered_with_an_error_and_a_close() {
+        let mut h = channel(1024);
+        connect(&mut h);
+        let bad = Header { kind: KIND_REQUEST, id: 77, len: 1025 }.encode();
+        host(&mut h).send(op::RW, PORT, &bad);
+        let err = h.ch.wait_request().unwrap_err();
+        assert!(matches!(err, ChannelError::Rejected(Rejection::TooLong { len: 1025, cap: 1024 })), "{err}");
+        let got = responses(&mut h);
+        assert_eq!(got.len(), 1);
+        let (kind, id, msg) = &got[0];
+        assert_eq!((*kind, *id), (frame::KIND_ERROR, 77));
+        let msg = std::str::from_utf8(msg).unwrap();
+        assert!(msg.contains("payload of 1025 bytes exceeds the guest's 1024-byte request buffer"), "{msg}");
+        assert_eq!(*host(&mut h).ops().last().unwrap(), op::SHUTDOWN);
+        assert!(!h.ch.vsock().is_open());
+
+        // Beyond the frame limit, and garbage: both refused the same way.
+        for bad in [
+            Header { kind: KIND_REQUEST, id: 1, len: MAX_PAYLOAD as u32 + 1 }.encode(),
+            [0x55; HEADER_LEN],
+        ] {
+            host(&mut h).send(op::REQUEST, PORT + 1, &[]);
+            host(&mut h).send(op::RW, PORT + 1, &bad);
+            let err = h.ch.wait_request().unwrap_err();
+            assert!(matches!(err, ChannelError::Rejected(Rejection::Header(_))), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_response_frame_from_the_host_is_refused() {
+        let mut h = channel(1024);
+        connect(&mut h);
+        let f = Header { kind: frame::KIND_RESPONSE, id: 3, len: 0 }.encode();
+        host(&mut h).send(op::RW, PORT, &f);
+        let err = h.ch.wait_request().unwrap_err();
+        assert!(matches!(err, ChannelError::Rejected(Rejection::NotRequest(2))), "{err}");
+    }
+
+    #[test]
+    fn host_close_mid_payload_is_reported_and_the_next_connection_served() {
+        let mut h = channel(MAX_PAYLOAD);
+        connect(&mut h);
+        host(&mut h).max_rx_packet = 1000;
+        let frame = request(5, &pattern(10_000));
+        host(&mut h).send(op::RW, PORT, &frame[..5000]);
+        host(&mut h).send(op::RST, PORT, &[]);
+        assert!(matches!(h.ch.wait_request(), Err(ChannelError::Closed)));
+        // A window into the buffer may still be armed; the next connection still works.
+        host(&mut h).send(op::REQUEST, PORT + 1, &[]);
+        let frame = request(6, &pattern(3000));
+        host(&mut h).send(op::RW, PORT + 1, &frame);
+        assert_eq!(h.ch.wait_request().unwrap(), (6, 3000));
+        assert_eq!(h.ch.request(3000), &pattern(3000)[..]);
+    }
+
+    #[test]
+    fn host_half_close_still_gets_its_response() {
+        let mut h = channel(1024);
+        connect(&mut h);
+        host(&mut h).send(op::RW, PORT, &request(1, b"x"));
+        assert_eq!(h.ch.wait_request().unwrap(), (1, 1));
+        host(&mut h).send(op::SHUTDOWN, PORT, &[]);
+        let last = host(&mut h).to_guest.len() - 1;
+        host(&mut h).to_guest[last].0.flags = 2; // SEND: no more requests
+        h.ch.send_response(1, frame::KIND_RESPONSE, b"y").unwrap();
+        assert!(matches!(h.ch.wait_request(), Err(ChannelError::Closed)));
+        assert_eq!(responses(&mut h)[0].2, b"y");
+        assert_eq!(*host(&mut h).ops().last().unwrap(), op::SHUTDOWN);
+    }
+
+    #[test]
+    fn send_without_connection_and_too_long_responses_fail() {
+        let mut h = channel(16);
+        assert!(matches!(h.ch.send_response(1, frame::KIND_RESPONSE, b"x"), Err(ChannelError::Closed)));
+        let big = std::vec![0u8; MAX_PAYLOAD + 1];
+        assert!(matches!(
+            h.ch.send_response(1, frame::KIND_RESPONSE, &big),
+            Err(ChannelError::ResponseTooLong(_))
+        ));
+    }
+}

@@ -1,0 +1,294 @@
+//! The invocation loop's kernel side: `NEXT`, and what a function's panic or fault becomes.
+//!
+//! [`start`] finds the function in the image ([`crate::user`]), picks where requests come
+//! from ([`Source`]) and enters the function, which runs its `init` and then makes one `NEXT`
+//! system call per invocation: [`next`] sends the previous result (straight from user
+//! memory, after checking it lies there) and waits for the next request, written straight
+//! into the function's request buffer. A panic ([`panic`]) or a CPU exception in user mode
+//! ([`user_fault`]) while a request is in flight answers it with an error frame; then the VM
+//! ends (`abi::exit::FAILURE` / `abi::exit::FAULT`): a function that failed is not reused.
+//!
+//! Per invocation the kernel runs the `syscall` entry and exit (20 instructions), the
+//! dispatch, the checks here (a few dozen) and the channel's send and receive.
+
+use fnode_guest::abi::{
+    frame::{KIND_ERROR, KIND_RESPONSE, MAX_PAYLOAD},
+    user::{in_user_memory, sys::RESULT_NONE, USER_START},
+};
+
+/// The message sent for a result the function did not deliver properly.
+pub const BAD_RESULT: &str =
+    "the function returned an invalid result (bad kind, too long, or outside its memory)";
+/// The message sent when the function asks for the next request without answering this one.
+pub const NO_RESULT: &str = "the function returned no result";
+
+/// Checks a `NEXT` result: `(kind, ptr, len)` as a frame kind and a user buffer, or the
+/// message to send instead.
+pub fn check_result(
+    kind: u64,
+    ptr: u64,
+    len: u64,
+    user_end: u64,
+) -> Result<(u16, u64, u64), &'static str> {
+    match kind {
+        RESULT_NONE => Err(NO_RESULT),
+        k if (k == u64::from(KIND_RESPONSE) || k == u64::from(KIND_ERROR))
+            && len <= MAX_PAYLOAD as u64
+            && in_user_memory(user_end, ptr, len) =>
+        {
+            Ok((k as u16, ptr, len))
+        }
+        _ => Err(BAD_RESULT),
+    }
+}
+
+/// The `invoke_repeat=` count: 1 if absent.
+pub fn repeat_count(value: Option<&str>) -> Result<u64, RunError<'_>> {
+    match value {
+        None => Ok(1),
+        Some(v) => match v.parse() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(RunError::BadRepeat(v)),
+        },
+    }
+}
+
+/// Whether a page fault at `cr2` with the stack pointer at `rsp` looks like the function's
+/// stack running into the kernel memory below it.
+pub fn is_stack_overflow(vector: u64, cr2: u64, rsp: u64) -> bool {
+    const NEAR: u64 = 1 << 20;
+    vector == 14 && cr2 < USER_START && cr2 >= USER_START - NEAR && rsp < USER_START + NEAR
+}
+
+/// Why the function could not be started.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RunError<'a> {
+    /// The image's function header or the memory it needs.
+    #[error(transparent)]
+    User(#[from] crate::user::UserError),
+    /// `invoke_repeat=` is not a positive number.
+    #[error("invoke_repeat={0} is not a positive number")]
+    BadRepeat(&'a str),
+}
+
+#[cfg(target_os = "none")]
+pub use imp::{next, panic, start, user_fault};
+
+#[cfg(target_os = "none")]
+mod imp {
+    use core::cell::UnsafeCell;
+
+    use fnode_guest::abi::{self, cmdline, fault::FaultReport, user::Layout};
+
+    use super::*;
+    use crate::{exit, line::Line, serial, syscall, user, BootInfo};
+
+    /// Where requests come from and where results go.
+    enum Source {
+        /// `invoke=<text>`: the same request `remaining` more times; the last result is
+        /// printed on the console, then the VM exits.
+        Invoke { request: &'static [u8], remaining: u64 },
+        /// No channel: once `init` has run, the kernel says so and the VM exits.
+        Idle,
+    }
+
+    impl Source {
+        fn from_cmdline(line: &'static str) -> Result<Self, RunError<'static>> {
+            let Some(text) = cmdline::get(line, cmdline::INVOKE_KEY) else {
+                return Ok(Source::Idle);
+            };
+            let remaining = repeat_count(cmdline::get(line, cmdline::INVOKE_REPEAT_KEY))?;
+            Ok(Source::Invoke { request: text.as_bytes(), remaining })
+        }
+
+        /// Sends the result of request `id`.
+        fn send(&mut self, _id: u64, kind: u16, payload: &[u8]) {
+            match self {
+                Source::Invoke { remaining: 0, .. } => {
+                    let mut line = Line::log();
+                    line.str("invoke ")
+                        .str(if kind == KIND_RESPONSE { "response " } else { "error " })
+                        .dec(payload.len() as u64)
+                        .str(" bytes: ");
+                    serial::write(line.text().as_bytes());
+                    serial::write(payload);
+                    serial::write(b"\n");
+                }
+                Source::Invoke { .. } | Source::Idle => {}
+            }
+        }
+
+        /// Waits for the next request, written into `buf`; returns its id and length.
+        fn wait(&mut self, buf: &mut [u8]) -> (u64, usize) {
+            match self {
+                Source::Invoke { request, remaining } if *remaining > 0 => {
+                    *remaining -= 1;
+                    let len = request.len().min(buf.len());
+                    buf[..len].copy_from_slice(&request[..len]);
+                    (*remaining, len)
+                }
+                Source::Invoke { .. } => exit::exit(abi::exit::SUCCESS),
+                Source::Idle => idle_exit(),
+            }
+        }
+    }
+
+    /// The end of an image booted without a channel (out of line: `next` stays small).
+    #[cold]
+    #[inline(never)]
+    fn idle_exit() -> ! {
+        let mut line = Line::log();
+        line.str("function ready: no invocation channel, exiting");
+        serial::write_line(&mut line);
+        exit::exit(abi::exit::SUCCESS)
+    }
+
+    struct RunLoop {
+        layout: Layout,
+        source: Source,
+        /// The id of the request the function is handling.
+        in_flight: Option<u64>,
+    }
+
+    /// The run loop's state, touched only from system calls and user-mode exceptions.
+    struct RunCell(UnsafeCell<Option<RunLoop>>);
+
+    // SAFETY: one CPU; the state is used only in the kernel's system call and exception
+    // paths, which never nest (user mode runs with interrupts off, and a user-mode exception
+    // cannot happen while a system call runs).
+    unsafe impl Sync for RunCell {}
+
+    static RUN: RunCell = RunCell(UnsafeCell::new(None));
+
+    fn state() -> &'static mut RunLoop {
+        // SAFETY: see RunCell; no other reference to the state is live while a system call or
+        // exception handler runs, and `start` filled it before user mode began.
+        match unsafe { &mut *RUN.0.get() } {
+            Some(run) => run,
+            None => exit::fail(&"a system call arrived before the function was started"),
+        }
+    }
+
+    /// Runs the image's function, if it has one (returns if not): checks its header, opens
+    /// user memory, and enters it. Never returns once the function starts.
+    pub fn start(boot: &BootInfo) -> Result<(), RunError<'static>> {
+        let Some(layout) = user::find(&boot.memory)? else {
+            return Ok(());
+        };
+        let source = Source::from_cmdline(boot.cmdline)?;
+        user::prepare(&layout)?;
+        // SAFETY: user mode has not started: nothing else references the state.
+        unsafe { *RUN.0.get() = Some(RunLoop { layout, source, in_flight: None }) };
+        let mut line = Line::log();
+        line.str("function: entry ")
+            .hex(layout.entry)
+            .str(", heap ")
+            .dec((layout.user_end - layout.heap_start) >> 20)
+            .str(" MiB");
+        serial::write_line(&mut line);
+        user::enter(&layout)
+    }
+
+    /// `NEXT(kind, ptr, len)`: sends the previous result, waits for the next request.
+    pub fn next(kind: u64, ptr: u64, len: u64) -> u64 {
+        let run = state();
+        if let Some(id) = run.in_flight.take() {
+            match check_result(kind, ptr, len, run.layout.user_end) {
+                Ok((kind, ptr, len)) => {
+                    let payload = syscall::user_bytes(ptr, len).unwrap_or_default();
+                    run.source.send(id, kind, payload);
+                }
+                Err(message) => run.source.send(id, KIND_ERROR, message.as_bytes()),
+            }
+        }
+        // SAFETY: the request buffer is user memory (Layout placed it below user_end); the
+        // function is suspended and no other kernel reference points into it.
+        let buf = unsafe {
+            core::slice::from_raw_parts_mut(run.layout.request_buf as *mut u8, MAX_PAYLOAD)
+        };
+        let (id, len) = run.source.wait(buf);
+        run.in_flight = Some(id);
+        len as u64
+    }
+
+    /// `PANIC(ptr, len)`: answers the request in flight with the message, prints it, and
+    /// ends the VM with `abi::exit::FAILURE`.
+    pub fn panic(ptr: u64, len: u64) -> ! {
+        const MAX_MESSAGE: u64 = 4096;
+        let message = syscall::user_bytes(ptr, len.min(MAX_MESSAGE))
+            .unwrap_or(b"function panicked (its message lies outside its memory)");
+        let run = state();
+        if let Some(id) = run.in_flight.take() {
+            run.source.send(id, KIND_ERROR, message);
+        }
+        serial::write(crate::line::LOG_PREFIX.as_bytes());
+        serial::write(message);
+        serial::write(b"\n");
+        exit::exit(abi::exit::FAILURE)
+    }
+
+    /// A CPU exception in user mode: answers the request in flight with an error naming it.
+    /// The exception handler then writes the fault report and ends the VM.
+    pub fn user_fault(report: &FaultReport) {
+        let run = state();
+        let Some(id) = run.in_flight.take() else { return };
+        let mut m = Line::new();
+        m.str("function fault: ")
+            .str(report.mnemonic())
+            .str(" (vector ")
+            .dec(report.vector)
+            .str(") at rip=")
+            .hex(report.rip);
+        if report.vector == 14 {
+            m.str(" address=").hex(report.cr2);
+        }
+        m.str(" error=").hex(report.error_code);
+        if is_stack_overflow(report.vector, report.cr2, report.rsp) {
+            m.str(" (stack overflow: the function's stack is ")
+                .dec(abi::user::STACK_SIZE >> 20)
+                .str(" MiB)");
+        }
+        run.source.send(id, KIND_ERROR, m.text().as_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fnode_guest::abi::user::{IMAGE_START, STACK_SIZE};
+
+    use super::*;
+
+    const END: u64 = 64 << 20;
+
+    #[test]
+    fn results_are_checked() {
+        let ok = u64::from(KIND_RESPONSE);
+        assert_eq!(check_result(ok, IMAGE_START, 5, END), Ok((KIND_RESPONSE, IMAGE_START, 5)));
+        let err = u64::from(KIND_ERROR);
+        assert_eq!(check_result(err, IMAGE_START, 0, END), Ok((KIND_ERROR, IMAGE_START, 0)));
+        assert_eq!(check_result(RESULT_NONE, 0, 0, END), Err(NO_RESULT));
+        assert_eq!(check_result(7, IMAGE_START, 5, END), Err(BAD_RESULT));
+        assert_eq!(check_result(ok, 0x1000, 5, END), Err(BAD_RESULT), "kernel memory");
+        assert_eq!(check_result(ok, END - 4, 5, END), Err(BAD_RESULT), "past user memory");
+        assert_eq!(check_result(ok, IMAGE_START, u64::MAX, END), Err(BAD_RESULT));
+        let big = MAX_PAYLOAD as u64 + 1;
+        assert_eq!(check_result(ok, USER_START, big, 1 << 30), Err(BAD_RESULT), "too long");
+    }
+
+    #[test]
+    fn repeat_counts() {
+        assert_eq!(repeat_count(None), Ok(1));
+        assert_eq!(repeat_count(Some("1000")), Ok(1000));
+        assert_eq!(repeat_count(Some("0")), Err(RunError::BadRepeat("0")));
+        assert_eq!(repeat_count(Some("x")), Err(RunError::BadRepeat("x")));
+    }
+
+    #[test]
+    fn stack_overflows_are_recognised() {
+        let top = USER_START + STACK_SIZE;
+        assert!(is_stack_overflow(14, USER_START - 8, USER_START + 64));
+        assert!(!is_stack_overflow(14, USER_START - 8, top - 64), "rsp far from the bottom");
+        assert!(!is_stack_overflow(14, 0x10_0000, USER_START + 64), "a wild pointer");
+        assert!(!is_stack_overflow(13, USER_START - 8, USER_START + 64));
+    }
+}

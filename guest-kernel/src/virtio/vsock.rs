@@ -1,0 +1,1212 @@
+//! The virtio socket device driver (virtio 1.x, section 5.10): one listening port
+//! ([`abi::vsock::INVOKE_PORT`]), one stream connection at a time, accepted from the host.
+//!
+//! # Receiving without copies
+//! Kernel code may be emulated one instruction at a time: copying 1 MiB costs ~60 ms there.
+//! So the receive queue holds **one** chain at a time, and the caller picks where its data
+//! goes each time it arms it ([`Vsock::arm_rx`]): either the driver's small inline buffer
+//! ([`RX_INLINE`] bytes: control packets, frame headers, small requests) or a *window* in the
+//! caller's memory, sized to exactly the bytes the caller expects, so the device writes a
+//! large payload where it belongs and nothing past it. One chain in flight costs a
+//! notification per packet, which is cheap next to copying.
+//!
+//! # Sending
+//! Transmit chains are `[packet header][copied bytes][caller's bytes]`: small data is copied
+//! into the slot (the caller may reuse its memory at once), large data is sent from where it
+//! lies and the caller waits for the device to finish with it
+//! ([`Vsock::tx_zero_copy_pending`]). Transmit interrupts stay off unless the driver waits
+//! for a transmit slot or a zero-copy send; the used ring is polled instead.
+//!
+//! # Flow control
+//! Every packet carries the driver's `buf_alloc` ([`BUF_ALLOC`]: room for a whole frame) and
+//! `fwd_cnt` (every byte is handed to the caller as it arrives). Data is sent within the
+//! host's advertised credit, in packets of at most [`MAX_PACKET`] bytes; when the credit is
+//! exhausted the driver asks for an update (`OP_CREDIT_REQUEST`) once.
+//!
+//! Everything the device writes is untrusted: used lengths are checked against the buffers
+//! posted, chain ids against the chains in flight, packet addresses against the connection.
+
+use core::{
+    alloc::Layout,
+    ptr::{self, addr_of, addr_of_mut, NonNull},
+};
+
+use fnode_guest::abi::{frame, vsock as addr};
+
+use super::{
+    dma_addr,
+    queue::{Descriptor, QueueError, SplitQueue, DESC_F_NEXT, DESC_F_WRITE},
+    Transport,
+};
+
+/// Receive queue index.
+pub const QUEUE_RX: u16 = 0;
+/// Transmit queue index.
+pub const QUEUE_TX: u16 = 1;
+/// Event queue index.
+pub const QUEUE_EVENT: u16 = 2;
+
+/// Size of `struct virtio_vsock_hdr`.
+pub const HDR_LEN: usize = 44;
+/// Bytes of the driver's inline receive buffer: a frame header and a small payload.
+pub const RX_INLINE: usize = 256;
+/// Bytes a transmit slot holds besides the packet header (copied data).
+pub const TX_INLINE: usize = 256;
+/// Transmit slots: chains the driver can have in flight.
+pub const TX_SLOTS: usize = 8;
+/// Descriptors per transmit chain: header, copied bytes, caller's bytes.
+const TX_CHAIN: u16 = 3;
+/// Largest data payload of one packet the driver sends (Linux and Firecracker use 64 KiB).
+pub const MAX_PACKET: usize = 64 * 1024;
+/// The receive buffer space the driver advertises: one whole frame.
+pub const BUF_ALLOC: u32 = (frame::HEADER_LEN + frame::MAX_PAYLOAD) as u32;
+
+/// `type` of stream packets.
+const TYPE_STREAM: u16 = 1;
+/// Packet operations.
+pub mod op {
+    /// Connect.
+    pub const REQUEST: u16 = 1;
+    /// Accept a connection.
+    pub const RESPONSE: u16 = 2;
+    /// Reset (refuse or abort) a connection.
+    pub const RST: u16 = 3;
+    /// Stop sending and/or receiving (`flags`).
+    pub const SHUTDOWN: u16 = 4;
+    /// Stream data.
+    pub const RW: u16 = 5;
+    /// Credit information only.
+    pub const CREDIT_UPDATE: u16 = 6;
+    /// Ask the peer for a credit update.
+    pub const CREDIT_REQUEST: u16 = 7;
+}
+/// `OP_SHUTDOWN` flag: the sender will receive no more.
+const SHUTDOWN_RCV: u32 = 1;
+/// `OP_SHUTDOWN` flag: the sender will send no more.
+const SHUTDOWN_SEND: u32 = 2;
+/// Event id: the transport was reset (connections are gone, the CID may have changed).
+const EVENT_TRANSPORT_RESET: u32 = 0;
+/// Offset of `guest_cid` in the configuration space.
+#[cfg(target_os = "none")]
+const CONFIG_GUEST_CID: usize = 0;
+
+/// The receive chain's head descriptor (the packet header); descriptor 1 is its data.
+const RX_HEAD: u16 = 0;
+
+/// A packet header (`struct virtio_vsock_hdr`, little-endian, packed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PacketHeader {
+    /// Source context id.
+    pub src_cid: u64,
+    /// Destination context id.
+    pub dst_cid: u64,
+    /// Source port.
+    pub src_port: u32,
+    /// Destination port.
+    pub dst_port: u32,
+    /// Data bytes after the header.
+    pub len: u32,
+    /// Socket type (1: stream).
+    pub kind: u16,
+    /// One of [`op`].
+    pub op: u16,
+    /// Operation flags (shutdown flags).
+    pub flags: u32,
+    /// The sender's receive buffer size.
+    pub buf_alloc: u32,
+    /// Bytes the sender has consumed.
+    pub fwd_cnt: u32,
+}
+
+/// The wire layout; x86 is little-endian, and `to_le`/`from_le` say so.
+#[repr(C, packed)]
+#[derive(Clone, Copy)]
+struct RawHeader {
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    kind: u16,
+    op: u16,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<RawHeader>() == HDR_LEN);
+
+impl PacketHeader {
+    /// Writes the header at `dst`.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writing [`HDR_LEN`] bytes.
+    unsafe fn write_to(&self, dst: *mut u8) {
+        let raw = RawHeader {
+            src_cid: self.src_cid.to_le(),
+            dst_cid: self.dst_cid.to_le(),
+            src_port: self.src_port.to_le(),
+            dst_port: self.dst_port.to_le(),
+            len: self.len.to_le(),
+            kind: self.kind.to_le(),
+            op: self.op.to_le(),
+            flags: self.flags.to_le(),
+            buf_alloc: self.buf_alloc.to_le(),
+            fwd_cnt: self.fwd_cnt.to_le(),
+        };
+        // SAFETY: the caller guarantees HDR_LEN writable bytes; the write is unaligned-safe.
+        unsafe { ptr::write_unaligned(dst.cast::<RawHeader>(), raw) };
+    }
+
+    /// Reads a header at `src` once (the device may change the memory afterwards).
+    ///
+    /// # Safety
+    /// `src` must be valid for reading [`HDR_LEN`] bytes.
+    unsafe fn read_from(src: *const u8) -> Self {
+        // SAFETY: the caller guarantees HDR_LEN readable bytes; every bit pattern is valid.
+        let raw = unsafe { ptr::read_volatile(src.cast::<[u8; HDR_LEN]>()) };
+        Self::decode(&raw)
+    }
+
+    /// Encodes the header.
+    pub fn encode(&self) -> [u8; HDR_LEN] {
+        let mut b = [0u8; HDR_LEN];
+        // SAFETY: `b` has HDR_LEN bytes.
+        unsafe { self.write_to(b.as_mut_ptr()) };
+        b
+    }
+
+    /// Decodes a header.
+    pub fn decode(b: &[u8; HDR_LEN]) -> Self {
+        // SAFETY: `b` has HDR_LEN bytes and every bit pattern is a valid RawHeader.
+        let raw = unsafe { ptr::read_unaligned(b.as_ptr().cast::<RawHeader>()) };
+        PacketHeader {
+            src_cid: u64::from_le(raw.src_cid),
+            dst_cid: u64::from_le(raw.dst_cid),
+            src_port: u32::from_le(raw.src_port),
+            dst_port: u32::from_le(raw.dst_port),
+            len: u32::from_le(raw.len),
+            kind: u16::from_le(raw.kind),
+            op: u16::from_le(raw.op),
+            flags: u32::from_le(raw.flags),
+            buf_alloc: u32::from_le(raw.buf_alloc),
+            fwd_cnt: u32::from_le(raw.fwd_cnt),
+        }
+    }
+}
+
+/// Errors of the driver: the device broke the virtio protocol, or memory ran out. The
+/// caller should give up on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum VsockError {
+    /// Setting up the transport failed.
+    #[error("virtio-vsock device setup failed")]
+    Transport(#[source] super::mmio::MmioError),
+    /// A queue's used ring is inconsistent.
+    #[error("virtio-vsock device broke its queue protocol")]
+    Queue(#[source] QueueError),
+    /// The device returned a receive chain it was not given.
+    #[error("virtio-vsock device returned receive chain {0}, which it was not given")]
+    BadRxChain(u32),
+    /// The device returned a transmit chain that is not in flight.
+    #[error("virtio-vsock device returned transmit chain {0}, which is not in flight")]
+    BadTxChain(u32),
+    /// A received packet claims more bytes than the device wrote or than fit the buffer.
+    #[error("virtio-vsock device wrote a packet of {len} data bytes into a {cap}-byte buffer ({used} bytes used)")]
+    RxOverflow {
+        /// The header's `len`.
+        len: u32,
+        /// The data buffer posted.
+        cap: u32,
+        /// The used length the device reported (header included).
+        used: u32,
+    },
+    /// The heap has no room for the driver's buffers.
+    #[error("virtio-vsock: out of memory for the packet buffers")]
+    NoMemory,
+    /// Sending needs an open connection.
+    #[error("virtio-vsock: no connection is open")]
+    NotConnected,
+}
+
+impl From<QueueError> for VsockError {
+    fn from(e: QueueError) -> Self {
+        VsockError::Queue(e)
+    }
+}
+
+/// What [`Vsock::poll`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Nothing new from the device.
+    None,
+    /// A packet was handled inside the driver (a refused connection, a credit update, ...).
+    Control,
+    /// The host opened a connection; it is the open one now.
+    Connected,
+    /// The open connection ended (the host reset or shut it down, or the transport was
+    /// reset).
+    Closed,
+    /// `len` stream bytes arrived: in the inline buffer ([`Vsock::inline_data`]) if
+    /// `inline`, else at the start of the window the receive chain was armed with. The
+    /// receive chain must be re-armed ([`Vsock::arm_rx`]) to receive more.
+    Data {
+        /// Bytes received.
+        len: u32,
+        /// Whether they are in the inline buffer.
+        inline: bool,
+    },
+}
+
+/// The open connection's state.
+#[derive(Clone, Copy, Debug)]
+struct Conn {
+    /// The host's port.
+    peer_port: u32,
+    /// The host's advertised receive buffer.
+    peer_buf_alloc: u32,
+    /// Bytes the host has consumed, as it last said.
+    peer_fwd_cnt: u32,
+    /// Stream bytes sent.
+    tx_cnt: u32,
+    /// Stream bytes received (all handed on to the caller, so also consumed).
+    fwd_cnt: u32,
+    /// `fwd_cnt` as last told to the host.
+    adv_fwd_cnt: u32,
+    /// A credit request is outstanding.
+    credit_requested: bool,
+    /// The host said it will send no more.
+    peer_send_done: bool,
+}
+
+impl Conn {
+    /// Bytes the host can take now.
+    fn credit(&self) -> usize {
+        let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
+        self.peer_buf_alloc.saturating_sub(in_flight) as usize
+    }
+}
+
+/// Receive memory: the packet header and the inline data buffer.
+#[repr(C, align(64))]
+struct RxArea {
+    hdr: [u8; HDR_LEN],
+    inline: [u8; RX_INLINE],
+}
+
+/// One transmit slot: the packet header and copied data.
+#[repr(C, align(64))]
+struct TxSlot {
+    hdr: [u8; HDR_LEN],
+    data: [u8; TX_INLINE],
+}
+
+/// All memory the device reads or writes besides the rings.
+#[repr(C)]
+struct Buffers {
+    rx: RxArea,
+    event: [u8; 8],
+    tx: [TxSlot; TX_SLOTS],
+}
+
+/// The driver.
+#[derive(Debug)]
+pub struct Vsock<T: Transport> {
+    transport: T,
+    rx: SplitQueue,
+    tx: SplitQueue,
+    event: SplitQueue,
+    bufs: NonNull<Buffers>,
+    guest_cid: u64,
+    /// The receive chain is with the device; its data buffer is `rx_window`.
+    rx_armed: bool,
+    /// Where the armed chain's data goes: address and length.
+    rx_window: (u64, u32),
+    /// Transmit slots usable (bit per slot).
+    tx_slots: u16,
+    /// Free transmit slots.
+    tx_free: u16,
+    /// Slots whose chain points at caller memory.
+    tx_zero_copy: u16,
+    /// Transmit interrupts are on.
+    tx_interrupts: bool,
+    conn: Option<Conn>,
+}
+
+impl<T: Transport> Vsock<T> {
+    /// Builds the driver on queues the device has accepted and posts the event buffer.
+    pub fn new(
+        transport: T,
+        rx: SplitQueue,
+        tx: SplitQueue,
+        event: SplitQueue,
+        guest_cid: u64,
+    ) -> Result<Self, VsockError> {
+        let layout = Layout::new::<Buffers>();
+        // SAFETY: non-zero size. Never freed: the device holds addresses into it for the
+        // kernel's lifetime.
+        let raw = unsafe { alloc::alloc::alloc(layout) }.cast::<Buffers>();
+        let bufs = NonNull::new(raw).ok_or(VsockError::NoMemory)?;
+        let slots = (usize::from(tx.size() / TX_CHAIN)).min(TX_SLOTS);
+        let tx_slots = ((1u32 << slots) - 1) as u16;
+        let mut v = Vsock {
+            transport,
+            rx,
+            tx,
+            event,
+            bufs,
+            guest_cid,
+            rx_armed: false,
+            rx_window: (0, 0),
+            tx_slots,
+            tx_free: tx_slots,
+            tx_zero_copy: 0,
+            tx_interrupts: true,
+            conn: None,
+        };
+        let b = v.bufs.as_ptr();
+        // SAFETY: only addresses are taken.
+        let (rx_hdr, event_buf) = unsafe { (addr_of!((*b).rx.hdr), addr_of!((*b).event)) };
+        v.rx.set_desc(0, Descriptor {
+            addr: dma_addr(rx_hdr),
+            len: HDR_LEN as u32,
+            flags: DESC_F_WRITE | DESC_F_NEXT,
+            next: 1,
+        });
+        v.event.set_desc(0, Descriptor { addr: dma_addr(event_buf), len: 4, flags: DESC_F_WRITE, next: 0 });
+        v.event.push(0);
+        if v.event.publish() {
+            v.transport.notify(QUEUE_EVENT);
+        }
+        v.set_tx_interrupts(false);
+        Ok(v)
+    }
+
+    /// The guest's context id.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Whether a connection is open.
+    pub fn is_open(&self) -> bool {
+        self.conn.is_some()
+    }
+
+    /// Whether the host said it will send no more on the open connection.
+    pub fn peer_done_sending(&self) -> bool {
+        self.conn.is_some_and(|c| c.peer_send_done)
+    }
+
+    /// The transport (for tests that play the device).
+    #[cfg(test)]
+    pub(crate) fn transport_mut(&mut self) -> &mut T {
+        &mut self.transport
+    }
+
+    /// Hands the receive chain to the device if it is not already there: its data goes to
+    /// the inline buffer (`None`) or to `window` (address, length) in the caller's memory,
+    /// which must stay valid and unused until the chain comes back. One notification.
+    pub fn arm_rx(&mut self, window: Option<(u64, u32)>) {
+        if self.rx_armed {
+            return;
+        }
+        let (addr, len) = match window {
+            Some(w) => w,
+            None => {
+                // SAFETY: only the address is taken.
+                let inline = unsafe { addr_of!((*self.bufs.as_ptr()).rx.inline) };
+                (dma_addr(inline), RX_INLINE as u32)
+            }
+        };
+        self.rx_window = (addr, len);
+        self.rx.set_desc(1, Descriptor { addr, len, flags: DESC_F_WRITE, next: 0 });
+        self.rx.push(RX_HEAD);
+        self.rx_armed = true;
+        if self.rx.publish() {
+            self.transport.notify(QUEUE_RX);
+        }
+    }
+
+    /// The bytes of the last [`Event::Data`] with `inline` set.
+    pub fn inline_data(&self, len: u32) -> &[u8] {
+        let len = (len as usize).min(RX_INLINE);
+        // SAFETY: the inline buffer is RX_INLINE bytes of driver memory; the device does not
+        // write it while the receive chain is not armed, which is the case after a Data event
+        // until the caller re-arms it (which needs `&mut self`, ending this borrow).
+        unsafe { core::slice::from_raw_parts(addr_of!((*self.bufs.as_ptr()).rx.inline).cast::<u8>(), len) }
+    }
+
+    /// Blocks until the device interrupts. Transmit interrupts are turned on first if the
+    /// driver is waiting for a transmit slot or a zero-copy send, off otherwise.
+    pub fn wait(&mut self) -> Result<(), VsockError> {
+        let need_tx = self.tx_free == 0 || self.tx_zero_copy != 0;
+        if need_tx != self.tx_interrupts {
+            self.set_tx_interrupts(need_tx);
+            if need_tx && self.reap_tx()? {
+                // Completions arrived before the interrupts were on: no interrupt will come.
+                return Ok(());
+            }
+        }
+        self.transport.wait();
+        Ok(())
+    }
+
+    fn set_tx_interrupts(&mut self, on: bool) {
+        self.tx.set_interrupts(on);
+        self.tx_interrupts = on;
+    }
+
+    /// Processes what the device returned: transmit completions, the event queue, and at
+    /// most one received packet.
+    pub fn poll(&mut self) -> Result<Event, VsockError> {
+        self.reap_tx()?;
+        if let Some(e) = self.poll_event_queue()? {
+            return Ok(e);
+        }
+        if !self.rx_armed {
+            return Ok(Event::None);
+        }
+        let Some(used) = self.rx.pop_used()? else {
+            return Ok(Event::None);
+        };
+        if used.id != u32::from(RX_HEAD) {
+            return Err(VsockError::BadRxChain(used.id));
+        }
+        self.rx_armed = false;
+        let (_, cap) = self.rx_window;
+        if (used.len as usize) < HDR_LEN {
+            // Not even a header: nothing to act on. Re-armed by the caller as usual.
+            return Ok(Event::Control);
+        }
+        // SAFETY: the receive header buffer is HDR_LEN bytes of driver memory the device no
+        // longer writes (the chain came back).
+        let hdr = unsafe { PacketHeader::read_from(addr_of!((*self.bufs.as_ptr()).rx.hdr).cast()) };
+        if hdr.op == op::RW && (hdr.len > cap || hdr.len > used.len - HDR_LEN as u32) {
+            return Err(VsockError::RxOverflow { len: hdr.len, cap, used: used.len });
+        }
+        self.handle_packet(&hdr)
+    }
+
+    /// Acts on one received packet header.
+    fn handle_packet(&mut self, hdr: &PacketHeader) -> Result<Event, VsockError> {
+        if hdr.src_cid != addr::HOST_CID || hdr.dst_cid != self.guest_cid {
+            // Only the host talks to this device; anything else is noise.
+            return Ok(Event::Control);
+        }
+        if hdr.kind != TYPE_STREAM || hdr.dst_port != addr::INVOKE_PORT {
+            if hdr.op != op::RST {
+                self.send_control(op::RST, hdr.dst_port, hdr.src_port, 0)?;
+            }
+            return Ok(Event::Control);
+        }
+        let conn = match &mut self.conn {
+            Some(c) if c.peer_port == hdr.src_port => c,
+            Some(_) | None => return self.handle_stranger(hdr),
+        };
+        conn.peer_buf_alloc = hdr.buf_alloc;
+        conn.peer_fwd_cnt = hdr.fwd_cnt;
+        match hdr.op {
+            op::RW => {
+                conn.fwd_cnt = conn.fwd_cnt.wrapping_add(hdr.len);
+                if hdr.len == 0 {
+                    return Ok(Event::Control);
+                }
+                let inline = self.rx_window.0 == self.inline_addr();
+                Ok(Event::Data { len: hdr.len, inline })
+            }
+            op::CREDIT_UPDATE => {
+                conn.credit_requested = false;
+                Ok(Event::Control)
+            }
+            op::CREDIT_REQUEST => {
+                self.send_control(op::CREDIT_UPDATE, addr::INVOKE_PORT, hdr.src_port, 0)?;
+                Ok(Event::Control)
+            }
+            op::SHUTDOWN if hdr.flags & SHUTDOWN_RCV == 0 => {
+                // The host only stops sending: it may still read the response.
+                conn.peer_send_done |= hdr.flags & SHUTDOWN_SEND != 0;
+                Ok(Event::Control)
+            }
+            op::SHUTDOWN => {
+                // The host will not read any more: the connection is over. (The RST still
+                // carries the connection's counters: the host checks them.)
+                self.send_control(op::RST, addr::INVOKE_PORT, hdr.src_port, 0)?;
+                self.conn = None;
+                Ok(Event::Closed)
+            }
+            op::RST => {
+                self.conn = None;
+                Ok(Event::Closed)
+            }
+            // REQUEST on the open connection, RESPONSE (the guest never connects), unknown.
+            _ => {
+                self.send_control(op::RST, addr::INVOKE_PORT, hdr.src_port, 0)?;
+                self.conn = None;
+                Ok(Event::Closed)
+            }
+        }
+    }
+
+    /// A packet for the listening port from a host port without an open connection.
+    fn handle_stranger(&mut self, hdr: &PacketHeader) -> Result<Event, VsockError> {
+        match hdr.op {
+            op::REQUEST if self.conn.is_none() => {
+                self.conn = Some(Conn {
+                    peer_port: hdr.src_port,
+                    peer_buf_alloc: hdr.buf_alloc,
+                    peer_fwd_cnt: hdr.fwd_cnt,
+                    tx_cnt: 0,
+                    fwd_cnt: 0,
+                    adv_fwd_cnt: 0,
+                    credit_requested: false,
+                    peer_send_done: false,
+                });
+                self.send_control(op::RESPONSE, addr::INVOKE_PORT, hdr.src_port, 0)?;
+                Ok(Event::Connected)
+            }
+            op::RST => Ok(Event::Control),
+            // A second connection while one is open (one at a time), or data for a
+            // connection that does not exist.
+            _ => {
+                self.send_control(op::RST, addr::INVOKE_PORT, hdr.src_port, 0)?;
+                Ok(Event::Control)
+            }
+        }
+    }
+
+    fn inline_addr(&self) -> u64 {
+        // SAFETY: only the address is taken.
+        dma_addr(unsafe { addr_of!((*self.bufs.as_ptr()).rx.inline) })
+    }
+
+    /// Handles a used event buffer, if any.
+    fn poll_event_queue(&mut self) -> Result<Option<Event>, VsockError> {
+        let Some(used) = self.event.pop_used()? else {
+            return Ok(None);
+        };
+        if used.id != 0 {
+            return Err(VsockError::BadRxChain(used.id));
+        }
+        // SAFETY: the event buffer is driver memory the device no longer writes.
+        let id = u32::from_le(unsafe { ptr::read_volatile(addr_of!((*self.bufs.as_ptr()).event).cast::<u32>()) });
+        self.event.push(0);
+        if self.event.publish() {
+            self.transport.notify(QUEUE_EVENT);
+        }
+        if used.len >= 4 && id == EVENT_TRANSPORT_RESET && self.conn.take().is_some() {
+            return Ok(Some(Event::Closed));
+        }
+        Ok(Some(Event::Control))
+    }
+
+    /// Frees the slots of completed transmit chains. Returns whether any completed.
+    fn reap_tx(&mut self) -> Result<bool, VsockError> {
+        let mut any = false;
+        while let Some(used) = self.tx.pop_used()? {
+            let slot = used.id / u32::from(TX_CHAIN);
+            let bit = 1u16.checked_shl(slot).unwrap_or(0);
+            if used.id % u32::from(TX_CHAIN) != 0 || bit & self.tx_slots & !self.tx_free == 0 {
+                return Err(VsockError::BadTxChain(used.id));
+            }
+            self.tx_free |= bit;
+            self.tx_zero_copy &= !bit;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    /// Whether data sent from the caller's memory is still with the device. Reaps first.
+    pub fn tx_zero_copy_pending(&mut self) -> Result<bool, VsockError> {
+        self.reap_tx()?;
+        Ok(self.tx_zero_copy != 0)
+    }
+
+    /// A free transmit slot, if any (reaping completions when none is free).
+    fn free_slot(&mut self) -> Result<Option<usize>, VsockError> {
+        if self.tx_free == 0 {
+            self.reap_tx()?;
+            if self.tx_free == 0 {
+                return Ok(None);
+            }
+        }
+        Ok(Some(self.tx_free.trailing_zeros() as usize))
+    }
+
+    /// A free transmit slot, waiting for the device to complete one if need be.
+    fn slot_blocking(&mut self) -> Result<usize, VsockError> {
+        loop {
+            if let Some(slot) = self.free_slot()? {
+                return Ok(slot);
+            }
+            self.wait()?;
+        }
+    }
+
+    /// The header of a packet from the listening port to host port `dst_port`.
+    fn header(&self, op: u16, src_port: u32, dst_port: u32, len: u32, flags: u32) -> PacketHeader {
+        PacketHeader {
+            src_cid: self.guest_cid,
+            dst_cid: addr::HOST_CID,
+            src_port,
+            dst_port,
+            len,
+            kind: TYPE_STREAM,
+            op,
+            flags,
+            buf_alloc: BUF_ALLOC,
+            // Only the connection's own packets carry its counter (a host checks it against
+            // what it sent on that connection).
+            fwd_cnt: self.conn.filter(|c| c.peer_port == dst_port).map_or(0, |c| c.fwd_cnt),
+        }
+    }
+
+    /// Sends a packet without data and notifies the device.
+    fn send_control(&mut self, op: u16, src_port: u32, dst_port: u32, flags: u32) -> Result<(), VsockError> {
+        if self.tx_free == 0 && self.tx.publish() {
+            // Chains queued but not yet published must reach the device before waiting on
+            // one of their slots.
+            self.transport.notify(QUEUE_TX);
+        }
+        let slot = self.slot_blocking()?;
+        let hdr = self.header(op, src_port, dst_port, 0, flags);
+        if let Some(c) = self.conn.as_mut().filter(|c| c.peer_port == dst_port) {
+            c.adv_fwd_cnt = c.fwd_cnt;
+        }
+        let slot_ptr = self.slot_ptr(slot);
+        // SAFETY: the slot is free (not with the device) and its header is HDR_LEN bytes.
+        unsafe { hdr.write_to(addr_of_mut!((*slot_ptr).hdr).cast()) };
+        let head = slot as u16 * TX_CHAIN;
+        // SAFETY: only the address is taken.
+        let hdr_addr = dma_addr(unsafe { addr_of!((*slot_ptr).hdr) });
+        self.tx.set_desc(head, Descriptor { addr: hdr_addr, len: HDR_LEN as u32, flags: 0, next: 0 });
+        self.queue_tx(slot, false);
+        if self.tx.publish() {
+            self.transport.notify(QUEUE_TX);
+        }
+        Ok(())
+    }
+
+    fn slot_ptr(&self, slot: usize) -> *mut TxSlot {
+        // SAFETY: `slot < TX_SLOTS` (slots come from the free mask); only the address is taken.
+        unsafe { addr_of_mut!((*self.bufs.as_ptr()).tx[slot]) }
+    }
+
+    fn queue_tx(&mut self, slot: usize, zero_copy: bool) {
+        let bit = 1u16 << slot;
+        self.tx_free &= !bit;
+        if zero_copy {
+            self.tx_zero_copy |= bit;
+        }
+        self.tx.push(slot as u16 * TX_CHAIN);
+    }
+
+    /// Sends the open connection's stream bytes `[offset, ..)` of `head ++ body`, as many as
+    /// the host's credit and the free slots allow, and notifies the device once. `head` (at
+    /// most [`TX_INLINE`] bytes) is copied; `body` is copied when a packet's share of it fits
+    /// the slot, else the device reads it where it lies and the caller must keep it unchanged
+    /// until [`tx_zero_copy_pending`](Self::tx_zero_copy_pending) is false. Returns the new
+    /// offset; less than the total means "wait and call again".
+    pub fn send(&mut self, head: &[u8], body: &[u8], mut offset: usize) -> Result<usize, VsockError> {
+        let Some(mut conn) = self.conn else {
+            return Err(VsockError::NotConnected);
+        };
+        let head = &head[..head.len().min(TX_INLINE)];
+        let total = head.len() + body.len();
+        let mut queued = false;
+        while offset < total {
+            let credit = conn.credit();
+            if credit == 0 {
+                if !conn.credit_requested {
+                    conn.credit_requested = true;
+                    self.conn = Some(conn);
+                    // Publishes the data queued so far too (it must not wait on a slot
+                    // held by unpublished data).
+                    self.send_control(op::CREDIT_REQUEST, addr::INVOKE_PORT, conn.peer_port, 0)?;
+                    queued = false;
+                }
+                break;
+            }
+            let Some(slot) = self.free_slot()? else {
+                break;
+            };
+            let n = (total - offset).min(credit).min(MAX_PACKET);
+            let slot_ptr = self.slot_ptr(slot);
+            // SAFETY: only the address is taken.
+            let data = unsafe { addr_of_mut!((*slot_ptr).data) }.cast::<u8>();
+            // Copied part: the head's share, then the body's share if it fits.
+            let mut copied = 0;
+            if offset < head.len() {
+                let h = &head[offset..head.len().min(offset + n)];
+                // SAFETY: `h.len() <= TX_INLINE` and the slot is free.
+                unsafe { ptr::copy_nonoverlapping(h.as_ptr(), data, h.len()) };
+                copied = h.len();
+            }
+            let body_start = offset + copied - head.len().min(offset + copied);
+            let mut body_len = n - copied;
+            if body_len > 0 && copied + body_len <= TX_INLINE {
+                // SAFETY: the share fits the slot's data buffer after the copied head bytes;
+                // `body_start + body_len <= body.len()` since `offset + n <= total`.
+                unsafe { ptr::copy_nonoverlapping(body.as_ptr().add(body_start), data.add(copied), body_len) };
+                copied += body_len;
+                body_len = 0;
+            }
+            let hdr = self.header(op::RW, addr::INVOKE_PORT, conn.peer_port, n as u32, 0);
+            // SAFETY: the slot is free and its header is HDR_LEN bytes.
+            unsafe { hdr.write_to(addr_of_mut!((*slot_ptr).hdr).cast()) };
+            let head_desc = slot as u16 * TX_CHAIN;
+            // SAFETY: only the address is taken.
+            let hdr_addr = dma_addr(unsafe { addr_of!((*slot_ptr).hdr) });
+            let mut descs = [Descriptor { addr: hdr_addr, len: HDR_LEN as u32, flags: 0, next: 0 }; 3];
+            let mut count = 1;
+            if copied > 0 {
+                descs[count] = Descriptor { addr: dma_addr(data), len: copied as u32, flags: 0, next: 0 };
+                count += 1;
+            }
+            if body_len > 0 {
+                // SAFETY: in bounds, as above; only the address is taken.
+                let at = unsafe { body.as_ptr().add(body_start) };
+                descs[count] = Descriptor { addr: dma_addr(at), len: body_len as u32, flags: 0, next: 0 };
+                count += 1;
+            }
+            for (i, d) in descs[..count].iter_mut().enumerate() {
+                if i + 1 < count {
+                    d.flags = DESC_F_NEXT;
+                    d.next = head_desc + i as u16 + 1;
+                }
+                self.tx.set_desc(head_desc + i as u16, *d);
+            }
+            self.queue_tx(slot, body_len > 0);
+            conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
+            conn.adv_fwd_cnt = conn.fwd_cnt;
+            offset += n;
+            queued = true;
+        }
+        self.conn = Some(conn);
+        if queued && self.tx.publish() {
+            self.transport.notify(QUEUE_TX);
+        }
+        Ok(offset)
+    }
+
+    /// Tells the host how much it may send if it may be running short: when the bytes
+    /// received since the last advertisement reach half of [`BUF_ALLOC`]. Call before
+    /// waiting for data.
+    pub fn update_credit_if_low(&mut self) -> Result<(), VsockError> {
+        let Some(c) = self.conn else { return Ok(()) };
+        if c.fwd_cnt.wrapping_sub(c.adv_fwd_cnt) >= BUF_ALLOC / 2 {
+            self.send_control(op::CREDIT_UPDATE, addr::INVOKE_PORT, c.peer_port, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the open connection from the guest's side: a full shutdown, after which the host
+    /// closes its end (data already queued is delivered first). Further packets from the
+    /// old connection are refused.
+    pub fn close(&mut self) -> Result<(), VsockError> {
+        if let Some(c) = self.conn {
+            // Sent while the connection is still known: the header carries its counters.
+            self.send_control(op::SHUTDOWN, addr::INVOKE_PORT, c.peer_port, SHUTDOWN_RCV | SHUTDOWN_SEND)?;
+            self.conn = None;
+        }
+        Ok(())
+    }
+}
+
+/// Brings up a virtio socket device behind `transport` (virtio 1.x, section 3.1.1):
+/// negotiates `VIRTIO_F_VERSION_1` (and nothing else: stream sockets need no feature bit),
+/// reads the guest CID, sets up the three queues, says DRIVER_OK.
+#[cfg(target_os = "none")]
+pub fn init(transport: super::mmio::MmioTransport) -> Result<Vsock<super::mmio::MmioTransport>, VsockError> {
+    use super::{mmio::F_VERSION_1, queue::MAX_SIZE};
+
+    transport.negotiate(F_VERSION_1, 0).map_err(VsockError::Transport)?;
+    let guest_cid = transport.config_u64(CONFIG_GUEST_CID);
+    let setup = |index, want, need| {
+        transport.setup_queue(index, want, need).map_err(|e| {
+            transport.fail();
+            VsockError::Transport(e)
+        })
+    };
+    let rx = setup(QUEUE_RX, 2, 2)?;
+    let tx = setup(QUEUE_TX, MAX_SIZE, 2 * TX_CHAIN)?;
+    let event = setup(QUEUE_EVENT, 1, 1)?;
+    let v = Vsock::new(transport, rx, tx, event, guest_cid)?;
+    v.transport.driver_ok();
+    Ok(v)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::{collections::VecDeque, vec::Vec};
+
+    use super::*;
+    use crate::virtio::queue::{read_guest, write_guest, DeviceView};
+
+    /// A simulated host: the device side of the three queues, driven by `wait`/`notify`.
+    #[derive(Debug, Default)]
+    pub(crate) struct FakeHost {
+        pub rx: Option<DeviceView>,
+        pub tx: Option<DeviceView>,
+        pub event: Option<DeviceView>,
+        /// Packets waiting for a receive buffer: header and data.
+        pub to_guest: VecDeque<(PacketHeader, Vec<u8>)>,
+        /// Packets the guest sent: header and data.
+        pub from_guest: Vec<(PacketHeader, Vec<u8>)>,
+        pub notifies: [u32; 3],
+        pub waits: u32,
+        /// Largest data the host puts in one packet.
+        pub max_rx_packet: usize,
+        /// Packets in `from_guest` already looked at for credit requests.
+        pub answered: usize,
+        /// Stream bytes delivered to the guest per host port.
+        pub delivered: std::collections::HashMap<u32, usize>,
+        /// The last fwd_cnt the guest sent per host port.
+        pub fwd_seen: std::collections::HashMap<u32, u32>,
+    }
+
+    impl FakeHost {
+        /// Moves packets both ways until nothing moves.
+        pub fn run(&mut self) {
+            loop {
+                let mut moved = false;
+                let tx = self.tx.as_mut().unwrap();
+                while let Some(head) = tx.pop_avail() {
+                    let chain = tx.chain(head);
+                    let hdr_bytes = read_guest(chain[0].addr, chain[0].len);
+                    let hdr = PacketHeader::decode(hdr_bytes[..HDR_LEN].try_into().unwrap());
+                    let mut data = Vec::new();
+                    for d in &chain[1..] {
+                        data.extend(read_guest(d.addr, d.len));
+                    }
+                    assert_eq!(data.len(), hdr.len as usize, "header len matches the chain");
+                    // Like fnode-vmm: fwd_cnt only acknowledges bytes sent on that connection.
+                    let sent = self.delivered.get(&hdr.dst_port).copied().unwrap_or(0);
+                    assert!(hdr.fwd_cnt as usize <= sent, "fwd_cnt {} beyond the {sent} bytes sent to port {}: {hdr:?}", hdr.fwd_cnt, hdr.dst_port);
+                    let last = self.fwd_seen.insert(hdr.dst_port, hdr.fwd_cnt).unwrap_or(0);
+                    assert!(hdr.fwd_cnt >= last, "fwd_cnt went back from {last}: {hdr:?}");
+                    self.from_guest.push((hdr, data));
+                    tx.push_used(u32::from(head), 0);
+                    moved = true;
+                }
+                // Like a real host, answer credit requests (everything sent is consumed).
+                let asked: Vec<u32> = self.from_guest[self.answered..]
+                    .iter()
+                    .filter(|(h, _)| h.op == op::CREDIT_REQUEST)
+                    .map(|(h, _)| h.dst_port)
+                    .collect();
+                self.answered = self.from_guest.len();
+                for port in asked {
+                    self.send(op::CREDIT_UPDATE, port, &[]);
+                }
+                let rx = self.rx.as_mut().unwrap();
+                while !self.to_guest.is_empty() {
+                    let Some(head) = rx.pop_avail() else { break };
+                    let chain = rx.chain(head);
+                    let (mut hdr, mut data) = self.to_guest.pop_front().unwrap();
+                    let cap = (chain[1].len as usize).min(self.max_rx_packet.max(1));
+                    if data.len() > cap {
+                        let rest = data.split_off(cap);
+                        let mut more = hdr;
+                        more.len = rest.len() as u32;
+                        self.to_guest.push_front((more, rest));
+                        hdr.len = cap as u32;
+                    }
+                    write_guest(chain[0].addr, &hdr.encode());
+                    write_guest(chain[1].addr, &data);
+                    if hdr.op == op::RW {
+                        *self.delivered.entry(hdr.src_port).or_default() += data.len();
+                    }
+                    rx.push_used(u32::from(head), (HDR_LEN + data.len()) as u32);
+                    moved = true;
+                }
+                if !moved {
+                    return;
+                }
+            }
+        }
+
+        /// A packet from host port `port` to the guest's listening port.
+        pub fn send(&mut self, op: u16, port: u32, data: &[u8]) {
+            let hdr = PacketHeader {
+                src_cid: addr::HOST_CID,
+                dst_cid: addr::GUEST_CID,
+                src_port: port,
+                dst_port: addr::INVOKE_PORT,
+                len: data.len() as u32,
+                kind: TYPE_STREAM,
+                op,
+                flags: 0,
+                buf_alloc: 256 * 1024,
+                fwd_cnt: self.stream_from_guest(port).len() as u32,
+            };
+            self.to_guest.push_back((hdr, data.to_vec()));
+        }
+
+        /// Stream bytes delivered to the guest from host port `port`.
+        pub fn sent_to_guest(&self, port: u32) -> usize {
+            self.delivered.get(&port).copied().unwrap_or(0)
+        }
+
+        /// The ops the guest sent, in order.
+        pub fn ops(&self) -> Vec<u16> {
+            self.from_guest.iter().map(|(h, _)| h.op).collect()
+        }
+
+        /// All stream bytes the guest sent to `port`.
+        pub fn stream_from_guest(&self, port: u32) -> Vec<u8> {
+            self.from_guest
+                .iter()
+                .filter(|(h, _)| h.dst_port == port && h.op == op::RW)
+                .flat_map(|(_, d)| d.iter().copied())
+                .collect()
+        }
+    }
+
+    impl Transport for FakeHost {
+        fn notify(&mut self, queue: u16) {
+            self.notifies[usize::from(queue)] += 1;
+        }
+
+        fn wait(&mut self) {
+            self.waits += 1;
+            assert!(self.waits < 100_000, "the driver waits forever");
+            self.run();
+        }
+    }
+
+    /// A driver on a fake host with queues of `tx_size` transmit entries.
+    pub(crate) fn driver(tx_size: u16) -> Vsock<FakeHost> {
+        let rx = SplitQueue::new(QUEUE_RX, 2).unwrap();
+        let tx = SplitQueue::new(QUEUE_TX, tx_size).unwrap();
+        let event = SplitQueue::new(QUEUE_EVENT, 1).unwrap();
+        let host = FakeHost {
+            rx: Some(rx.device()),
+            tx: Some(tx.device()),
+            event: Some(event.device()),
+            max_rx_packet: usize::MAX,
+            ..FakeHost::default()
+        };
+        Vsock::new(host, rx, tx, event, addr::GUEST_CID).unwrap()
+    }
+
+    /// Polls until something other than `None`/`Control` happens (waiting in between).
+    fn next_event(v: &mut Vsock<FakeHost>) -> Event {
+        loop {
+            v.arm_rx(None);
+            match v.poll().unwrap() {
+                Event::None => v.wait().unwrap(),
+                Event::Control => {}
+                e => return e,
+            }
+        }
+    }
+
+    #[test]
+    fn header_wire_layout() {
+        let h = PacketHeader {
+            src_cid: 2,
+            dst_cid: 3,
+            src_port: 0x1111_2222,
+            dst_port: 1024,
+            len: 5,
+            kind: 1,
+            op: op::RW,
+            flags: 3,
+            buf_alloc: 0x10000,
+            fwd_cnt: 7,
+        };
+        let b = h.encode();
+        assert_eq!(&b[0..8], &2u64.to_le_bytes());
+        assert_eq!(&b[8..16], &3u64.to_le_bytes());
+        assert_eq!(&b[16..20], &0x1111_2222u32.to_le_bytes());
+        assert_eq!(&b[24..28], &5u32.to_le_bytes());
+        assert_eq!(&b[28..30], &1u16.to_le_bytes());
+        assert_eq!(&b[30..32], &op::RW.to_le_bytes());
+        assert_eq!(&b[36..40], &0x10000u32.to_le_bytes());
+        assert_eq!(&b[40..44], &7u32.to_le_bytes());
+        assert_eq!(PacketHeader::decode(&b), h);
+    }
+
+    #[test]
+    fn accepts_one_connection_and_refuses_a_second() {
+        let mut v = driver(32);
+        v.transport_mut().send(op::REQUEST, 5000, &[]);
+        assert_eq!(next_event(&mut v), Event::Connected);
+        v.transport_mut().send(op::REQUEST, 5001, &[]);
+        v.transport_mut().send(op::RW, 5000, b"hi");
+        assert_eq!(next_event(&mut v), Event::Data { len: 2, inline: true });
+        assert_eq!(v.inline_data(2), b"hi");
+        let host = v.transport_mut();
+        assert_eq!(host.ops(), [op::RESPONSE, op::RST]);
+        assert_eq!(host.from_guest[1].0.dst_port, 5001);
+        // The event buffer was posted at start.
+        assert_eq!(host.notifies[usize::from(QUEUE_EVENT)], 1);
+    }
+
+    #[test]
+    fn refuses_other_ports_and_data_without_a_connection() {
+        let mut v = driver(32);
+        let mut wrong = PacketHeader { dst_port: 99, ..PacketHeader::default() };
+        wrong.src_cid = addr::HOST_CID;
+        wrong.dst_cid = addr::GUEST_CID;
+        wrong.kind = TYPE_STREAM;
+        wrong.op = op::REQUEST;
+        wrong.src_port = 7;
+        v.transport_mut().to_guest.push_back((wrong, Vec::new()));
+        v.transport_mut().send(op::RW, 8, b"data");
+        v.transport_mut().send(op::REQUEST, 9, &[]);
+        assert_eq!(next_event(&mut v), Event::Connected);
+        v.transport_mut().run();
+        assert_eq!(v.transport_mut().ops(), [op::RST, op::RST, op::RESPONSE]);
+    }
+
+    #[test]
+    fn host_reset_and_shutdown_close_the_connection() {
+        let mut v = driver(32);
+        v.transport_mut().send(op::REQUEST, 1, &[]);
+        assert_eq!(next_event(&mut v), Event::Connected);
+        v.transport_mut().send(op::RST, 1, &[]);
+        assert_eq!(next_event(&mut v), Event::Closed);
+        assert!(!v.is_open());
+
+        v.transport_mut().send(op::REQUEST, 2, &[]);
+        assert_eq!(next_event(&mut v), Event::Connected);
+        let mut shut = v.transport_mut().to_guest.len();
+        v.transport_mut().send(op::SHUTDOWN, 2, &[]);
+        v.transport_mut().to_guest[shut].0.flags = SHUTDOWN_SEND;
+        v.transport_mut().send(op::SHUTDOWN, 2, &[]);
+        shut += 1;
+        v.transport_mut().to_guest[shut].0.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+        v.arm_rx(None);
+        v.wait().unwrap();
+        assert_eq!(v.poll().unwrap(), Event::Control);
+        assert!(v.peer_done_sending());
+        assert_eq!(next_event(&mut v), Event::Closed);
+        v.transport_mut().run();
+        assert_eq!(*v.transport_mut().ops().last().unwrap(), op::RST);
+    }
+
+    #[test]
+    fn rejects_a_packet_larger_than_its_buffer() {
+        let mut v = driver(32);
+        v.transport_mut().send(op::REQUEST, 1, &[]);
+        assert_eq!(next_event(&mut v), Event::Connected);
+        v.arm_rx(None);
+        // A device that claims more data than the buffer holds.
+        let mut h = PacketHeader::default();
+        h.src_cid = addr::HOST_CID;
+        h.dst_cid = addr::GUEST_CID;
+        h.src_port = 1;
+        h.dst_port = addr::INVOKE_PORT;
+        h.kind = TYPE_STREAM;
+        h.op = op::RW;
+        h.len = RX_INLINE as u32 + 1;
+        let host = v.transport_mut();
+        let rx = host.rx.as_mut().unwrap();
+        let head = rx.pop_avail().unwrap();
+        let chain = rx.chain(head);
+        write_guest(chain[0].addr, &h.encode());
+        rx.push_used(u32::from(head), (HDR_LEN + RX_INLINE) as u32);
+        assert!(matches!(v.poll(), Err(VsockError::RxOverflow { .. })));
+    }
+
+    #[test]
+    fn sends_within_credit_and_asks_for_more() {
+        let mut v = driver(32);
+        v.transport_mut().send(op::REQUEST, 1, &[]);
+        assert_eq!(next_event(&mut v), Event::Connected);
+        let body: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let head = [0xaau8; 24];
+        // The host's buf_alloc is 256 KiB: the first call stops at the credit.
+        let off = v.send(&head, &body, 0).unwrap();
+        assert_eq!(off, 256 * 1024);
+        assert!(v.tx_zero_copy_pending().unwrap());
+        let again = v.send(&head, &body, off).unwrap();
+        assert_eq!(again, off, "no credit, no data");
+        v.transport_mut().run();
+        assert_eq!(*v.transport_mut().ops().last().unwrap(), op::CREDIT_REQUEST);
+        assert!(!v.tx_zero_copy_pending().unwrap());
+        // The host consumed everything and says so.
+        v.transport_mut().send(op::CREDIT_UPDATE, 1, &[]);
+        v.arm_rx(None);
+        v.transport_mut().run();
+        assert_eq!(v.poll().unwrap(), Event::Control);
+        let done = v.send(&head, &body, off).unwrap();
+        assert_eq!(done, head.len() + body.len());
+        v.transport_mut().run();
+        let stream = v.transport_mut().stream_from_guest(1);
+        assert_eq!(&stream[..24], &head);
+        assert_eq!(&stream[24..], &body[..]);
+        let rw: Vec<_> = v.transport_mut().from_guest.iter().filter(|(h, _)| h.op == op::RW).map(|(h, _)| h.len).collect();
+        assert!(rw.iter().all(|&n| n as usize <= MAX_PACKET), "{rw:?}");
+        assert!(!v.tx_zero_copy_pending().unwrap());
+    }
+
+    #[test]
+    fn small_sends_are_copied_and_need_no_wait() {
+        let mut v = driver(32);
+        v.transport_mut().send(op::REQUEST, 1, &[]);
+        assert_eq!(next_event(&mut v), Event::Connected);
+        let off = v.send(b"head", b"body", 0).unwrap();
+        assert_eq!(off, 8);
+        assert!(!v.tx_zero_copy_pending().unwrap());
+        let host = v.transport_mut();
+        host.run();
+        let last = host.from_guest.last().unwrap();
+        assert_eq!(last.1, b"headbody");
+        assert_eq!(last.0.buf_alloc, BUF_ALLOC);
+    }
+
+    #[test]
+    fn runs_out_of_slots_and_recovers() {
+        // 8 entries: two 3-descriptor slots.
+        let mut v = driver(8);
+        v.transport_mut().send(op::REQUEST, 1, &[]);
+        assert_eq!(next_event(&mut v), Event::Connected);
+        v.transport_mut().run();
+        let body = std::vec![7u8; 5 * MAX_PACKET];
+        let mut off = 0;
+        let total = body.len();
+        while off < total {
+            off = v.send(&[], &body, off).unwrap();
+            if off < total {
+                v.wait().unwrap();
+                v.poll().unwrap();
+                v.arm_rx(None);
+            }
+        }
+        while v.tx_zero_copy_pending().unwrap() {
+            v.wait().unwrap();
+        }
+        assert_eq!(v.transport_mut().stream_from_guest(1), body);
+    }
+
+    #[test]
+    fn transport_reset_event_closes_the_connection() {
+        let mut v = driver(32);
+        v.transport_mut().send(op::REQUEST, 1, &[]);
+        assert_eq!(next_event(&mut v), Event::Connected);
+        let host = v.transport_mut();
+        let ev = host.event.as_mut().unwrap();
+        let head = ev.pop_avail().unwrap();
+        let d = ev.desc(head);
+        write_guest(d.addr, &EVENT_TRANSPORT_RESET.to_le_bytes());
+        ev.push_used(u32::from(head), 4);
+        assert_eq!(v.poll().unwrap(), Event::Closed);
+        assert!(!v.is_open());
+        // The event buffer went back to the device.
+        assert_eq!(v.transport_mut().notifies[usize::from(QUEUE_EVENT)], 2);
+    }
+
+    #[test]
+    fn rejects_chains_the_device_was_not_given() {
+        let mut v = driver(32);
+        v.transport_mut().send(op::REQUEST, 1, &[]);
+        assert_eq!(next_event(&mut v), Event::Connected);
+        // The RESPONSE went out in slot 0 (head 0); the device returns head 3 instead.
+        let tx = v.transport_mut().tx.as_mut().unwrap();
+        assert_eq!(tx.pop_avail(), Some(0));
+        tx.push_used(3, 0);
+        assert_eq!(v.poll(), Err(VsockError::BadTxChain(3)));
+    }
+}

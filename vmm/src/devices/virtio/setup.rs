@@ -1,0 +1,173 @@
+//! What the VM builder calls to give a VM its virtio devices.
+//!
+//! Slots are fixed so the command line can be composed before the devices exist: the vsock
+//! device, when there is one, takes window 0 ([`abi::virtio::MMIO_BASE`], GSI
+//! [`abi::virtio::FIRST_IRQ`]).
+//!
+//! [`attach`] creates each device and its transport, registers the irqfd and ioeventfds with
+//! KVM, inserts the transport on the MMIO bus and starts the event loop thread. The returned
+//! [`VirtioDevices`] owns the loop; dropping it stops the loop.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use fnode_guest::abi;
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+
+use super::event_loop::{EventLoop, EventLoopError, Subscriber};
+use super::mmio::{MmioError, MmioSlot, MmioTransport};
+use super::vsock::{VsockDevice, VsockError};
+use super::FaultSink;
+use crate::devices::bus::{Bus, BusError, SharedDevice};
+
+/// Window index of the vsock device.
+const VSOCK_SLOT: usize = 0;
+
+/// Errors giving a VM its virtio devices.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The vsock device could not be created.
+    #[error("cannot create the vsock device")]
+    Vsock(#[source] VsockError),
+    /// The transport could not be created or registered with KVM.
+    #[error("cannot set up the virtio-mmio transport")]
+    Transport(#[source] MmioError),
+    /// The MMIO window overlaps another device.
+    #[error("cannot place the virtio-mmio window on the MMIO bus")]
+    Bus(#[source] BusError),
+    /// The event loop thread could not start.
+    #[error("cannot start the device event loop")]
+    EventLoop(#[source] EventLoopError),
+}
+
+/// Which virtio devices a VM gets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceSet<'a> {
+    /// Give the guest a vsock device whose host end is this Unix socket path.
+    pub vsock_uds: Option<&'a Path>,
+}
+
+impl DeviceSet<'_> {
+    /// The slots the set occupies, in order.
+    fn slots(&self) -> Vec<MmioSlot> {
+        let mut slots = Vec::new();
+        if self.vsock_uds.is_some() {
+            slots.extend(MmioSlot::nth(VSOCK_SLOT));
+        }
+        slots
+    }
+
+    /// `cmdline` with one `virtio_mmio.device=...` word appended per device.
+    pub fn cmdline(&self, cmdline: &str) -> String {
+        let slots = self.slots();
+        if slots.is_empty() {
+            return cmdline.to_string();
+        }
+        let mut out = cmdline.trim_end().to_string();
+        for slot in slots {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(&slot.cmdline_word());
+        }
+        out
+    }
+}
+
+/// A VM's virtio devices while it lives: the event loop thread and handles on the devices.
+#[derive(Debug, Default)]
+pub struct VirtioDevices {
+    event_loop: Option<EventLoop>,
+    vsock: Option<Arc<Mutex<VsockDevice>>>,
+}
+
+impl VirtioDevices {
+    /// The vsock device, if the VM has one.
+    pub fn vsock(&self) -> Option<&Arc<Mutex<VsockDevice>>> {
+        self.vsock.as_ref()
+    }
+
+    /// Stops the event loop and waits for its thread (dropping does the same, ignoring
+    /// errors).
+    pub fn stop(&mut self) -> Result<(), EventLoopError> {
+        match self.event_loop.take() {
+            Some(el) => el.stop(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Creates the devices in `set` for a VM: transports on `mmio`, irqfds and ioeventfds
+/// registered with `vm`, the event loop started. Faults go to `faults`.
+pub fn attach(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    set: DeviceSet<'_>,
+    faults: FaultSink,
+) -> Result<VirtioDevices, SetupError> {
+    let mut devices = VirtioDevices::default();
+    let mut subscribers: Vec<Subscriber> = Vec::new();
+    if let (Some(uds), Some(slot)) = (set.vsock_uds, MmioSlot::nth(VSOCK_SLOT)) {
+        let dev = Arc::new(Mutex::new(VsockDevice::new(uds, faults.clone()).map_err(SetupError::Vsock)?));
+        let transport = MmioTransport::new(mem.clone(), dev.clone(), slot, faults.clone())
+            .map_err(SetupError::Transport)?;
+        transport.register_with_vm(vm).map_err(SetupError::Transport)?;
+        let shared: SharedDevice = Arc::new(Mutex::new(transport));
+        mmio.insert(shared, slot.base, abi::virtio::MMIO_SIZE).map_err(SetupError::Bus)?;
+        subscribers.push(dev.clone());
+        devices.vsock = Some(dev);
+    }
+    if !subscribers.is_empty() {
+        devices.event_loop = Some(EventLoop::spawn(subscribers).map_err(SetupError::EventLoop)?);
+    }
+    Ok(devices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::fault_channel;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn cmdline_gets_one_word_per_device() {
+        let none = DeviceSet::default();
+        assert_eq!(none.cmdline("console=x "), "console=x ");
+        let path = Path::new("/tmp/v.sock");
+        let set = DeviceSet { vsock_uds: Some(path) };
+        assert_eq!(set.cmdline(""), "virtio_mmio.device=4K@0xd0000000:5");
+        assert_eq!(set.cmdline("fault=ud2"), "fault=ud2 virtio_mmio.device=4K@0xd0000000:5");
+    }
+
+    #[test]
+    fn attach_registers_with_kvm_and_answers_on_the_bus() {
+        if !crate::kvm::test_support::require_kvm() {
+            return;
+        }
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut bus = Bus::new();
+        let path = std::env::temp_dir().join(format!("fnode-vsock-{}-attach.sock", std::process::id()));
+        let (sink, faults) = fault_channel().unwrap();
+        let mut devices = attach(&vm, &mem, &mut bus, DeviceSet { vsock_uds: Some(&path) }, sink).unwrap();
+        assert!(devices.vsock().is_some());
+        assert!(path.exists());
+        let mut magic = [0u8; 4];
+        assert!(bus.read(abi::virtio::MMIO_BASE, &mut magic));
+        assert_eq!(&magic, b"virt");
+        let mut id = [0u8; 4];
+        assert!(bus.read(abi::virtio::MMIO_BASE + 8, &mut id));
+        assert_eq!(u32::from_le_bytes(id), abi::virtio::DEVICE_ID_VSOCK);
+        // A second vsock at the same window is refused by the bus.
+        let (sink2, _f2) = fault_channel().unwrap();
+        let path2 = path.with_extension("2.sock");
+        let err = attach(&vm, &mem, &mut bus, DeviceSet { vsock_uds: Some(&path2) }, sink2).unwrap_err();
+        assert!(matches!(err, SetupError::Transport(_) | SetupError::Bus(_)), "{err:?}");
+        devices.stop().unwrap();
+        assert!(faults.try_recv().is_none());
+    }
+}

@@ -1,0 +1,400 @@
+//! Saving and restoring a vCPU: everything KVM holds for it.
+//!
+//! [`VcpuState`] is what a snapshot keeps of one vCPU: general and special registers, the
+//! XSAVE area (x87, SSE, AVX...), XCR0, the MSRs KVM can save (TSC included), the local APIC,
+//! pending events, the MP state, the debug registers, the CPUID the guest saw and the TSC
+//! frequency. The KVM structures are kept as they are (kvm-bindings serialises them as their
+//! bytes): they are plain C data, and copying them field by field would only add ways to
+//! drop one.
+//!
+//! Reading a vCPU's state is a series of ioctls, any of which can fail, so it is a fallible
+//! [`Vcpu::save_state`] (called by the vCPU's own thread, paused, see
+//! [`crate::vstate::vcpu::VcpuCommand::Save`]); [`Vcpu::restore`] follows the
+//! [`fnode_snapshot::Persist`] shape: it takes the live resources (the new VM) and the state
+//! and gives a ready vCPU.
+//!
+//! The order of the `KVM_SET_*` calls matters (it is the order Firecracker and QEMU use):
+//! CPUID first (it decides which MSRs and XSAVE features exist), the LAPIC before the MSRs
+//! (`TSC_DEADLINE` is only accepted with the LAPIC in TSC-deadline mode), vCPU events last
+//! (they may hold an exception to inject).
+
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Cap, Kvm};
+use serde::{Deserialize, Serialize};
+
+use super::vcpu::{Vcpu, BOOT_MSRS};
+use super::vm::Vm;
+
+/// Most MSRs read or written with one `KVM_GET_MSRS`/`KVM_SET_MSRS`.
+const MSR_CHUNK: usize = 64;
+
+/// A vCPU as a snapshot keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// vCPU index (and APIC id).
+    pub id: u8,
+    /// The CPUID the guest saw (`KVM_GET_CPUID2`).
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Every MSR KVM could read, in the order read.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// General-purpose registers, `rip`, `rflags`.
+    pub regs: kvm_regs,
+    /// Segment, control and descriptor-table registers, EFER, the APIC base.
+    pub sregs: kvm_sregs,
+    /// The XSAVE area: x87, SSE and every extended state the guest enabled.
+    pub xsave: kvm_xsave,
+    /// Extended control registers (XCR0).
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// The in-kernel local APIC.
+    pub lapic: kvm_lapic_state,
+    /// Pending exceptions, interrupts, NMIs and the interrupt shadow.
+    pub events: kvm_vcpu_events,
+    /// Runnable, halted, waiting for INIT/SIPI...
+    pub mp_state: kvm_mp_state,
+    /// The guest's TSC frequency, if KVM reports it.
+    pub tsc_khz: Option<u32>,
+}
+
+/// Errors saving or restoring a vCPU's state.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuPersistError {
+    /// A `KVM_GET_*`/`KVM_SET_*` ioctl failed.
+    #[error("{ioctl} failed for vCPU {id}")]
+    Ioctl {
+        /// The ioctl.
+        ioctl: &'static str,
+        /// vCPU index.
+        id: u8,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM lacks a capability saving or restoring needs.
+    #[error("KVM lacks {0}, which fnode snapshots need: use a host kernel whose KVM supports it")]
+    MissingCapability(&'static str),
+    /// The XSAVE area is larger than `KVM_GET_XSAVE` returns (AMX tile state).
+    #[error("this host's XSAVE area is {0} bytes; fnode snapshots support up to 4096")]
+    XsaveTooLarge(i32),
+    /// `KVM_GET_MSR_INDEX_LIST` failed.
+    #[error("KVM_GET_MSR_INDEX_LIST failed")]
+    MsrIndexList(#[source] kvm_ioctls::Error),
+    /// A list of MSRs or CPUID entries does not fit KVM's structure.
+    #[error("vCPU {id}: too many {what} ({len})")]
+    TooMany {
+        /// vCPU index.
+        id: u8,
+        /// "MSRs" or "CPUID entries".
+        what: &'static str,
+        /// How many.
+        len: usize,
+    },
+    /// KVM did not accept a saved MSR.
+    #[error("vCPU {id}: KVM refused to restore MSR {msr:#x}")]
+    MsrRefused {
+        /// vCPU index.
+        id: u8,
+        /// The MSR.
+        msr: u32,
+    },
+    /// The state is for another vCPU.
+    #[error("saved state of vCPU {found} given to vCPU {expected}")]
+    WrongVcpu {
+        /// The vCPU being restored.
+        expected: u8,
+        /// The id in the state.
+        found: u8,
+    },
+    /// The state has no CPUID (a vCPU never configured).
+    #[error("saved state of vCPU {id} has no CPUID")]
+    NoCpuid {
+        /// vCPU index.
+        id: u8,
+    },
+    /// `KVM_CREATE_VCPU` failed.
+    #[error("cannot create vCPU {id}")]
+    Create {
+        /// vCPU index.
+        id: u8,
+        /// The error.
+        #[source]
+        source: super::vcpu::VcpuError,
+    },
+}
+
+/// The capabilities saving and restoring a vCPU relies on.
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Xsave, "KVM_CAP_XSAVE"),
+    (Cap::Xcrs, "KVM_CAP_XCRS"),
+    (Cap::Debugregs, "KVM_CAP_DEBUGREGS"),
+    (Cap::VcpuEvents, "KVM_CAP_VCPU_EVENTS"),
+    (Cap::MpState, "KVM_CAP_MP_STATE"),
+];
+
+/// Checks that KVM can save and restore every part of a vCPU fnode keeps.
+pub fn check_capabilities(kvm: &Kvm) -> Result<(), VcpuPersistError> {
+    for &(cap, name) in REQUIRED_CAPS {
+        if !kvm.check_extension(cap) {
+            return Err(VcpuPersistError::MissingCapability(name));
+        }
+    }
+    // KVM_CAP_XSAVE2 (when present) is the size of the whole XSAVE area; KVM_GET_XSAVE returns
+    // 4096 bytes, enough unless the guest may use AMX tiles.
+    let xsave2 = kvm.check_extension_int(Cap::Xsave2);
+    if xsave2 > std::mem::size_of::<kvm_xsave>() as i32 {
+        return Err(VcpuPersistError::XsaveTooLarge(xsave2));
+    }
+    Ok(())
+}
+
+/// The MSRs a snapshot saves on this host: what `KVM_GET_MSR_INDEX_LIST` reports, plus the
+/// MSRs fnode sets at boot (KVM may leave those out of the list, e.g. the MTRR default type).
+/// The vCPU thread reads each of them; the ones KVM cannot read on this vCPU are skipped.
+pub fn msrs_to_save(kvm: &Kvm) -> Result<Arc<[u32]>, VcpuPersistError> {
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(VcpuPersistError::MsrIndexList)?;
+    let mut msrs: Vec<u32> = list.as_slice().to_vec();
+    for msr in BOOT_MSRS {
+        if !msrs.contains(&msr) {
+            msrs.push(msr);
+        }
+    }
+    Ok(msrs.into())
+}
+
+impl Vcpu {
+    /// Reads the vCPU's whole state out of KVM. Call it only while the vCPU is out of the
+    /// guest; it first completes an I/O exit the guest is still in (see
+    /// [`Vcpu::complete_pending_io`]), so the saved `rip` is past the instruction.
+    pub fn save_state(&mut self, msr_list: &[u32]) -> Result<VcpuState, VcpuPersistError> {
+        let id = self.id();
+        let err = |ioctl| move |source| VcpuPersistError::Ioctl { ioctl, id, source };
+        self.complete_pending_io().map_err(err("KVM_RUN (immediate exit)"))?;
+        let fd = self.fd();
+        let mp_state = fd.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(err("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+        let xsave = fd.get_xsave().map_err(err("KVM_GET_XSAVE"))?;
+        let xcrs = fd.get_xcrs().map_err(err("KVM_GET_XCRS"))?;
+        let debug_regs = fd.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?;
+        let lapic = fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
+        // Not every KVM reports the TSC frequency; the guest's clock then cannot be checked.
+        let tsc_khz = fd.get_tsc_khz().ok();
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(err("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let msrs = self.read_msrs(msr_list)?;
+        let events = self
+            .fd()
+            .get_vcpu_events()
+            .map_err(err("KVM_GET_VCPU_EVENTS"))?;
+        Ok(VcpuState {
+            id,
+            cpuid,
+            msrs,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debug_regs,
+            lapic,
+            events,
+            mp_state,
+            tsc_khz,
+        })
+    }
+
+    /// Reads `list`, skipping the MSRs KVM cannot read on this vCPU. `KVM_GET_MSRS` stops at
+    /// the first MSR it cannot read and returns how many it read before it.
+    fn read_msrs(&self, list: &[u32]) -> Result<Vec<kvm_msr_entry>, VcpuPersistError> {
+        let id = self.id();
+        let mut saved = Vec::with_capacity(list.len());
+        let mut pos = 0;
+        while pos < list.len() {
+            let chunk = &list[pos..(pos + MSR_CHUNK).min(list.len())];
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuPersistError::TooMany {
+                id,
+                what: "MSRs",
+                len: entries.len(),
+            })?;
+            let read = self
+                .fd()
+                .get_msrs(&mut msrs)
+                .map_err(|source| VcpuPersistError::Ioctl {
+                    ioctl: "KVM_GET_MSRS",
+                    id,
+                    source,
+                })?
+                .min(chunk.len());
+            saved.extend_from_slice(&msrs.as_slice()[..read]);
+            // Skip the MSR KVM stopped at, if it stopped early.
+            pos += if read < chunk.len() { read + 1 } else { read };
+        }
+        Ok(saved)
+    }
+
+    /// `KVM_CREATE_VCPU` for `state.id` in `vm`, then every part of `state` set back.
+    /// The VM's irqchip must exist (the LAPIC is restored into it).
+    pub fn restore(vm: &Vm, state: &VcpuState) -> Result<Vcpu, VcpuPersistError> {
+        let vcpu = Vcpu::create(vm, state.id).map_err(|source| VcpuPersistError::Create {
+            id: state.id,
+            source,
+        })?;
+        vcpu.restore_state(state)?;
+        Ok(vcpu)
+    }
+
+    /// Sets every part of `state` on this (new) vCPU.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuPersistError> {
+        let id = self.id();
+        if state.id != id {
+            return Err(VcpuPersistError::WrongVcpu {
+                expected: id,
+                found: state.id,
+            });
+        }
+        if state.cpuid.is_empty() {
+            return Err(VcpuPersistError::NoCpuid { id });
+        }
+        let err = |ioctl| move |source| VcpuPersistError::Ioctl { ioctl, id, source };
+        let fd = self.fd();
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuPersistError::TooMany {
+            id,
+            what: "CPUID entries",
+            len: state.cpuid.len(),
+        })?;
+        fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
+        fd.set_mp_state(state.mp_state)
+            .map_err(err("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&state.regs).map_err(err("KVM_SET_REGS"))?;
+        fd.set_sregs(&state.sregs).map_err(err("KVM_SET_SREGS"))?;
+        // SAFETY: `state.xsave` is a whole `kvm_xsave` (4096 bytes); check_capabilities made
+        // sure KVM's XSAVE area (KVM_CAP_XSAVE2) is no larger, so KVM reads only this struct.
+        unsafe { fd.set_xsave(&state.xsave) }.map_err(err("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&state.xcrs).map_err(err("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&state.debug_regs)
+            .map_err(err("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&state.lapic).map_err(err("KVM_SET_LAPIC"))?;
+        for chunk in state.msrs.chunks(MSR_CHUNK) {
+            let msrs = Msrs::from_entries(chunk).map_err(|_| VcpuPersistError::TooMany {
+                id,
+                what: "MSRs",
+                len: chunk.len(),
+            })?;
+            let set = fd.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
+            if let Some(refused) = chunk.get(set) {
+                return Err(VcpuPersistError::MsrRefused {
+                    id,
+                    msr: refused.index,
+                });
+            }
+        }
+        fd.set_vcpu_events(&state.events)
+            .map_err(err("KVM_SET_VCPU_EVENTS"))?;
+        // A host with another TSC frequency: scale the guest's TSC where KVM can (TSC
+        // scaling). Where it cannot, the guest's clock runs at this host's rate; it still
+        // reads monotonic time, which is all fnode guests need of it.
+        if let (Some(khz), Ok(here)) = (state.tsc_khz, fd.get_tsc_khz()) {
+            if khz != here && khz != 0 {
+                let _ = fd.set_tsc_khz(khz);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kvm::{test_support::require_kvm, KvmContext};
+    use crate::vstate::memory::{self, MemoryBacking};
+    use vm_memory::GuestAddress;
+
+    fn vm_with_irqchip(kvm: &KvmContext) -> Vm {
+        let mut vm = Vm::create(kvm.kvm()).unwrap();
+        let mem = memory::create(16 << 20, MemoryBacking::Anonymous).unwrap();
+        vm.register_memory(&mem).unwrap();
+        vm.setup_irqchip().unwrap();
+        vm
+    }
+
+    #[test]
+    fn save_restore_round_trip() {
+        if !require_kvm() {
+            return;
+        }
+        let kvm = KvmContext::new().unwrap();
+        check_capabilities(kvm.kvm()).unwrap();
+        let msrs = msrs_to_save(kvm.kvm()).unwrap();
+        let vm = vm_with_irqchip(&kvm);
+        let mut vcpu = Vcpu::create(&vm, 0).unwrap();
+        vcpu.configure_cpuid(kvm.supported_cpuid()).unwrap();
+        vcpu.configure_msrs().unwrap();
+        vcpu.setup_pvh_regs(GuestAddress(0x10_0000), GuestAddress(0x6000))
+            .unwrap();
+        let mut regs = vcpu.fd().get_regs().unwrap();
+        regs.r12 = 0x1234_5678_9abc_def0;
+        regs.rsp = 0x8000;
+        vcpu.fd().set_regs(&regs).unwrap();
+        let saved = vcpu.save_state(&msrs).unwrap();
+        assert_eq!(saved.regs.r12, 0x1234_5678_9abc_def0);
+        assert!(!saved.cpuid.is_empty());
+        // The MTRR default type fnode sets at boot is saved even if KVM does not list it.
+        assert!(saved.msrs.iter().any(|m| m.index == BOOT_MSRS[1]));
+
+        // Through the serde encoding and into a vCPU of a new VM.
+        let bytes = postcard::to_allocvec(&saved).unwrap();
+        let decoded: VcpuState = postcard::from_bytes(&bytes).unwrap();
+        let vm2 = vm_with_irqchip(&kvm);
+        let mut restored = Vcpu::restore(&vm2, &decoded).unwrap();
+        let again = restored.save_state(&msrs).unwrap();
+        assert_eq!(again.regs, saved.regs);
+        assert_eq!(again.sregs, saved.sregs);
+        assert_eq!(again.cpuid.len(), saved.cpuid.len());
+        assert_eq!(again.lapic.regs, saved.lapic.regs);
+        assert_eq!(again.xcrs, saved.xcrs);
+        assert_eq!(again.mp_state, saved.mp_state);
+        let msr = |s: &VcpuState, index| s.msrs.iter().find(|m| m.index == index).map(|m| m.data);
+        for m in BOOT_MSRS {
+            assert_eq!(msr(&again, m), msr(&saved, m), "MSR {m:#x}");
+        }
+    }
+
+    #[test]
+    fn state_for_another_vcpu_is_refused() {
+        if !require_kvm() {
+            return;
+        }
+        let kvm = KvmContext::new().unwrap();
+        let msrs = msrs_to_save(kvm.kvm()).unwrap();
+        let vm = vm_with_irqchip(&kvm);
+        let mut vcpu = Vcpu::create(&vm, 0).unwrap();
+        vcpu.configure_cpuid(kvm.supported_cpuid()).unwrap();
+        let mut saved = vcpu.save_state(&msrs).unwrap();
+        let other = Vcpu::create(&vm, 1).unwrap();
+        let err = other.restore_state(&saved).unwrap_err();
+        assert!(
+            matches!(err, VcpuPersistError::WrongVcpu { expected: 1, found: 0 }),
+            "{err:?}"
+        );
+        saved.cpuid.clear();
+        let err = vcpu.restore_state(&saved).unwrap_err();
+        assert!(matches!(err, VcpuPersistError::NoCpuid { id: 0 }), "{err:?}");
+    }
+}

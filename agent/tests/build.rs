@@ -19,7 +19,10 @@ fn repo() -> PathBuf {
 fn fnode() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fnode"));
     // A target dir of the test's own: the outer cargo may hold the workspace's lock.
-    cmd.env("CARGO_TARGET_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("fnode-build"));
+    cmd.env(
+        "CARGO_TARGET_DIR",
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("fnode-build"),
+    );
     cmd
 }
 
@@ -76,7 +79,10 @@ fn builds_echo_into_a_pvh_image() {
     let segs = segments(&elf);
 
     // The kernel's PVH note survives the merge.
-    let note = segs.iter().find(|s| s.0 == PT_NOTE).expect("a PT_NOTE segment");
+    let note = segs
+        .iter()
+        .find(|s| s.0 == PT_NOTE)
+        .expect("a PT_NOTE segment");
     let notes = &elf[note.1..note.1 + note.3];
     let mut off = 0;
     let mut pvh = None;
@@ -93,25 +99,45 @@ fn builds_echo_into_a_pvh_image() {
     // Kernel loads lie below user memory; the function's at IMAGE_START and above, starting
     // with its header.
     let loads: Vec<_> = segs.iter().filter(|s| s.0 == PT_LOAD && s.4 > 0).collect();
-    assert!(loads.iter().any(|s| s.2 + s.4 <= USER_START), "no kernel segment");
+    assert!(
+        loads.iter().any(|s| s.2 + s.4 <= USER_START),
+        "no kernel segment"
+    );
     let user: Vec<_> = loads.iter().filter(|s| s.2 >= USER_START).collect();
-    assert!(user.len() >= 2, "expected the function's segments, got {user:?}");
+    assert!(
+        user.len() >= 2,
+        "expected the function's segments, got {user:?}"
+    );
     assert!(user.iter().all(|s| s.2 >= IMAGE_START));
-    let first = user.iter().find(|s| s.2 == IMAGE_START).expect("a segment at IMAGE_START");
+    let first = user
+        .iter()
+        .find(|s| s.2 == IMAGE_START)
+        .expect("a segment at IMAGE_START");
     let header = UserHeader::decode(elf[first.1..first.1 + HEADER_LEN].try_into().unwrap())
         .expect("a function header at IMAGE_START");
     assert!(user.iter().all(|s| s.2 + s.4 <= header.image_end));
-    assert!(stderr.contains("needs at least"), "no layout report: {stderr}");
+    assert!(
+        stderr.contains("needs at least"),
+        "no layout report: {stderr}"
+    );
 }
 
 #[test]
 fn rejects_folders_that_are_not_function_crates() {
-    let out = fnode().arg("build").arg(repo().join("scripts")).output().unwrap();
+    let out = fnode()
+        .arg("build")
+        .arg(repo().join("scripts"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is not a Rust crate"), "{stderr}");
 
-    let out = fnode().arg("build").arg(repo().join("functions")).output().unwrap();
+    let out = fnode()
+        .arg("build")
+        .arg(repo().join("functions"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is a workspace, not a crate"), "{stderr}");

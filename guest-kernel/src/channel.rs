@@ -22,7 +22,7 @@ use core::{fmt, ptr::NonNull};
 use fnode_guest::abi::frame::{self, Header, HeaderError, HEADER_LEN, KIND_REQUEST, MAX_PAYLOAD};
 
 use crate::virtio::{
-    dma_addr, dma_reachable,
+    copy_bytes, dma_addr, dma_reachable,
     vsock::{Event, Vsock, VsockError},
     Transport,
 };
@@ -132,28 +132,53 @@ impl FrameRx {
         let (id, len, mut have) = match self.payload {
             Some(p) => p,
             None => {
-                taken = (HEADER_LEN - self.hdr_len).min(bytes.len());
-                self.hdr[self.hdr_len..self.hdr_len + taken].copy_from_slice(&bytes[..taken]);
-                self.hdr_len += taken;
-                if self.hdr_len < HEADER_LEN {
-                    return Ok((taken, None));
-                }
-                let h = Header::decode(&self.hdr).map_err(Rejection::Header)?;
-                if h.kind != KIND_REQUEST {
-                    return Err(Rejection::NotRequest(h.kind));
-                }
-                if h.len as usize > buf.len() {
-                    return Err(Rejection::TooLong { len: h.len, cap: buf.len() });
-                }
+                let (decoded, in_place) = match bytes.first_chunk::<HEADER_LEN>() {
+                    // The whole header in one piece (the usual case): decode it in place.
+                    Some(whole) if self.hdr_len == 0 => {
+                        taken = HEADER_LEN;
+                        (Header::decode(whole), Some(whole))
+                    }
+                    _ => {
+                        taken = (HEADER_LEN - self.hdr_len).min(bytes.len());
+                        self.hdr[self.hdr_len..self.hdr_len + taken].copy_from_slice(&bytes[..taken]);
+                        self.hdr_len += taken;
+                        if self.hdr_len < HEADER_LEN {
+                            return Ok((taken, None));
+                        }
+                        (Header::decode(&self.hdr), None)
+                    }
+                };
+                let checked = decoded.map_err(Rejection::Header).and_then(|h| {
+                    if h.kind != KIND_REQUEST {
+                        Err(Rejection::NotRequest(h.kind))
+                    } else if h.len as usize > buf.len() {
+                        Err(Rejection::TooLong { len: h.len, cap: buf.len() })
+                    } else {
+                        Ok(h)
+                    }
+                });
+                let h = match checked {
+                    Ok(h) => h,
+                    Err(r) => {
+                        if let Some(whole) = in_place {
+                            // Kept for the id of the ERROR answer.
+                            self.hdr = *whole;
+                        }
+                        return Err(r);
+                    }
+                };
+                self.hdr_len = 0;
                 (h.id, h.len as usize, 0)
             }
         };
         let n = (len - have).min(bytes.len() - taken);
-        buf[have..have + n].copy_from_slice(&bytes[taken..taken + n]);
+        // SAFETY: `have + n <= len <= buf.len()` and `taken + n <= bytes.len()`; the two
+        // slices are distinct memory (the driver's buffer, the request buffer).
+        unsafe { copy_bytes(buf.as_mut_ptr().add(have), bytes.as_ptr().add(taken), n) };
         have += n;
         taken += n;
         if have == len {
-            self.reset();
+            self.payload = None;
             return Ok((taken, Some((id, len))));
         }
         self.payload = Some((id, len, have));
@@ -480,7 +505,7 @@ mod tests {
     use super::*;
     use crate::virtio::vsock::{
         op,
-        tests::{driver, FakeHost},
+        tests::{driver_with, FakeHost},
     };
 
     const PORT: u32 = 4321;
@@ -491,10 +516,14 @@ mod tests {
     }
 
     fn channel(cap: usize) -> Harness {
+        channel_with(cap, false)
+    }
+
+    fn channel_with(cap: usize, event_idx: bool) -> Harness {
         let mut buf = std::vec![0u8; cap.max(1)];
         let ptr = NonNull::new(buf.as_mut_ptr()).unwrap();
         // SAFETY: the vector lives in the harness, as long as the channel.
-        let ch = unsafe { Channel::new(driver(32), ptr, cap) }.unwrap();
+        let ch = unsafe { Channel::new(driver_with(32, event_idx), ptr, cap) }.unwrap();
         Harness { ch, _buf: buf }
     }
 
@@ -566,6 +595,36 @@ mod tests {
     }
 
     #[test]
+    fn event_indices_spare_the_receive_notifications() {
+        for event_idx in [false, true] {
+            let mut h = channel_with(MAX_PAYLOAD, event_idx);
+            connect(&mut h);
+            for i in 0..20u64 {
+                send_split(&mut h, &request(i, b"ping"), &[usize::MAX]);
+                let (id, len) = h.ch.wait_request().unwrap();
+                h.ch.echo(id, len).unwrap();
+            }
+            // A payload larger than the inline buffer still arrives (windows, notified).
+            let big = pattern(200_000);
+            send_split(&mut h, &request(99, &big), &[usize::MAX]);
+            let (id, len) = h.ch.wait_request().unwrap();
+            assert_eq!(h.ch.request(len), &big[..]);
+            h.ch.send_response(id, frame::KIND_RESPONSE, &big).unwrap();
+            let got = responses(&mut h);
+            assert_eq!(got.len(), 21);
+            assert!(got[20].2 == big);
+            let [rx, tx, _] = host(&mut h).notifies;
+            if event_idx {
+                // The device never ran out of receive buffers between small requests.
+                assert!(rx < 10, "{rx} receive notifications");
+            } else {
+                assert!(rx >= 21, "{rx} receive notifications");
+            }
+            assert!(tx >= 21, "{tx} transmit notifications");
+        }
+    }
+
+    #[test]
     fn large_payloads_go_straight_into_the_buffer() {
         let mut h = channel(MAX_PAYLOAD);
         connect(&mut h);
@@ -619,12 +678,12 @@ mod tests {
         assert!(!h.ch.vsock().is_open());
 
         // Beyond the frame limit, and garbage: both refused the same way.
-        for bad in [
-            Header { kind: KIND_REQUEST, id: 1, len: MAX_PAYLOAD as u32 + 1 }.encode(),
-            [0x55; HEADER_LEN],
+        for (port, bad) in [
+            (PORT + 1, Header { kind: KIND_REQUEST, id: 1, len: MAX_PAYLOAD as u32 + 1 }.encode()),
+            (PORT + 2, [0x55; HEADER_LEN]),
         ] {
-            host(&mut h).send(op::REQUEST, PORT + 1, &[]);
-            host(&mut h).send(op::RW, PORT + 1, &bad);
+            host(&mut h).send(op::REQUEST, port, &[]);
+            host(&mut h).send(op::RW, port, &bad);
             let err = h.ch.wait_request().unwrap_err();
             assert!(matches!(err, ChannelError::Rejected(Rejection::Header(_))), "{err}");
         }

@@ -55,6 +55,8 @@ mod boot;
 pub mod channel;
 pub mod cmdline;
 #[cfg(target_os = "none")]
+pub mod control;
+#[cfg(target_os = "none")]
 pub mod exit;
 pub mod gdt;
 pub mod heap;
@@ -67,6 +69,8 @@ pub mod pvh;
 pub mod runloop;
 #[cfg(target_os = "none")]
 pub mod serial;
+#[cfg(target_os = "none")]
+pub mod snapshot_test;
 pub mod syscall;
 pub mod user;
 pub mod virtio;

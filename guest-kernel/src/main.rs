@@ -13,6 +13,9 @@ fnode_guest_kernel::kernel_main!(run);
 #[cfg(target_os = "none")]
 fn run(boot: &fnode_guest_kernel::BootInfo) -> ! {
     use fnode_guest::abi::cmdline;
+    if cmdline::get(boot.cmdline, cmdline::SNAPSHOT_TEST_KEY) == Some("1") {
+        fnode_guest_kernel::snapshot_test::run();
+    }
     if cmdline::get(boot.cmdline, cmdline::ECHO_KEY) == Some("1") {
         fnode_guest_kernel::channel::echo_main(boot.cmdline);
     }

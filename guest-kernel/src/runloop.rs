@@ -57,11 +57,11 @@ pub fn repeat_count(value: Option<&str>) -> Result<u64, RunError<'_>> {
 /// stack running into the kernel memory below it.
 pub fn is_stack_overflow(vector: u64, cr2: u64, rsp: u64) -> bool {
     const NEAR: u64 = 1 << 20;
-    vector == 14 && cr2 < USER_START && cr2 >= USER_START - NEAR && rsp < USER_START + NEAR
+    vector == 14 && (USER_START - NEAR..USER_START).contains(&cr2) && rsp < USER_START + NEAR
 }
 
 /// Why the function could not be started.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum RunError<'a> {
     /// The image's function header or the memory it needs.
     #[error(transparent)]
@@ -69,6 +69,9 @@ pub enum RunError<'a> {
     /// `invoke_repeat=` is not a positive number.
     #[error("invoke_repeat={0} is not a positive number")]
     BadRepeat(&'a str),
+    /// The invocation channel cannot use the request buffer.
+    #[error("cannot set up the invocation channel")]
+    Channel(#[source] crate::channel::ChannelError),
 }
 
 #[cfg(target_os = "none")]
@@ -76,38 +79,78 @@ pub use imp::{next, panic, start, user_fault};
 
 #[cfg(target_os = "none")]
 mod imp {
-    use core::cell::UnsafeCell;
+    use core::{cell::UnsafeCell, fmt::Write, ptr::NonNull};
 
     use fnode_guest::abi::{self, cmdline, fault::FaultReport, user::Layout};
 
     use super::*;
-    use crate::{exit, line::Line, serial, syscall, user, BootInfo};
+    use crate::{
+        channel::{Channel, ChannelError},
+        exit,
+        line::Line,
+        serial, syscall, user,
+        virtio::{self, mmio::MmioTransport},
+        BootInfo,
+    };
 
     /// Where requests come from and where results go.
+    // One instance, in a static: the channel's size costs nothing.
+    #[allow(clippy::large_enum_variant)]
     enum Source {
+        /// The invocation channel: frames over vsock, payloads straight into (and out of)
+        /// the function's memory.
+        Vsock(Channel<MmioTransport>),
         /// `invoke=<text>`: the same request `remaining` more times; the last result is
         /// printed on the console, then the VM exits.
-        Invoke { request: &'static [u8], remaining: u64 },
+        Invoke {
+            request: &'static [u8],
+            remaining: u64,
+        },
         /// No channel: once `init` has run, the kernel says so and the VM exits.
         Idle,
     }
 
     impl Source {
-        fn from_cmdline(line: &'static str) -> Result<Self, RunError<'static>> {
-            let Some(text) = cmdline::get(line, cmdline::INVOKE_KEY) else {
+        /// `invoke=` if given, else the vsock device the command line announces, else none.
+        fn from_cmdline(line: &'static str, layout: &Layout) -> Result<Self, RunError<'static>> {
+            if let Some(text) = cmdline::get(line, cmdline::INVOKE_KEY) {
+                let remaining = repeat_count(cmdline::get(line, cmdline::INVOKE_REPEAT_KEY))?;
+                return Ok(Source::Invoke {
+                    request: text.as_bytes(),
+                    remaining,
+                });
+            }
+            let Some(vsock) = virtio::find_vsock(line) else {
                 return Ok(Source::Idle);
             };
-            let remaining = repeat_count(cmdline::get(line, cmdline::INVOKE_REPEAT_KEY))?;
-            Ok(Source::Invoke { request: text.as_bytes(), remaining })
+            let Some(buf) = NonNull::new(layout.request_buf as *mut u8) else {
+                return Ok(Source::Idle);
+            };
+            // SAFETY: the request buffer is MAX_PAYLOAD bytes of user memory that lives as
+            // long as the VM; the kernel touches it only inside the channel's calls, while the
+            // function is suspended (the function reads it between NEXT calls, when the
+            // channel does not run).
+            let channel =
+                unsafe { Channel::new(vsock, buf, MAX_PAYLOAD) }.map_err(RunError::Channel)?;
+            Ok(Source::Vsock(channel))
         }
 
         /// Sends the result of request `id`.
-        fn send(&mut self, _id: u64, kind: u16, payload: &[u8]) {
+        fn send(&mut self, id: u64, kind: u16, payload: &[u8]) {
             match self {
+                Source::Vsock(channel) => match channel.send_response(id, kind, payload) {
+                    // The host went away: the next request comes on a new connection.
+                    Ok(()) | Err(ChannelError::Closed) => {}
+                    Err(e) => channel_failed(&e),
+                },
                 Source::Invoke { remaining: 0, .. } => {
                     let mut line = Line::log();
                     line.str("invoke ")
-                        .str(if kind == KIND_RESPONSE { "response " } else { "error " })
+                        .str(if kind == KIND_RESPONSE {
+                            "response "
+                        } else {
+                            "error "
+                        })
                         .dec(payload.len() as u64)
                         .str(" bytes: ");
                     serial::write(line.text().as_bytes());
@@ -121,6 +164,15 @@ mod imp {
         /// Waits for the next request, written into `buf`; returns its id and length.
         fn wait(&mut self, buf: &mut [u8]) -> (u64, usize) {
             match self {
+                Source::Vsock(channel) => loop {
+                    match channel.wait_request() {
+                        Ok(request) => return request,
+                        Err(ChannelError::Closed) => {}
+                        // The host got an error frame; the next connection may do better.
+                        Err(e @ ChannelError::Rejected(_)) => log(&e),
+                        Err(e) => channel_failed(&e),
+                    }
+                },
                 Source::Invoke { request, remaining } if *remaining > 0 => {
                     *remaining -= 1;
                     let len = request.len().min(buf.len());
@@ -131,6 +183,29 @@ mod imp {
                 Source::Idle => idle_exit(),
             }
         }
+    }
+
+    /// Prints `fnode guest-kernel: <what>`.
+    #[cold]
+    #[inline(never)]
+    fn log(what: &dyn core::fmt::Display) {
+        let mut line = Line::log();
+        // A `Line` never fails to take text; it cuts what does not fit.
+        let _ = write!(line, "{what}");
+        serial::write_line(&mut line);
+    }
+
+    /// The channel's device failed: nothing more can be served.
+    #[cold]
+    #[inline(never)]
+    fn channel_failed(e: &ChannelError) -> ! {
+        let mut line = Line::log();
+        let _ = write!(line, "invocation channel failed: {e}");
+        if let Some(source) = core::error::Error::source(e) {
+            let _ = write!(line, ": {source}");
+        }
+        serial::write_line(&mut line);
+        exit::exit(abi::exit::FAILURE)
     }
 
     /// The end of an image booted without a channel (out of line: `next` stays small).
@@ -175,10 +250,16 @@ mod imp {
         let Some(layout) = user::find(&boot.memory)? else {
             return Ok(());
         };
-        let source = Source::from_cmdline(boot.cmdline)?;
+        let source = Source::from_cmdline(boot.cmdline, &layout)?;
         user::prepare(&layout)?;
         // SAFETY: user mode has not started: nothing else references the state.
-        unsafe { *RUN.0.get() = Some(RunLoop { layout, source, in_flight: None }) };
+        unsafe {
+            *RUN.0.get() = Some(RunLoop {
+                layout,
+                source,
+                in_flight: None,
+            })
+        };
         let mut line = Line::log();
         line.str("function: entry ")
             .hex(layout.entry)
@@ -195,7 +276,10 @@ mod imp {
         if let Some(id) = run.in_flight.take() {
             match check_result(kind, ptr, len, run.layout.user_end) {
                 Ok((kind, ptr, len)) => {
-                    let payload = syscall::user_bytes(ptr, len).unwrap_or_default();
+                    // SAFETY: check_result found the range inside user memory; the function is
+                    // suspended while the kernel sends it.
+                    let payload =
+                        unsafe { core::slice::from_raw_parts(ptr as *const u8, len as usize) };
                     run.source.send(id, kind, payload);
                 }
                 Err(message) => run.source.send(id, KIND_ERROR, message.as_bytes()),
@@ -231,7 +315,9 @@ mod imp {
     /// The exception handler then writes the fault report and ends the VM.
     pub fn user_fault(report: &FaultReport) {
         let run = state();
-        let Some(id) = run.in_flight.take() else { return };
+        let Some(id) = run.in_flight.take() else {
+            return;
+        };
         let mut m = Line::new();
         m.str("function fault: ")
             .str(report.mnemonic())
@@ -263,32 +349,65 @@ mod tests {
     #[test]
     fn results_are_checked() {
         let ok = u64::from(KIND_RESPONSE);
-        assert_eq!(check_result(ok, IMAGE_START, 5, END), Ok((KIND_RESPONSE, IMAGE_START, 5)));
+        assert_eq!(
+            check_result(ok, IMAGE_START, 5, END),
+            Ok((KIND_RESPONSE, IMAGE_START, 5))
+        );
         let err = u64::from(KIND_ERROR);
-        assert_eq!(check_result(err, IMAGE_START, 0, END), Ok((KIND_ERROR, IMAGE_START, 0)));
+        assert_eq!(
+            check_result(err, IMAGE_START, 0, END),
+            Ok((KIND_ERROR, IMAGE_START, 0))
+        );
         assert_eq!(check_result(RESULT_NONE, 0, 0, END), Err(NO_RESULT));
         assert_eq!(check_result(7, IMAGE_START, 5, END), Err(BAD_RESULT));
-        assert_eq!(check_result(ok, 0x1000, 5, END), Err(BAD_RESULT), "kernel memory");
-        assert_eq!(check_result(ok, END - 4, 5, END), Err(BAD_RESULT), "past user memory");
-        assert_eq!(check_result(ok, IMAGE_START, u64::MAX, END), Err(BAD_RESULT));
+        assert_eq!(
+            check_result(ok, 0x1000, 5, END),
+            Err(BAD_RESULT),
+            "kernel memory"
+        );
+        assert_eq!(
+            check_result(ok, END - 4, 5, END),
+            Err(BAD_RESULT),
+            "past user memory"
+        );
+        assert_eq!(
+            check_result(ok, IMAGE_START, u64::MAX, END),
+            Err(BAD_RESULT)
+        );
         let big = MAX_PAYLOAD as u64 + 1;
-        assert_eq!(check_result(ok, USER_START, big, 1 << 30), Err(BAD_RESULT), "too long");
+        assert_eq!(
+            check_result(ok, USER_START, big, 1 << 30),
+            Err(BAD_RESULT),
+            "too long"
+        );
     }
 
     #[test]
     fn repeat_counts() {
-        assert_eq!(repeat_count(None), Ok(1));
-        assert_eq!(repeat_count(Some("1000")), Ok(1000));
-        assert_eq!(repeat_count(Some("0")), Err(RunError::BadRepeat("0")));
-        assert_eq!(repeat_count(Some("x")), Err(RunError::BadRepeat("x")));
+        assert_eq!(repeat_count(None).unwrap(), 1);
+        assert_eq!(repeat_count(Some("1000")).unwrap(), 1000);
+        assert!(matches!(
+            repeat_count(Some("0")),
+            Err(RunError::BadRepeat("0"))
+        ));
+        assert!(matches!(
+            repeat_count(Some("x")),
+            Err(RunError::BadRepeat("x"))
+        ));
     }
 
     #[test]
     fn stack_overflows_are_recognised() {
         let top = USER_START + STACK_SIZE;
         assert!(is_stack_overflow(14, USER_START - 8, USER_START + 64));
-        assert!(!is_stack_overflow(14, USER_START - 8, top - 64), "rsp far from the bottom");
-        assert!(!is_stack_overflow(14, 0x10_0000, USER_START + 64), "a wild pointer");
+        assert!(
+            !is_stack_overflow(14, USER_START - 8, top - 64),
+            "rsp far from the bottom"
+        );
+        assert!(
+            !is_stack_overflow(14, 0x10_0000, USER_START + 64),
+            "a wild pointer"
+        );
         assert!(!is_stack_overflow(13, USER_START - 8, USER_START + 64));
     }
 }

@@ -14,14 +14,12 @@
 //! while the kernel runs (one CPU, interrupts off in user mode), so what is checked cannot
 //! change before it is used.
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use fnode_guest::abi::user::in_user_memory;
 
 /// End of user memory, for pointer checks (set once, before the function runs).
 static USER_END: AtomicU64 = AtomicU64::new(0);
-/// Whether the CPU has `rdrand` (set once, before the function runs).
-static HAS_RDRAND: AtomicBool = AtomicBool::new(false);
 
 /// A user buffer `[ptr, ptr + len)`, if it lies in user memory.
 pub fn user_bytes(ptr: u64, len: u64) -> Option<&'static [u8]> {
@@ -63,7 +61,10 @@ pub use imp::init;
 
 #[cfg(target_os = "none")]
 mod imp {
-    use core::arch::{asm, global_asm};
+    use core::{
+        arch::{asm, global_asm},
+        sync::atomic::AtomicBool,
+    };
 
     use fnode_guest::abi::user::sys;
 
@@ -80,6 +81,9 @@ mod imp {
     const USER_RFLAGS: u64 = 0x2;
     /// CPUID.1:ECX bit 30.
     const CPUID1_ECX_RDRAND: u32 = 1 << 30;
+
+    /// Whether the CPU has `rdrand` (set once, before the function runs).
+    static HAS_RDRAND: AtomicBool = AtomicBool::new(false);
 
     // Two ways in, one way out. `fnode_syscall_entry` is LSTAR: a `syscall` lands there at
     // CPL0 with the user's rsp, and switches to the trap stack (TSS.RSP0) to build the frame

@@ -10,9 +10,8 @@
 //! the [`UserStart`](abi::user::UserStart) and `iretq`s to the entry point. The kernel never
 //! comes back to the caller: from then on it runs only on system calls and exceptions.
 
-use fnode_guest::abi::{
-    self,
-    user::{Layout, LayoutError, UserHeader, HEADER_LEN, IMAGE_START, USER_PAGE_SIZE, USER_START},
+use fnode_guest::abi::user::{
+    Layout, LayoutError, UserHeader, HEADER_LEN, IMAGE_START, USER_START,
 };
 
 use crate::pvh::MemoryMap;
@@ -34,7 +33,9 @@ pub fn layout(header: &[u8; HEADER_LEN], ram_end: u64) -> Result<Option<Layout>,
     let Some(header) = UserHeader::decode(header) else {
         return Ok(None);
     };
-    Layout::new(&header, ram_end).map(Some).map_err(UserError::Layout)
+    Layout::new(&header, ram_end)
+        .map(Some)
+        .map_err(UserError::Layout)
 }
 
 /// The end of the RAM region holding user memory, if RAM reaches past the header.
@@ -49,6 +50,8 @@ pub use imp::{enter, find, prepare};
 #[cfg(target_os = "none")]
 mod imp {
     use core::arch::{asm, global_asm};
+
+    use fnode_guest::abi::{self, user::USER_PAGE_SIZE};
 
     use super::*;
     use crate::gdt;
@@ -77,7 +80,11 @@ mod imp {
         // SAFETY: [IMAGE_START, +HEADER_LEN) is RAM (checked above) inside the identity map;
         // the function has not run yet, so nothing writes it concurrently.
         unsafe {
-            core::ptr::copy_nonoverlapping(IMAGE_START as *const u8, header.as_mut_ptr(), HEADER_LEN)
+            core::ptr::copy_nonoverlapping(
+                IMAGE_START as *const u8,
+                header.as_mut_ptr(),
+                HEADER_LEN,
+            )
         };
         layout(&header, ram_end)
     }
@@ -124,7 +131,11 @@ mod imp {
                 let pd = (*l3e & PTE_ADDR) as *mut u64;
                 // The rest of this GiB in one tight loop: boot-time kernel code is emulated
                 // instruction by instruction on some hosts.
-                let last = if (end - 1) >> 30 == page >> 30 { ((end - 1) >> 21) & 511 } else { 511 };
+                let last = if (end - 1) >> 30 == page >> 30 {
+                    ((end - 1) >> 21) & 511
+                } else {
+                    511
+                };
                 for i in l2..=last {
                     let e = pd.add(i as usize);
                     if *e & (PTE_PRESENT | PTE_HUGE) != PTE_PRESENT | PTE_HUGE {
@@ -146,8 +157,8 @@ mod imp {
     /// The kernel never uses SSE and never executes user pages.
     unsafe fn enable_cpu_features() {
         let max_leaf = core::arch::x86_64::__cpuid(0).eax;
-        let smep = max_leaf >= 7
-            && core::arch::x86_64::__cpuid_count(7, 0).ebx & CPUID7_EBX_SMEP != 0;
+        let smep =
+            max_leaf >= 7 && core::arch::x86_64::__cpuid_count(7, 0).ebx & CPUID7_EBX_SMEP != 0;
         // SAFETY: the caller's contract; the bits are architectural and the CPU has them.
         unsafe {
             asm!(
@@ -224,10 +235,17 @@ mod imp {
 
 #[cfg(test)]
 mod tests {
+    use fnode_guest::abi;
+
     use super::*;
 
     fn header(entry: u64, image_end: u64) -> [u8; HEADER_LEN] {
-        UserHeader { magic: abi::user::HEADER_MAGIC, entry, image_end }.encode()
+        UserHeader {
+            magic: abi::user::HEADER_MAGIC,
+            entry,
+            image_end,
+        }
+        .encode()
     }
 
     #[test]
@@ -238,17 +256,26 @@ mod tests {
 
     #[test]
     fn valid_headers_lay_out_and_bad_ones_are_rejected() {
-        let l = layout(&header(IMAGE_START + 0x1000, IMAGE_START + 0x4000), 64 << 20)
-            .unwrap()
-            .unwrap();
+        let l = layout(
+            &header(IMAGE_START + 0x1000, IMAGE_START + 0x4000),
+            64 << 20,
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(l.user_end, 64 << 20);
         assert_eq!(l.entry, IMAGE_START + 0x1000);
         assert!(matches!(
-            layout(&header(IMAGE_START + 0x9000, IMAGE_START + 0x4000), 64 << 20),
+            layout(
+                &header(IMAGE_START + 0x9000, IMAGE_START + 0x4000),
+                64 << 20
+            ),
             Err(UserError::Layout(LayoutError::BadEntry(_)))
         ));
         assert!(matches!(
-            layout(&header(IMAGE_START + 0x1000, IMAGE_START + 0x4000), 16 << 20),
+            layout(
+                &header(IMAGE_START + 0x1000, IMAGE_START + 0x4000),
+                16 << 20
+            ),
             Err(UserError::Layout(LayoutError::MemoryTooSmall { .. }))
         ));
     }

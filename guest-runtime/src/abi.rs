@@ -26,6 +26,23 @@ pub mod exit {
     }
 }
 
+/// The control port: the guest tells the VMM where it is in its life, with 4-byte writes of
+/// a message value. Other values are reserved (the VMM ignores them), and so are reads.
+///
+/// Under QEMU nothing decodes the port: the writes are dropped and the guest goes on, so an
+/// image that signals READY boots under QEMU unchanged.
+pub mod control {
+    /// I/O port of the control device (distinct from [`super::exit::PORT`]'s four ports).
+    pub const PORT: u16 = 0xf8;
+    /// Number of ports the device decodes.
+    pub const LEN: u16 = 4;
+    /// "Init is done, I wait for work": written once, when the guest (the function's `init`
+    /// included) is ready to serve. This is where a VMM takes the snapshot invocations are
+    /// served from: it pauses the vCPU on this write, saves the VM, and a restored guest
+    /// continues right after the write. A VMM that takes no snapshot lets the guest go on.
+    pub const READY: u32 = u32::from_le_bytes(*b"REDY");
+}
+
 /// Guest physical memory layout. Everything below [`KERNEL_START`](layout::KERNEL_START)
 /// belongs to the VMM's boot data; the kernel is linked at `KERNEL_START`.
 pub mod layout {
@@ -165,8 +182,10 @@ pub mod cmdline {
 
     /// `invoke=<text>`: a test aid for function images. The kernel runs the function's
     /// `init`, hands it `<text>` as one request (no vsock needed), prints
-    /// `fnode: response <kind> <len>: <bytes>` on the serial console and exits with
-    /// [`super::exit::SUCCESS`].
+    /// `fnode guest-kernel: invoke response <len> bytes: <bytes>` (or `invoke error ...`) on
+    /// the serial console and exits with [`super::exit::SUCCESS`]. Without it, a function
+    /// image serves the vsock device the command line announces; with neither, it runs
+    /// `init` and exits with [`super::exit::SUCCESS`].
     pub const INVOKE_KEY: &str = "invoke";
     /// `invoke_repeat=<n>` (with `invoke=`): hand the function the request `n` times and print
     /// only the last response, a way to time the kernel's per-invocation path.
@@ -175,6 +194,20 @@ pub mod cmdline {
     /// channel itself, answering every REQUEST with a RESPONSE carrying the same payload
     /// (a test of the vsock path end to end). Needs a virtio-vsock device.
     pub const ECHO_KEY: &str = "fnode.echo";
+
+    /// `snapshot-test=1`: a test aid for snapshots (the plain boot image). The kernel computes
+    /// a value from the TSC, keeps it in memory and in a callee-saved register, prints
+    /// [`SNAPSHOT_TEST_READY`] followed by the value in hex, writes
+    /// [`super::control::READY`], then prints [`SNAPSHOT_TEST_RESUMED`] followed by the value
+    /// as found in memory, a space and the value as found in the register, and exits with
+    /// [`super::exit::SUCCESS`] if both equal the value it computed (else
+    /// [`super::exit::FAILURE`]). A guest restored from a snapshot taken at the READY prints
+    /// the value its snapshotted self computed.
+    pub const SNAPSHOT_TEST_KEY: &str = "snapshot-test";
+    /// The line `snapshot-test=1` prints before READY (then the value in hex, `0x...`).
+    pub const SNAPSHOT_TEST_READY: &str = "snapshot-test: ready ";
+    /// The line `snapshot-test=1` prints after READY (then memory and register values).
+    pub const SNAPSHOT_TEST_RESUMED: &str = "snapshot-test: resumed ";
 
     /// The value of `key` in a command line, if present.
     pub fn get<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
@@ -801,6 +834,14 @@ mod tests {
     fn qemu_exit_codes() {
         assert_eq!(exit::qemu_exit_code(exit::SUCCESS), 33);
         assert_eq!(exit::qemu_exit_code(exit::FAULT), 37);
+    }
+
+    #[test]
+    fn control_port_is_clear_of_the_exit_port() {
+        let exit_ports = exit::PORT..exit::PORT + 4;
+        let control_ports = control::PORT..control::PORT + control::LEN;
+        assert!(control_ports.start >= exit_ports.end || control_ports.end <= exit_ports.start);
+        assert_eq!(&control::READY.to_le_bytes(), b"REDY");
     }
 
     mod user_layout {

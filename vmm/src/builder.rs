@@ -13,6 +13,7 @@ use fnode_guest::abi;
 use vm_memory::GuestAddress;
 
 use crate::devices::bus::{BusError, Buses, SharedDevice};
+use crate::devices::control::{ControlDevice, ControlSignal};
 use crate::devices::exit::{ExitDevice, ExitSignal};
 use crate::devices::serial::{SerialDevice, SerialError};
 use crate::devices::virtio::setup::{self as virtio, DeviceSet, SetupError};
@@ -230,6 +231,16 @@ pub fn build(
         .pio
         .insert(exit_dev, u64::from(abi::exit::PORT), 4)
         .map_err(BuildError::Bus)?;
+    let control = ControlSignal::new();
+    let control_dev: SharedDevice = Arc::new(Mutex::new(ControlDevice::new(control.clone())));
+    buses
+        .pio
+        .insert(
+            control_dev,
+            u64::from(abi::control::PORT),
+            u64::from(abi::control::LEN),
+        )
+        .map_err(BuildError::Bus)?;
     // vCPU events; devices report faults on the same channel so `MicroVm::wait` wakes up.
     let (events_tx, events) = mpsc::channel();
     let fault_tx = events_tx.clone();
@@ -267,6 +278,8 @@ pub fn build(
     let io = VcpuIo {
         buses: buses.clone(),
         exit: exit.clone(),
+        control,
+        first_run: Default::default(),
     };
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
@@ -278,7 +291,7 @@ pub fn build(
     t.start_threads = clock.lap();
     t.total = clock.total();
 
-    Ok(MicroVm::new(
+    let mut microvm = MicroVm::new(
         vm,
         guest_memory,
         handles,
@@ -288,7 +301,9 @@ pub fn build(
         exit,
         virtio,
         t,
-    ))
+    );
+    microvm.set_vcpu_io(&io);
+    Ok(microvm)
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ pub mod kvm;
 pub mod loader;
 pub mod microvm;
 pub mod outcome;
+pub mod persist;
+pub mod restore;
 pub mod vstate;
 
 pub use builder::{build, BuildError, BuildTimings, VmConfig};

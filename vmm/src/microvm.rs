@@ -7,15 +7,20 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use fnode_snapshot::Persist;
+
 use crate::builder::BuildTimings;
 use crate::devices::bus::Buses;
+use crate::devices::control::ControlSignal;
 use crate::devices::exit::ExitSignal;
-use crate::devices::serial::SerialDevice;
+use crate::devices::serial::{SerialDevice, SerialState};
 use crate::devices::virtio::setup::VirtioDevices;
 use crate::devices::virtio::DeviceFault;
 use crate::outcome::Outcome;
 use crate::vstate::memory::GuestMemory;
-use crate::vstate::vcpu::{VcpuCommand, VcpuEvent, VcpuHandle, VcpuState, VcpuStop};
+use crate::restore::RestoreTimings;
+use crate::vstate::vcpu::{FirstRun, VcpuCommand, VcpuEvent, VcpuHandle, VcpuIo, VcpuState, VcpuStop};
+use crate::vstate::vcpu_persist::{VcpuPersistError, VcpuState as SavedVcpu};
 use crate::vstate::vm::Vm;
 
 /// Errors controlling a microVM.
@@ -36,6 +41,21 @@ pub enum MicroVmError {
     /// `wait` on a VM that is not running.
     #[error("the VM is not running: resume it first")]
     NotRunning,
+    /// Saving vCPUs of a VM that is not paused.
+    #[error("the VM is not paused: pause it first")]
+    NotPaused,
+    /// A vCPU could not save its state.
+    #[error("cannot save a vCPU's state")]
+    SaveVcpu(#[source] VcpuPersistError),
+}
+
+/// How [`MicroVm::run_until_ready`] ended.
+#[derive(Debug)]
+pub enum UntilReady {
+    /// The guest wrote `abi::control::READY`; the VM is paused right after that write.
+    Ready,
+    /// The guest ended (or timed out) before it was ready.
+    Ended(Outcome),
 }
 
 /// The state of the whole VM.
@@ -72,10 +92,13 @@ pub struct MicroVm {
     serial: Arc<Mutex<SerialDevice>>,
     buses: Arc<Buses>,
     exit: ExitSignal,
+    control: ControlSignal,
+    first_run: FirstRun,
     vm: Vm,
     memory: GuestMemory,
     state: VmState,
     build_timings: BuildTimings,
+    restore_timings: Option<RestoreTimings>,
 }
 
 impl MicroVm {
@@ -100,11 +123,26 @@ impl MicroVm {
             serial,
             buses,
             exit,
+            control: ControlSignal::default(),
+            first_run: FirstRun::default(),
             vm,
             memory,
             state: VmState::Paused,
             build_timings,
+            restore_timings: None,
         }
+    }
+
+    /// Hands the VM the control signal and first-run clock its vCPU threads were given
+    /// (the builder and restore call it with the `VcpuIo` of the threads).
+    pub(crate) fn set_vcpu_io(&mut self, io: &VcpuIo) {
+        self.control = io.control.clone();
+        self.first_run = io.first_run.clone();
+    }
+
+    /// Records how the VM's restore went (restore calls it).
+    pub(crate) fn set_restore_timings(&mut self, timings: RestoreTimings) {
+        self.restore_timings = Some(timings);
     }
 
     /// Resumes every paused vCPU.
@@ -164,6 +202,27 @@ impl MicroVm {
     /// paused and the VM is finished; on a timeout every vCPU is paused and the outcome is
     /// [`Outcome::TimedOut`] (the VM stays paused and could be inspected or resumed).
     pub fn wait(&mut self, timeout: Duration) -> Result<Outcome, MicroVmError> {
+        match self.wait_until(timeout, false)? {
+            UntilReady::Ended(outcome) => Ok(outcome),
+            // wait_until reports READY only when asked to stop there.
+            UntilReady::Ready => Err(MicroVmError::NotRunning),
+        }
+    }
+
+    /// Resumes the VM and waits until the guest signals READY (`abi::control::READY`), then
+    /// pauses it there: the point to snapshot it (see [`crate::persist::snapshot`]). Resume
+    /// it to let the guest go on. A guest that exits, fails or takes longer than `timeout`
+    /// first gives [`UntilReady::Ended`].
+    pub fn run_until_ready(&mut self, timeout: Duration) -> Result<UntilReady, MicroVmError> {
+        self.control.arm_ready(true);
+        let result = self.resume().and_then(|()| self.wait_until(timeout, true));
+        self.control.arm_ready(false);
+        result
+    }
+
+    /// [`MicroVm::wait`], and with `stop_at_ready` also a stop at the guest's READY. Without
+    /// it, a vCPU that paused at a READY (armed by someone else) is resumed.
+    fn wait_until(&mut self, timeout: Duration, stop_at_ready: bool) -> Result<UntilReady, MicroVmError> {
         match self.state {
             VmState::Running => {}
             VmState::Paused => return Err(MicroVmError::NotRunning),
@@ -174,30 +233,104 @@ impl MicroVm {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
                 Ok(event) => {
+                    let ready = match event {
+                        VcpuEvent::Ready { id } => Some(id),
+                        _ => None,
+                    };
                     if let Some(stop) = self.record(event) {
                         // Stop the other vCPUs; the first stop decides the outcome.
                         self.pause()?;
                         self.state = VmState::Finished;
-                        return Ok(self.outcome_of(stop));
+                        return Ok(UntilReady::Ended(self.outcome_of(stop)));
                     }
                     if let Some(fault) = self.device_fault.take() {
                         self.pause()?;
                         self.state = VmState::Finished;
-                        return Ok(Outcome::DeviceFault(fault));
+                        return Ok(UntilReady::Ended(Outcome::DeviceFault(fault)));
+                    }
+                    if let Some(id) = ready {
+                        if !stop_at_ready {
+                            self.resume_vcpu(id)?;
+                            continue;
+                        }
+                        // Pause the other vCPUs too; one may have finished meanwhile.
+                        return Ok(match self.pause()? {
+                            Some(stop) => UntilReady::Ended(self.outcome_of(stop)),
+                            None => UntilReady::Ready,
+                        });
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    return Ok(match self.pause()? {
+                    return Ok(UntilReady::Ended(match self.pause()? {
                         // The guest finished just as time ran out: report what it did.
                         Some(stop) => self.outcome_of(stop),
                         None => Outcome::TimedOut { timeout },
-                    });
+                    }));
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(MicroVmError::AllVcpuThreadsGone)
                 }
             }
         }
+    }
+
+    /// Resumes one vCPU that paused by itself (at a READY).
+    fn resume_vcpu(&mut self, id: u8) -> Result<(), MicroVmError> {
+        if let Some(vcpu) = self.vcpus.iter_mut().find(|v| v.id() == id) {
+            if vcpu.state() == VcpuState::Paused {
+                if !vcpu.send(VcpuCommand::Resume) {
+                    return Err(MicroVmError::VcpuThreadGone { id });
+                }
+                vcpu.set_state(VcpuState::Running);
+            }
+        }
+        Ok(())
+    }
+
+    /// Has every vCPU thread of the paused VM read its vCPU's state (with the MSRs in
+    /// `msrs`); returns the states in vCPU order.
+    pub(crate) fn save_vcpus(&mut self, msrs: Arc<[u32]>) -> Result<Vec<SavedVcpu>, MicroVmError> {
+        if self.state != VmState::Paused {
+            return Err(MicroVmError::NotPaused);
+        }
+        for vcpu in &self.vcpus {
+            if !vcpu.send(VcpuCommand::Save(msrs.clone())) {
+                return Err(MicroVmError::VcpuThreadGone { id: vcpu.id() });
+            }
+        }
+        let mut saved: Vec<Option<SavedVcpu>> = self.vcpus.iter().map(|_| None).collect();
+        let mut left = saved.len();
+        let mut first_error = None;
+        while left > 0 {
+            match self.events.recv() {
+                Ok(VcpuEvent::Saved { id, result }) => {
+                    left -= 1;
+                    match result {
+                        Ok(state) => {
+                            if let Some(i) = self.vcpus.iter().position(|v| v.id() == id) {
+                                saved[i] = Some(*state);
+                            }
+                        }
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                // A device fault, say: kept for the next wait.
+                Ok(other) => {
+                    self.record(other);
+                }
+                Err(_) => return Err(MicroVmError::AllVcpuThreadsGone),
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(MicroVmError::SaveVcpu(e));
+        }
+        saved
+            .into_iter()
+            .zip(&self.vcpus)
+            .map(|(s, v)| s.ok_or(MicroVmError::VcpuThreadGone { id: v.id() }))
+            .collect()
     }
 
     /// Resumes the VM and waits for its outcome (see [`MicroVm::wait`]), timing the run.
@@ -248,9 +381,43 @@ impl MicroVm {
         &self.virtio
     }
 
-    /// Time spent building the VM, by phase.
+    /// Time spent building the VM, by phase (zero for a restored VM).
     pub fn build_timings(&self) -> &BuildTimings {
         &self.build_timings
+    }
+
+    /// Time spent restoring the VM, by phase (`None` for a VM built by a cold boot).
+    pub fn restore_timings(&self) -> Option<&RestoreTimings> {
+        self.restore_timings.as_ref()
+    }
+
+    /// When a vCPU of this VM first entered `KVM_RUN`, if one did.
+    pub fn first_run(&self) -> Option<Instant> {
+        self.first_run.get()
+    }
+
+    /// For a restored VM that has run: the host time from "restore requested" to the first
+    /// `KVM_RUN`.
+    pub fn restore_to_first_run(&self) -> Option<Duration> {
+        let requested = self.restore_timings.as_ref()?.requested_at;
+        Some(self.first_run.get()?.saturating_duration_since(requested))
+    }
+
+    /// The VM's control messages (READY).
+    pub fn control(&self) -> &ControlSignal {
+        &self.control
+    }
+
+    /// The VM's exit request.
+    pub fn exit_signal(&self) -> &ExitSignal {
+        &self.exit
+    }
+
+    /// The serial console's saved state (its buffered output is written out first).
+    pub fn serial_state(&self) -> SerialState {
+        let mut serial = self.serial.lock().unwrap_or_else(PoisonError::into_inner);
+        serial.flush();
+        serial.save()
     }
 
     /// Applies a vCPU event to the vCPU's state; returns the stop of a finished vCPU.
@@ -258,6 +425,9 @@ impl MicroVm {
         let (id, state, stop) = match event {
             VcpuEvent::Paused { id } => (id, VcpuState::Paused, None),
             VcpuEvent::Finished { id, stop } => (id, VcpuState::Finished, Some(stop)),
+            VcpuEvent::Ready { id } => (id, VcpuState::Paused, None),
+            // Only save_vcpus waits for these; one arriving elsewhere has no one to tell.
+            VcpuEvent::Saved { .. } => return None,
             VcpuEvent::DeviceFault(fault) => {
                 self.device_fault.get_or_insert(fault);
                 return None;

@@ -52,6 +52,10 @@ const INTERRUPT_ALL: u32 = 0b11;
 
 /// Feature bit 32: the device follows virtio 1.x (not the legacy interface).
 pub const F_VERSION_1: u64 = 1 << 32;
+/// Feature bit 29: notifications and interrupts are asked for with event indices
+/// (`avail_event`, `used_event`), which lets either side skip the ones the other does not
+/// need.
+pub const F_EVENT_IDX: u64 = 1 << 29;
 
 /// Errors of the transport. Each names the device window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

@@ -114,6 +114,11 @@ pub struct SplitQueue {
     last_used: u16,
     /// Chains made available and not yet returned.
     in_flight: u16,
+    /// The available index as last published.
+    published: u16,
+    /// `VIRTIO_F_EVENT_IDX` was negotiated: notifications and interrupts are asked for with
+    /// `avail_event`/`used_event` instead of the rings' flags.
+    event_idx: bool,
 }
 
 impl SplitQueue {
@@ -126,16 +131,48 @@ impl SplitQueue {
         let raw = unsafe { alloc::alloc::alloc(layout) }.cast::<QueueMemory>();
         let mem = NonNull::new(raw).ok_or(QueueError::NoMemory(index))?;
         let size = prev_power_of_two(size.min(MAX_SIZE));
-        let q = SplitQueue { mem, index, size, avail_idx: 0, last_used: 0, in_flight: 0 };
-        // SAFETY: `mem` is a fresh allocation of the right layout, which nothing else uses yet.
+        let q = SplitQueue {
+            mem,
+            index,
+            size,
+            avail_idx: 0,
+            last_used: 0,
+            in_flight: 0,
+            published: 0,
+            event_idx: false,
+        };
+        // SAFETY: `mem` is a fresh allocation of the right layout, which nothing else uses
+        // yet; the event fields lie inside it (`size <= N`).
         unsafe {
             let m = q.mem.as_ptr();
             addr_of_mut!((*m).avail.flags).write(0);
             addr_of_mut!((*m).avail.idx).write(0);
             addr_of_mut!((*m).used.flags).write(0);
             addr_of_mut!((*m).used.idx).write(0);
+            q.used_event_ptr().write(0);
+            q.avail_event_ptr().write(0);
         }
         Ok(q)
+    }
+
+    /// Switches to `VIRTIO_F_EVENT_IDX` notification suppression (after negotiating it).
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+
+    /// `used_event`: the avail ring's trailing field (after `size` entries).
+    fn used_event_ptr(&self) -> *mut u16 {
+        let m = self.mem.as_ptr();
+        // SAFETY: `size <= N`, so the field lies inside the ring (in `ring` or `used_event`);
+        // only the address is computed.
+        unsafe { addr_of_mut!((*m).avail.ring).cast::<u16>().add(usize::from(self.size)) }
+    }
+
+    /// `avail_event`: the used ring's trailing field (after `size` entries).
+    fn avail_event_ptr(&self) -> *mut u16 {
+        let m = self.mem.as_ptr();
+        // SAFETY: as in `used_event_ptr`.
+        unsafe { addr_of_mut!((*m).used.ring).cast::<UsedElem>().add(usize::from(self.size)).cast::<u16>() }
     }
 
     /// The number of entries.
@@ -175,23 +212,61 @@ impl SplitQueue {
     }
 
     /// Makes every pushed chain visible to the device. Returns whether the device wants a
-    /// notification (it did not set `VIRTQ_USED_F_NO_NOTIFY`).
+    /// notification: with `VIRTIO_F_EVENT_IDX`, whether the new chains pass the device's
+    /// `avail_event`; otherwise, unless it set `VIRTQ_USED_F_NO_NOTIFY`.
     pub fn publish(&mut self) -> bool {
-        self.avail_idx_atomic().store(self.avail_idx, Ordering::Release);
-        // The device's flag must be read after the index is published (store, then load).
+        let (old, new) = (self.published, self.avail_idx);
+        self.published = new;
+        self.avail_idx_atomic().store(new, Ordering::Release);
+        // The device's side must be read after the index is published (store, then load).
         fence(Ordering::SeqCst);
+        if self.event_idx {
+            // SAFETY: the field is inside the queue memory; the device writes it with
+            // single 16-bit stores.
+            let event = unsafe { self.avail_event_ptr().read_volatile() };
+            return needs_event(event, new, old);
+        }
         // SAFETY: the used ring's flags field is inside the queue memory.
         let flags = unsafe { addr_of!((*self.mem.as_ptr()).used.flags).read_volatile() };
         flags & USED_F_NO_NOTIFY == 0
     }
 
-    /// Asks the device for interrupts on this queue (`on`), or for none. The device may
-    /// ignore the request; the driver must poll the used ring after turning them on.
+    /// Asks the device for an interrupt when it returns its next chain (`on`), or for none.
+    /// The device may ignore the request (and with `VIRTIO_F_EVENT_IDX`, "on" holds for one
+    /// chain: call again before each wait); poll the used ring after turning them on.
     pub fn set_interrupts(&mut self, on: bool) {
-        let flags = if on { 0 } else { AVAIL_F_NO_INTERRUPT };
-        // SAFETY: the flags field is inside the queue memory; 16-bit stores are atomic.
-        unsafe { addr_of_mut!((*self.mem.as_ptr()).avail.flags).write_volatile(flags) };
+        if self.event_idx {
+            // The device interrupts when its used index moves past `used_event`: just behind
+            // the driver's position means "not for 65536 chains".
+            let event = if on { self.last_used } else { self.last_used.wrapping_sub(1) };
+            // SAFETY: the field is inside the queue memory; 16-bit stores are atomic.
+            unsafe { self.used_event_ptr().write_volatile(event) };
+        } else {
+            let flags = if on { 0 } else { AVAIL_F_NO_INTERRUPT };
+            // SAFETY: the flags field is inside the queue memory; 16-bit stores are atomic.
+            unsafe { addr_of_mut!((*self.mem.as_ptr()).avail.flags).write_volatile(flags) };
+        }
         fence(Ordering::SeqCst);
+    }
+
+    /// Whether `VIRTIO_F_EVENT_IDX` is in use.
+    pub fn event_idx(&self) -> bool {
+        self.event_idx
+    }
+
+    /// Asks for an interrupt for the next chain the device returns (event-index mode only;
+    /// with flags, interrupts stay on until turned off). Cheaper than `set_interrupts`: the
+    /// fence comes from the next `publish`.
+    pub fn interrupt_next(&mut self) {
+        if self.event_idx {
+            // SAFETY: the field is inside the queue memory; 16-bit stores are atomic.
+            unsafe { self.used_event_ptr().write_volatile(self.last_used) };
+        }
+    }
+
+    /// Whether the device returned a chain not yet popped (one load).
+    pub fn has_used(&self) -> bool {
+        self.used_idx_atomic().load(Ordering::Acquire) != self.last_used
     }
 
     /// Chains handed to the device and not yet returned.
@@ -236,6 +311,12 @@ impl SplitQueue {
     pub(crate) fn device(&self) -> DeviceView {
         DeviceView { mem: self.mem, size: self.size, next_avail: 0, used_idx: 0 }
     }
+}
+
+/// The event-index test (virtio 1.x, 2.7.10): whether moving an index from `old` to `new`
+/// passes `event`, i.e. `event` is in `[old, new)`.
+pub fn needs_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 /// The largest power of two `<= n`, or 1 for 0.
@@ -315,6 +396,35 @@ impl DeviceView {
         unsafe { addr_of!((*self.mem.as_ptr()).avail.flags).read_volatile() & AVAIL_F_NO_INTERRUPT != 0 }
     }
 
+    /// The driver's `used_event`.
+    pub fn used_event(&self) -> u16 {
+        // SAFETY: as above; the field follows `size` ring entries.
+        unsafe { addr_of!((*self.mem.as_ptr()).avail.ring).cast::<u16>().add(usize::from(self.size)).read_volatile() }
+    }
+
+    /// Writes the device's `avail_event`.
+    pub fn set_avail_event(&mut self, v: u16) {
+        // SAFETY: as above; the field follows `size` used entries.
+        unsafe {
+            addr_of_mut!((*self.mem.as_ptr()).used.ring)
+                .cast::<UsedElem>()
+                .add(usize::from(self.size))
+                .cast::<u16>()
+                .write_volatile(v)
+        }
+    }
+
+    /// Whether the driver made chains available that the device has not taken.
+    pub fn has_avail(&self) -> bool {
+        // SAFETY: as above.
+        unsafe { addr_of!((*self.mem.as_ptr()).avail.idx).read_volatile() != self.next_avail }
+    }
+
+    /// The next avail index the device will read.
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail
+    }
+
     /// Sets the device's notification-suppression flag.
     pub fn set_no_notify(&mut self, on: bool) {
         // SAFETY: as above.
@@ -382,6 +492,37 @@ mod tests {
         assert!(dev.no_interrupt());
         q.set_interrupts(true);
         assert!(!dev.no_interrupt());
+    }
+
+    #[test]
+    fn event_index_notifications_and_interrupts() {
+        assert!(needs_event(0, 1, 0));
+        assert!(!needs_event(5, 3, 2));
+        assert!(needs_event(0xffff, 1, 0xfffe));
+        let mut q = SplitQueue::new(1, 8).unwrap();
+        q.set_event_idx(true);
+        let mut dev = q.device();
+        // The device asked to hear of index 0 (initial avail_event): the first chain notifies.
+        q.push(0);
+        assert!(q.publish());
+        // The device has not asked again (avail_event still 0): no notification.
+        q.push(1);
+        assert!(!q.publish());
+        // The device ran out after consuming two chains and asks for index 2.
+        dev.pop_avail();
+        dev.pop_avail();
+        dev.set_avail_event(dev.next_avail());
+        q.push(2);
+        assert!(q.publish());
+        // Interrupts: on means used_event = the next used index; off means just behind it.
+        q.set_interrupts(true);
+        assert_eq!(dev.used_event(), 0);
+        dev.push_used(0, 0);
+        assert!(q.pop_used().unwrap().is_some());
+        q.set_interrupts(false);
+        assert_eq!(dev.used_event(), 0);
+        q.interrupt_next();
+        assert_eq!(dev.used_event(), 1);
     }
 
     #[test]

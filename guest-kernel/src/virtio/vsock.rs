@@ -120,7 +120,7 @@ pub struct PacketHeader {
 
 /// The wire layout; x86 is little-endian, and `to_le`/`from_le` say so.
 #[repr(C, packed)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct RawHeader {
     src_cid: u64,
     dst_cid: u64,
@@ -158,16 +158,6 @@ impl PacketHeader {
         unsafe { ptr::write_unaligned(dst.cast::<RawHeader>(), raw) };
     }
 
-    /// Reads a header at `src` once (the device may change the memory afterwards).
-    ///
-    /// # Safety
-    /// `src` must be valid for reading [`HDR_LEN`] bytes.
-    unsafe fn read_from(src: *const u8) -> Self {
-        // SAFETY: the caller guarantees HDR_LEN readable bytes; every bit pattern is valid.
-        let raw = unsafe { ptr::read_volatile(src.cast::<[u8; HDR_LEN]>()) };
-        Self::decode(&raw)
-    }
-
     /// Encodes the header.
     pub fn encode(&self) -> [u8; HDR_LEN] {
         let mut b = [0u8; HDR_LEN];
@@ -180,6 +170,11 @@ impl PacketHeader {
     pub fn decode(b: &[u8; HDR_LEN]) -> Self {
         // SAFETY: `b` has HDR_LEN bytes and every bit pattern is a valid RawHeader.
         let raw = unsafe { ptr::read_unaligned(b.as_ptr().cast::<RawHeader>()) };
+        Self::from_raw(&raw)
+    }
+
+    /// Decodes the wire layout.
+    fn from_raw(raw: &RawHeader) -> Self {
         PacketHeader {
             src_cid: u64::from_le(raw.src_cid),
             dst_cid: u64::from_le(raw.dst_cid),
@@ -290,14 +285,14 @@ impl Conn {
 /// Receive memory: the packet header and the inline data buffer.
 #[repr(C, align(64))]
 struct RxArea {
-    hdr: [u8; HDR_LEN],
+    hdr: RawHeader,
     inline: [u8; RX_INLINE],
 }
 
 /// One transmit slot: the packet header and copied data.
 #[repr(C, align(64))]
 struct TxSlot {
-    hdr: [u8; HDR_LEN],
+    hdr: RawHeader,
     data: [u8; TX_INLINE],
 }
 
@@ -318,7 +313,7 @@ pub struct Vsock<T: Transport> {
     event: SplitQueue,
     bufs: NonNull<Buffers>,
     guest_cid: u64,
-    /// The receive chain is with the device; its data buffer is `rx_window`.
+    /// The receive chain is with the device.
     rx_armed: bool,
     /// Where the armed chain's data goes: address and length.
     rx_window: (u64, u32),
@@ -364,6 +359,19 @@ impl<T: Transport> Vsock<T> {
             tx_interrupts: true,
             conn: None,
         };
+        // The fields every packet from the guest shares are written once.
+        let fixed = PacketHeader {
+            src_cid: guest_cid,
+            dst_cid: addr::HOST_CID,
+            src_port: addr::INVOKE_PORT,
+            kind: TYPE_STREAM,
+            buf_alloc: BUF_ALLOC,
+            ..PacketHeader::default()
+        };
+        for slot in 0..slots {
+            // SAFETY: the slot's header is HDR_LEN bytes of driver memory no device has yet.
+            unsafe { fixed.write_to(addr_of_mut!((*v.slot_ptr(slot)).hdr).cast()) };
+        }
         let b = v.bufs.as_ptr();
         // SAFETY: only addresses are taken.
         let (rx_hdr, event_buf) = unsafe { (addr_of!((*b).rx.hdr), addr_of!((*b).event)) };
@@ -375,6 +383,7 @@ impl<T: Transport> Vsock<T> {
         });
         v.event.set_desc(0, Descriptor { addr: dma_addr(event_buf), len: 4, flags: DESC_F_WRITE, next: 0 });
         v.event.push(0);
+        v.event.interrupt_next();
         if v.event.publish() {
             v.transport.notify(QUEUE_EVENT);
         }
@@ -405,22 +414,21 @@ impl<T: Transport> Vsock<T> {
 
     /// Hands the receive chain to the device if it is not already there: its data goes to
     /// the inline buffer (`None`) or to `window` (address, length) in the caller's memory,
-    /// which must stay valid and unused until the chain comes back. One notification.
+    /// which must stay valid and unused until the chain comes back. Notifies the device only
+    /// if it asked (with `VIRTIO_F_EVENT_IDX`, only when it ran out of buffers with data
+    /// waiting).
     pub fn arm_rx(&mut self, window: Option<(u64, u32)>) {
         if self.rx_armed {
             return;
         }
         let (addr, len) = match window {
             Some(w) => w,
-            None => {
-                // SAFETY: only the address is taken.
-                let inline = unsafe { addr_of!((*self.bufs.as_ptr()).rx.inline) };
-                (dma_addr(inline), RX_INLINE as u32)
-            }
+            None => (self.inline_addr(), RX_INLINE as u32),
         };
         self.rx_window = (addr, len);
         self.rx.set_desc(1, Descriptor { addr, len, flags: DESC_F_WRITE, next: 0 });
         self.rx.push(RX_HEAD);
+        self.rx.interrupt_next();
         self.rx_armed = true;
         if self.rx.publish() {
             self.transport.notify(QUEUE_RX);
@@ -440,7 +448,8 @@ impl<T: Transport> Vsock<T> {
     /// driver is waiting for a transmit slot or a zero-copy send, off otherwise.
     pub fn wait(&mut self) -> Result<(), VsockError> {
         let need_tx = self.tx_free == 0 || self.tx_zero_copy != 0;
-        if need_tx != self.tx_interrupts {
+        if need_tx || self.tx_interrupts {
+            // With event indices "on" holds for one chain: renew it before every wait.
             self.set_tx_interrupts(need_tx);
             if need_tx && self.reap_tx()? {
                 // Completions arrived before the interrupts were on: no interrupt will come.
@@ -456,12 +465,11 @@ impl<T: Transport> Vsock<T> {
         self.tx_interrupts = on;
     }
 
-    /// Processes what the device returned: transmit completions, the event queue, and at
-    /// most one received packet.
+    /// Processes at most one received packet (and the event queue). Transmit completions
+    /// are reaped when a slot is needed, not here.
     pub fn poll(&mut self) -> Result<Event, VsockError> {
-        self.reap_tx()?;
-        if let Some(e) = self.poll_event_queue()? {
-            return Ok(e);
+        if self.event.has_used() {
+            return self.poll_event_queue();
         }
         if !self.rx_armed {
             return Ok(Event::None);
@@ -473,16 +481,19 @@ impl<T: Transport> Vsock<T> {
             return Err(VsockError::BadRxChain(used.id));
         }
         self.rx_armed = false;
-        let (_, cap) = self.rx_window;
         if (used.len as usize) < HDR_LEN {
-            // Not even a header: nothing to act on. Re-armed by the caller as usual.
+            // Not even a header: nothing to act on.
             return Ok(Event::Control);
         }
-        // SAFETY: the receive header buffer is HDR_LEN bytes of driver memory the device no
-        // longer writes (the chain came back).
-        let hdr = unsafe { PacketHeader::read_from(addr_of!((*self.bufs.as_ptr()).rx.hdr).cast()) };
-        if hdr.op == op::RW && (hdr.len > cap || hdr.len > used.len - HDR_LEN as u32) {
-            return Err(VsockError::RxOverflow { len: hdr.len, cap, used: used.len });
+        // SAFETY: the header buffer is driver memory the device no longer writes (the chain
+        // came back); one unaligned read takes a private copy.
+        let raw = unsafe { ptr::read_unaligned(addr_of!((*self.bufs.as_ptr()).rx.hdr)) };
+        let hdr = PacketHeader::from_raw(&raw);
+        if hdr.op == op::RW {
+            let cap = self.rx_window.1;
+            if hdr.len > cap || hdr.len > used.len - HDR_LEN as u32 {
+                return Err(VsockError::RxOverflow { len: hdr.len, cap, used: used.len });
+            }
         }
         self.handle_packet(&hdr)
     }
@@ -579,10 +590,10 @@ impl<T: Transport> Vsock<T> {
         dma_addr(unsafe { addr_of!((*self.bufs.as_ptr()).rx.inline) })
     }
 
-    /// Handles a used event buffer, if any.
-    fn poll_event_queue(&mut self) -> Result<Option<Event>, VsockError> {
+    /// Handles a used event buffer.
+    fn poll_event_queue(&mut self) -> Result<Event, VsockError> {
         let Some(used) = self.event.pop_used()? else {
-            return Ok(None);
+            return Ok(Event::Control);
         };
         if used.id != 0 {
             return Err(VsockError::BadRxChain(used.id));
@@ -590,13 +601,14 @@ impl<T: Transport> Vsock<T> {
         // SAFETY: the event buffer is driver memory the device no longer writes.
         let id = u32::from_le(unsafe { ptr::read_volatile(addr_of!((*self.bufs.as_ptr()).event).cast::<u32>()) });
         self.event.push(0);
+        self.event.interrupt_next();
         if self.event.publish() {
             self.transport.notify(QUEUE_EVENT);
         }
         if used.len >= 4 && id == EVENT_TRANSPORT_RESET && self.conn.take().is_some() {
-            return Ok(Some(Event::Closed));
+            return Ok(Event::Closed);
         }
-        Ok(Some(Event::Control))
+        Ok(Event::Control)
     }
 
     /// Frees the slots of completed transmit chains. Returns whether any completed.
@@ -615,13 +627,16 @@ impl<T: Transport> Vsock<T> {
         Ok(any)
     }
 
-    /// Whether data sent from the caller's memory is still with the device. Reaps first.
+    /// Whether data sent from the caller's memory is still with the device.
     pub fn tx_zero_copy_pending(&mut self) -> Result<bool, VsockError> {
-        self.reap_tx()?;
+        if self.tx_zero_copy != 0 {
+            self.reap_tx()?;
+        }
         Ok(self.tx_zero_copy != 0)
     }
 
-    /// A free transmit slot, if any (reaping completions when none is free).
+    /// A free transmit slot, if any (reaping completions only when none is free: each
+    /// reaped chain costs instructions, so they are reaped in batches).
     fn free_slot(&mut self) -> Result<Option<usize>, VsockError> {
         if self.tx_free == 0 {
             self.reap_tx()?;
@@ -642,21 +657,31 @@ impl<T: Transport> Vsock<T> {
         }
     }
 
-    /// The header of a packet from the listening port to host port `dst_port`.
-    fn header(&self, op: u16, src_port: u32, dst_port: u32, len: u32, flags: u32) -> PacketHeader {
-        PacketHeader {
-            src_cid: self.guest_cid,
-            dst_cid: addr::HOST_CID,
-            src_port,
-            dst_port,
-            len,
-            kind: TYPE_STREAM,
-            op,
-            flags,
-            buf_alloc: BUF_ALLOC,
-            // Only the connection's own packets carry its counter (a host checks it against
-            // what it sent on that connection).
-            fwd_cnt: self.conn.filter(|c| c.peer_port == dst_port).map_or(0, |c| c.fwd_cnt),
+    fn slot_ptr(&self, slot: usize) -> *mut TxSlot {
+        // SAFETY: `slot < TX_SLOTS` (slots come from the free mask); only the address is taken.
+        unsafe { addr_of_mut!((*self.bufs.as_ptr()).tx[slot]) }
+    }
+
+    /// Fills the per-packet fields of slot `slot`'s header (the others were written once).
+    fn stamp(&mut self, slot: usize, op: u16, src_port: u32, dst_port: u32, len: u32, flags: u32) {
+        // Only the connection's own packets carry its counter (a host checks it against what
+        // it sent on that connection).
+        let fwd_cnt = match &mut self.conn {
+            Some(c) if c.peer_port == dst_port => {
+                c.adv_fwd_cnt = c.fwd_cnt;
+                c.fwd_cnt
+            }
+            _ => 0,
+        };
+        let h = self.slot_ptr(slot);
+        // SAFETY: the slot is free (not with the device); the fields are inside its header.
+        unsafe {
+            addr_of_mut!((*h).hdr.src_port).write_unaligned(src_port.to_le());
+            addr_of_mut!((*h).hdr.dst_port).write_unaligned(dst_port.to_le());
+            addr_of_mut!((*h).hdr.len).write_unaligned(len.to_le());
+            addr_of_mut!((*h).hdr.op).write_unaligned(op.to_le());
+            addr_of_mut!((*h).hdr.flags).write_unaligned(flags.to_le());
+            addr_of_mut!((*h).hdr.fwd_cnt).write_unaligned(fwd_cnt.to_le());
         }
     }
 
@@ -668,27 +693,17 @@ impl<T: Transport> Vsock<T> {
             self.transport.notify(QUEUE_TX);
         }
         let slot = self.slot_blocking()?;
-        let hdr = self.header(op, src_port, dst_port, 0, flags);
-        if let Some(c) = self.conn.as_mut().filter(|c| c.peer_port == dst_port) {
-            c.adv_fwd_cnt = c.fwd_cnt;
-        }
-        let slot_ptr = self.slot_ptr(slot);
-        // SAFETY: the slot is free (not with the device) and its header is HDR_LEN bytes.
-        unsafe { hdr.write_to(addr_of_mut!((*slot_ptr).hdr).cast()) };
+        self.stamp(slot, op, src_port, dst_port, 0, flags);
+        let h = self.slot_ptr(slot);
         let head = slot as u16 * TX_CHAIN;
         // SAFETY: only the address is taken.
-        let hdr_addr = dma_addr(unsafe { addr_of!((*slot_ptr).hdr) });
+        let hdr_addr = dma_addr(unsafe { addr_of!((*h).hdr) });
         self.tx.set_desc(head, Descriptor { addr: hdr_addr, len: HDR_LEN as u32, flags: 0, next: 0 });
         self.queue_tx(slot, false);
         if self.tx.publish() {
             self.transport.notify(QUEUE_TX);
         }
         Ok(())
-    }
-
-    fn slot_ptr(&self, slot: usize) -> *mut TxSlot {
-        // SAFETY: `slot < TX_SLOTS` (slots come from the free mask); only the address is taken.
-        unsafe { addr_of_mut!((*self.bufs.as_ptr()).tx[slot]) }
     }
 
     fn queue_tx(&mut self, slot: usize, zero_copy: bool) {
@@ -707,21 +722,20 @@ impl<T: Transport> Vsock<T> {
     /// until [`tx_zero_copy_pending`](Self::tx_zero_copy_pending) is false. Returns the new
     /// offset; less than the total means "wait and call again".
     pub fn send(&mut self, head: &[u8], body: &[u8], mut offset: usize) -> Result<usize, VsockError> {
-        let Some(mut conn) = self.conn else {
+        let Some(peer_port) = self.conn.map(|c| c.peer_port) else {
             return Err(VsockError::NotConnected);
         };
         let head = &head[..head.len().min(TX_INLINE)];
         let total = head.len() + body.len();
         let mut queued = false;
         while offset < total {
-            let credit = conn.credit();
+            let credit = self.conn.map_or(0, |c| c.credit());
             if credit == 0 {
-                if !conn.credit_requested {
-                    conn.credit_requested = true;
-                    self.conn = Some(conn);
-                    // Publishes the data queued so far too (it must not wait on a slot
-                    // held by unpublished data).
-                    self.send_control(op::CREDIT_REQUEST, addr::INVOKE_PORT, conn.peer_port, 0)?;
+                if let Some(c) = self.conn.as_mut().filter(|c| !c.credit_requested) {
+                    c.credit_requested = true;
+                    // Publishes the data queued so far too (it must not wait on a slot held
+                    // by unpublished data).
+                    self.send_control(op::CREDIT_REQUEST, addr::INVOKE_PORT, peer_port, 0)?;
                     queued = false;
                 }
                 break;
@@ -736,52 +750,47 @@ impl<T: Transport> Vsock<T> {
             // Copied part: the head's share, then the body's share if it fits.
             let mut copied = 0;
             if offset < head.len() {
-                let h = &head[offset..head.len().min(offset + n)];
-                // SAFETY: `h.len() <= TX_INLINE` and the slot is free.
-                unsafe { ptr::copy_nonoverlapping(h.as_ptr(), data, h.len()) };
-                copied = h.len();
+                copied = (head.len() - offset).min(n);
+                // SAFETY: `copied <= TX_INLINE` bytes into the free slot, from inside `head`.
+                unsafe { super::copy_bytes(data, head.as_ptr().add(offset), copied) };
             }
-            let body_start = offset + copied - head.len().min(offset + copied);
+            let body_start = (offset + copied).saturating_sub(head.len());
             let mut body_len = n - copied;
             if body_len > 0 && copied + body_len <= TX_INLINE {
                 // SAFETY: the share fits the slot's data buffer after the copied head bytes;
                 // `body_start + body_len <= body.len()` since `offset + n <= total`.
-                unsafe { ptr::copy_nonoverlapping(body.as_ptr().add(body_start), data.add(copied), body_len) };
+                unsafe { super::copy_bytes(data.add(copied), body.as_ptr().add(body_start), body_len) };
                 copied += body_len;
                 body_len = 0;
             }
-            let hdr = self.header(op::RW, addr::INVOKE_PORT, conn.peer_port, n as u32, 0);
-            // SAFETY: the slot is free and its header is HDR_LEN bytes.
-            unsafe { hdr.write_to(addr_of_mut!((*slot_ptr).hdr).cast()) };
-            let head_desc = slot as u16 * TX_CHAIN;
+            self.stamp(slot, op::RW, addr::INVOKE_PORT, peer_port, n as u32, 0);
+            let first = slot as u16 * TX_CHAIN;
             // SAFETY: only the address is taken.
             let hdr_addr = dma_addr(unsafe { addr_of!((*slot_ptr).hdr) });
-            let mut descs = [Descriptor { addr: hdr_addr, len: HDR_LEN as u32, flags: 0, next: 0 }; 3];
-            let mut count = 1;
+            let mut d = first;
+            let mut desc = Descriptor { addr: hdr_addr, len: HDR_LEN as u32, flags: DESC_F_NEXT, next: d + 1 };
             if copied > 0 {
-                descs[count] = Descriptor { addr: dma_addr(data), len: copied as u32, flags: 0, next: 0 };
-                count += 1;
+                self.tx.set_desc(d, desc);
+                d += 1;
+                desc = Descriptor { addr: dma_addr(data), len: copied as u32, flags: DESC_F_NEXT, next: d + 1 };
             }
             if body_len > 0 {
+                self.tx.set_desc(d, desc);
+                d += 1;
                 // SAFETY: in bounds, as above; only the address is taken.
                 let at = unsafe { body.as_ptr().add(body_start) };
-                descs[count] = Descriptor { addr: dma_addr(at), len: body_len as u32, flags: 0, next: 0 };
-                count += 1;
+                desc = Descriptor { addr: dma_addr(at), len: body_len as u32, flags: 0, next: 0 };
             }
-            for (i, d) in descs[..count].iter_mut().enumerate() {
-                if i + 1 < count {
-                    d.flags = DESC_F_NEXT;
-                    d.next = head_desc + i as u16 + 1;
-                }
-                self.tx.set_desc(head_desc + i as u16, *d);
-            }
+            desc.flags = 0;
+            desc.next = 0;
+            self.tx.set_desc(d, desc);
             self.queue_tx(slot, body_len > 0);
-            conn.tx_cnt = conn.tx_cnt.wrapping_add(n as u32);
-            conn.adv_fwd_cnt = conn.fwd_cnt;
+            if let Some(c) = self.conn.as_mut() {
+                c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+            }
             offset += n;
             queued = true;
         }
-        self.conn = Some(conn);
         if queued && self.tx.publish() {
             self.transport.notify(QUEUE_TX);
         }
@@ -813,19 +822,25 @@ impl<T: Transport> Vsock<T> {
 }
 
 /// Brings up a virtio socket device behind `transport` (virtio 1.x, section 3.1.1):
-/// negotiates `VIRTIO_F_VERSION_1` (and nothing else: stream sockets need no feature bit),
-/// reads the guest CID, sets up the three queues, says DRIVER_OK.
+/// negotiates `VIRTIO_F_VERSION_1` (needed) and `VIRTIO_F_EVENT_IDX` (if offered: it spares
+/// notifications), reads the guest CID, sets up the three queues, says DRIVER_OK.
 #[cfg(target_os = "none")]
 pub fn init(transport: super::mmio::MmioTransport) -> Result<Vsock<super::mmio::MmioTransport>, VsockError> {
-    use super::{mmio::F_VERSION_1, queue::MAX_SIZE};
+    use super::{
+        mmio::{F_EVENT_IDX, F_VERSION_1},
+        queue::MAX_SIZE,
+    };
 
-    transport.negotiate(F_VERSION_1, 0).map_err(VsockError::Transport)?;
+    let features = transport.negotiate(F_VERSION_1, F_EVENT_IDX).map_err(VsockError::Transport)?;
+    let event_idx = features & F_EVENT_IDX != 0;
     let guest_cid = transport.config_u64(CONFIG_GUEST_CID);
     let setup = |index, want, need| {
-        transport.setup_queue(index, want, need).map_err(|e| {
+        let mut q = transport.setup_queue(index, want, need).map_err(|e| {
             transport.fail();
             VsockError::Transport(e)
-        })
+        })?;
+        q.set_event_idx(event_idx);
+        Ok::<_, VsockError>(q)
     };
     let rx = setup(QUEUE_RX, 2, 2)?;
     let tx = setup(QUEUE_TX, MAX_SIZE, 2 * TX_CHAIN)?;
@@ -858,6 +873,10 @@ pub(crate) mod tests {
         pub max_rx_packet: usize,
         /// Packets in `from_guest` already looked at for credit requests.
         pub answered: usize,
+        /// The driver notified the transmit queue since it was last drained.
+        pub tx_kicked: bool,
+        /// The device ran out of receive buffers and waits for a notification.
+        pub rx_stalled: bool,
         /// Stream bytes delivered to the guest per host port.
         pub delivered: std::collections::HashMap<u32, usize>,
         /// The last fwd_cnt the guest sent per host port.
@@ -870,7 +889,14 @@ pub(crate) mod tests {
             loop {
                 let mut moved = false;
                 let tx = self.tx.as_mut().unwrap();
-                while let Some(head) = tx.pop_avail() {
+                // The transmit queue is processed only when notified (as a real device does).
+                while self.tx_kicked {
+                    let Some(head) = tx.pop_avail() else {
+                        // Drained: ask for the next notification, then check once more.
+                        tx.set_avail_event(tx.next_avail());
+                        self.tx_kicked = tx.has_avail();
+                        continue;
+                    };
                     let chain = tx.chain(head);
                     let hdr_bytes = read_guest(chain[0].addr, chain[0].len);
                     let hdr = PacketHeader::decode(hdr_bytes[..HDR_LEN].try_into().unwrap());
@@ -899,8 +925,13 @@ pub(crate) mod tests {
                     self.send(op::CREDIT_UPDATE, port, &[]);
                 }
                 let rx = self.rx.as_mut().unwrap();
-                while !self.to_guest.is_empty() {
-                    let Some(head) = rx.pop_avail() else { break };
+                while !self.to_guest.is_empty() && !self.rx_stalled {
+                    let Some(head) = rx.pop_avail() else {
+                        // Out of buffers with data waiting: ask to be notified.
+                        rx.set_avail_event(rx.next_avail());
+                        self.rx_stalled = !rx.has_avail();
+                        continue;
+                    };
                     let chain = rx.chain(head);
                     let (mut hdr, mut data) = self.to_guest.pop_front().unwrap();
                     let cap = (chain[1].len as usize).min(self.max_rx_packet.max(1));
@@ -927,6 +958,11 @@ pub(crate) mod tests {
 
         /// A packet from host port `port` to the guest's listening port.
         pub fn send(&mut self, op: u16, port: u32, data: &[u8]) {
+            if op == op::REQUEST {
+                // A new connection on this port: its counters start again.
+                self.delivered.remove(&port);
+                self.fwd_seen.remove(&port);
+            }
             let hdr = PacketHeader {
                 src_cid: addr::HOST_CID,
                 dst_cid: addr::GUEST_CID,
@@ -940,11 +976,6 @@ pub(crate) mod tests {
                 fwd_cnt: self.stream_from_guest(port).len() as u32,
             };
             self.to_guest.push_back((hdr, data.to_vec()));
-        }
-
-        /// Stream bytes delivered to the guest from host port `port`.
-        pub fn sent_to_guest(&self, port: u32) -> usize {
-            self.delivered.get(&port).copied().unwrap_or(0)
         }
 
         /// The ops the guest sent, in order.
@@ -965,6 +996,11 @@ pub(crate) mod tests {
     impl Transport for FakeHost {
         fn notify(&mut self, queue: u16) {
             self.notifies[usize::from(queue)] += 1;
+            match queue {
+                QUEUE_RX => self.rx_stalled = false,
+                QUEUE_TX => self.tx_kicked = true,
+                _ => {}
+            }
         }
 
         fn wait(&mut self) {
@@ -976,9 +1012,17 @@ pub(crate) mod tests {
 
     /// A driver on a fake host with queues of `tx_size` transmit entries.
     pub(crate) fn driver(tx_size: u16) -> Vsock<FakeHost> {
-        let rx = SplitQueue::new(QUEUE_RX, 2).unwrap();
-        let tx = SplitQueue::new(QUEUE_TX, tx_size).unwrap();
-        let event = SplitQueue::new(QUEUE_EVENT, 1).unwrap();
+        driver_with(tx_size, false)
+    }
+
+    /// A driver on a fake host, with `VIRTIO_F_EVENT_IDX` if `event_idx`.
+    pub(crate) fn driver_with(tx_size: u16, event_idx: bool) -> Vsock<FakeHost> {
+        let mut rx = SplitQueue::new(QUEUE_RX, 2).unwrap();
+        let mut tx = SplitQueue::new(QUEUE_TX, tx_size).unwrap();
+        let mut event = SplitQueue::new(QUEUE_EVENT, 1).unwrap();
+        for q in [&mut rx, &mut tx, &mut event] {
+            q.set_event_idx(event_idx);
+        }
         let host = FakeHost {
             rx: Some(rx.device()),
             tx: Some(tx.device()),
@@ -1200,13 +1244,16 @@ pub(crate) mod tests {
 
     #[test]
     fn rejects_chains_the_device_was_not_given() {
-        let mut v = driver(32);
+        // Two slots: the RESPONSE takes slot 0 (head 0), a data packet slot 1; the device
+        // returns "chain 4" for the first, which is no chain's head.
+        let mut v = driver(8);
         v.transport_mut().send(op::REQUEST, 1, &[]);
         assert_eq!(next_event(&mut v), Event::Connected);
-        // The RESPONSE went out in slot 0 (head 0); the device returns head 3 instead.
         let tx = v.transport_mut().tx.as_mut().unwrap();
         assert_eq!(tx.pop_avail(), Some(0));
-        tx.push_used(3, 0);
-        assert_eq!(v.poll(), Err(VsockError::BadTxChain(3)));
+        tx.push_used(4, 0);
+        assert_eq!(v.send(b"a", b"", 0), Ok(1));
+        // No slot is free: the driver reaps, and refuses the bogus chain.
+        assert_eq!(v.send(b"b", b"", 0), Err(VsockError::BadTxChain(4)));
     }
 }

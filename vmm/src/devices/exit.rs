@@ -8,6 +8,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use fnode_snapshot::Persist;
+use serde::{Deserialize, Serialize};
+
 use super::bus::BusDevice;
 
 /// Set in the signal's word once an exit was requested; the low 32 bits hold the status.
@@ -80,6 +83,32 @@ impl BusDevice for ExitDevice {
     }
 }
 
+/// The exit device as a snapshot keeps it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitState {
+    /// The status the guest wrote, if it wrote one (a snapshot is normally taken before).
+    pub requested: Option<u32>,
+}
+
+impl Persist<'_> for ExitDevice {
+    type State = ExitState;
+    type ConstructorArgs = ExitSignal;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> ExitState {
+        ExitState {
+            requested: self.signal.requested(),
+        }
+    }
+
+    fn restore(signal: ExitSignal, state: &ExitState) -> Result<Self, Self::Error> {
+        if let Some(status) = state.requested {
+            signal.request(status);
+        }
+        Ok(ExitDevice::new(signal))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +136,25 @@ mod tests {
         let mut b = [0u8; 2];
         dev.read(0, &mut b);
         assert_eq!(b, [0xff, 0xff]);
+    }
+
+    #[test]
+    fn persist_round_trip() {
+        for requested in [None, Some(0x10)] {
+            let signal = ExitSignal::new();
+            if let Some(s) = requested {
+                signal.request(s);
+            }
+            let state = ExitDevice::new(signal).save();
+            assert_eq!(state, ExitState { requested });
+            let fresh = ExitSignal::new();
+            let restored = match ExitDevice::restore(fresh.clone(), &state) {
+                Ok(dev) => dev,
+                Err(never) => match never {},
+            };
+            assert_eq!(restored.save(), state);
+            assert_eq!(fresh.requested(), requested);
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!   the event loop thread that runs them.
 
 pub mod bus;
+pub mod control;
 pub mod exit;
 pub mod serial;
 pub mod virtio;

@@ -8,7 +8,9 @@
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use vm_superio::serial::NoEvents;
+use fnode_snapshot::Persist;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState as UartState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -23,7 +25,19 @@ pub enum SerialError {
     /// The interrupt eventfd could not be created.
     #[error("cannot create the serial interrupt eventfd")]
     EventFd(#[source] io::Error),
+    /// A saved state holds more received bytes than the UART's FIFO.
+    #[error("saved serial state holds {len} received bytes, more than the UART's {UART_FIFO}-byte FIFO")]
+    FifoOverflow {
+        /// Bytes in the saved FIFO.
+        len: usize,
+    },
+    /// The restored UART could not raise its pending interrupt.
+    #[error("cannot raise the restored UART's interrupt")]
+    Restore(#[source] vm_superio::serial::Error<io::Error>),
 }
+
+/// The 16550A receive FIFO's size (vm-superio refuses a restored state holding more).
+const UART_FIFO: usize = 64;
 
 /// Raises the UART's interrupt by writing its eventfd (an irqfd in the VM).
 #[derive(Debug)]
@@ -160,6 +174,86 @@ impl BusDevice for SerialDevice {
     }
 }
 
+/// The UART's registers and receive FIFO as a snapshot keeps them (vm-superio's
+/// `SerialState`, which is not serde data). Console output still buffered is not state: it
+/// is written out before the snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
+impl Persist<'_> for SerialDevice {
+    type State = SerialState;
+    type ConstructorArgs = Box<dyn Write + Send>;
+    type Error = SerialError;
+
+    fn save(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART in `state` whose output goes to `out`, with a new interrupt eventfd (register
+    /// it as an irqfd). A pending interrupt is raised on the eventfd again.
+    fn restore(out: Box<dyn Write + Send>, state: &SerialState) -> Result<Self, SerialError> {
+        if state.in_buffer.len() > UART_FIFO {
+            return Err(SerialError::FifoOverflow {
+                len: state.in_buffer.len(),
+            });
+        }
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(SerialError::EventFd)?;
+        let uart_state = UartState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(
+            &uart_state,
+            EventFdTrigger(evt),
+            NoEvents,
+            ConsoleWriter::new(out),
+        )
+        .map_err(SerialError::Restore)?;
+        Ok(SerialDevice { uart })
+    }
+}
+
 /// A cloneable in-memory console output, for tests and callers that capture the console.
 #[derive(Clone, Debug, Default)]
 pub struct SharedBuffer(Arc<Mutex<Vec<u8>>>);
@@ -246,6 +340,35 @@ mod tests {
         dev.write(u64::MAX, b"a");
         dev.flush();
         assert_eq!(buf.contents(), b"");
+    }
+
+    #[test]
+    fn persist_round_trip() {
+        let mut dev = SerialDevice::new(Box::new(io::sink())).unwrap();
+        // Line control, scratch and interrupt enable: state a guest driver sets.
+        dev.write(3, &[0x03]);
+        dev.write(7, &[0x5a]);
+        dev.write(1, &[0x01]);
+        let state = dev.save();
+        assert_eq!((state.line_control, state.scratch), (0x03, 0x5a));
+        let buf = SharedBuffer::new();
+        let mut restored = SerialDevice::restore(Box::new(buf.clone()), &state).unwrap();
+        assert_eq!(restored.save(), state);
+        let mut scratch = [0u8];
+        restored.read(7, &mut scratch);
+        assert_eq!(scratch, [0x5a]);
+        restored.write(DATA, b"\n");
+        assert_eq!(buf.text(), "\n");
+    }
+
+    #[test]
+    fn a_restored_fifo_is_capped() {
+        let state = SerialState {
+            in_buffer: vec![0; UART_FIFO + 1],
+            ..SerialDevice::new(Box::new(io::sink())).unwrap().save()
+        };
+        let err = SerialDevice::restore(Box::new(io::sink()), &state).unwrap_err();
+        assert!(matches!(err, SerialError::FifoOverflow { len: 65 }), "{err:?}");
     }
 
     #[test]

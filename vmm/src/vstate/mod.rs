@@ -2,4 +2,6 @@
 
 pub mod memory;
 pub mod vcpu;
+pub mod vcpu_persist;
 pub mod vm;
+pub mod vm_persist;

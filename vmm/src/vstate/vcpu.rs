@@ -12,14 +12,17 @@ use std::sync::atomic::{compiler_fence, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
+use std::time::Instant;
 
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::vcpu_persist::{VcpuPersistError, VcpuState as SavedVcpu};
 use super::vm::Vm;
 use crate::devices::bus::Buses;
+use crate::devices::control::ControlSignal;
 use crate::devices::exit::ExitSignal;
 
 /// `IA32_MISC_ENABLE`: bit 0 enables fast string operations (what firmware leaves set).
@@ -28,6 +31,9 @@ const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// `IA32_MTRR_DEF_TYPE`: MTRRs enabled (bit 11), default type write-back (6). With MTRRs
 /// off, KVM hosts that honour guest MTRRs would map all guest memory uncached.
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// The MSRs [`Vcpu::configure_msrs`] sets (a snapshot saves them even where KVM does not
+/// list them as saveable).
+pub(crate) const BOOT_MSRS: [u32; 2] = [MSR_IA32_MISC_ENABLE, MSR_MTRR_DEF_TYPE];
 const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
 
 /// CR0 bits of the PVH entry state: protected mode on, paging off.
@@ -249,6 +255,7 @@ impl Vcpu {
 
     /// Runs the guest until the next exit and handles it.
     pub fn run_once(&mut self, io: &VcpuIo) -> Result<RunStep, VcpuError> {
+        io.first_run.mark();
         let wrote = match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoOut(port, data) => {
@@ -289,6 +296,8 @@ impl Vcpu {
         // The exit port is checked after every write: the guest does not run past its exit.
         match io.exit.requested() {
             Some(status) if wrote => Ok(RunStep::Exited(status)),
+            // So is the control port: a READY the VMM waits for pauses this vCPU right here.
+            _ if wrote && io.control.take_ready() => Ok(RunStep::Ready),
             _ => Ok(RunStep::Continue),
         }
     }
@@ -348,6 +357,11 @@ impl Vcpu {
                         let _ = events.send(VcpuEvent::Paused { id });
                         VcpuState::Paused
                     }
+                    Ok(VcpuCommand::Save(msrs)) => {
+                        let result = self.save_state(&msrs, &io.buses).map(Box::new);
+                        let _ = events.send(VcpuEvent::Saved { id, result });
+                        VcpuState::Paused
+                    }
                     Ok(VcpuCommand::Exit) | Err(_) => break,
                 },
                 VcpuState::Running => match commands.try_recv() {
@@ -355,9 +369,19 @@ impl Vcpu {
                         let _ = events.send(VcpuEvent::Paused { id });
                         VcpuState::Paused
                     }
+                    // Only a paused vCPU is saved (the controller pauses first).
+                    Ok(VcpuCommand::Save(_)) => {
+                        let result = Err(VcpuPersistError::NotPaused { id });
+                        let _ = events.send(VcpuEvent::Saved { id, result });
+                        VcpuState::Running
+                    }
                     Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => break,
                     Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => match self.run_once(io) {
                         Ok(RunStep::Continue | RunStep::Interrupted) => VcpuState::Running,
+                        Ok(RunStep::Ready) => {
+                            let _ = events.send(VcpuEvent::Ready { id });
+                            VcpuState::Paused
+                        }
                         Ok(RunStep::Exited(status)) => {
                             let stop = VcpuStop::Exited(status);
                             let _ = events.send(VcpuEvent::Finished { id, stop });
@@ -374,6 +398,11 @@ impl Vcpu {
                 VcpuState::Finished => match commands.recv() {
                     Ok(VcpuCommand::Exit) | Err(_) => break,
                     Ok(VcpuCommand::Resume | VcpuCommand::Pause) => VcpuState::Finished,
+                    Ok(VcpuCommand::Save(_)) => {
+                        let result = Err(VcpuPersistError::NotPaused { id });
+                        let _ = events.send(VcpuEvent::Saved { id, result });
+                        VcpuState::Finished
+                    }
                 },
             };
         }
@@ -428,15 +457,39 @@ pub enum RunStep {
     Interrupted,
     /// The guest wrote `status` to the exit port.
     Exited(u32),
+    /// The guest wrote READY to the control port and the VMM asked to pause there.
+    Ready,
 }
 
-/// What a vCPU thread needs to handle exits: the buses and the VM's exit signal.
+/// What a vCPU thread needs to handle exits: the buses and the VM's exit and control
+/// signals.
 #[derive(Clone, Debug)]
 pub struct VcpuIo {
     /// The VM's PIO and MMIO buses.
     pub buses: Arc<Buses>,
     /// Set by the exit device.
     pub exit: ExitSignal,
+    /// Set by the control device.
+    pub control: ControlSignal,
+    /// When a vCPU of the VM first entered `KVM_RUN`.
+    pub first_run: FirstRun,
+}
+
+/// When a vCPU of a VM first entered `KVM_RUN` (how long a restore took to reach the
+/// guest is measured up to here). Shared by the VM's vCPU threads; set once.
+#[derive(Clone, Debug, Default)]
+pub struct FirstRun(Arc<OnceLock<Instant>>);
+
+impl FirstRun {
+    /// Records now, if nothing is recorded yet (an atomic load once it is).
+    pub fn mark(&self) {
+        self.0.get_or_init(Instant::now);
+    }
+
+    /// When the first `KVM_RUN` started, if one did.
+    pub fn get(&self) -> Option<Instant> {
+        self.0.get().copied()
+    }
 }
 
 /// The state of a vCPU thread.
@@ -451,12 +504,14 @@ pub enum VcpuState {
 }
 
 /// Commands to a vCPU thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VcpuCommand {
     /// Run the guest.
     Resume,
     /// Leave the guest and report [`VcpuEvent::Paused`].
     Pause,
+    /// A paused vCPU reads its state (with these MSRs) and reports [`VcpuEvent::Saved`].
+    Save(Arc<[u32]>),
     /// End the thread.
     Exit,
 }
@@ -484,6 +539,19 @@ pub enum VcpuEvent {
         id: u8,
         /// Why.
         stop: VcpuStop,
+    },
+    /// vCPU `id` wrote READY to the control port while the VMM waited for it, and paused
+    /// there (see `devices::control`).
+    Ready {
+        /// vCPU index.
+        id: u8,
+    },
+    /// vCPU `id` read its state after [`VcpuCommand::Save`].
+    Saved {
+        /// vCPU index.
+        id: u8,
+        /// The state, or why it could not be read.
+        result: Result<Box<SavedVcpu>, VcpuPersistError>,
     },
     /// Not from a vCPU: a device found the guest breaking its contract and stopped working;
     /// it reports on this channel so the VM's control loop wakes up and stops the VM.

@@ -24,17 +24,18 @@ use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
     kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Cap, Kvm};
+use kvm_ioctls::{Cap, Kvm, VcpuExit};
 use serde::{Deserialize, Serialize};
 
 use super::vcpu::{Vcpu, BOOT_MSRS};
 use super::vm::Vm;
+use crate::devices::bus::Buses;
 
 /// Most MSRs read or written with one `KVM_GET_MSRS`/`KVM_SET_MSRS`.
 const MSR_CHUNK: usize = 64;
 
 /// A vCPU as a snapshot keeps it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
     /// vCPU index (and APIC id).
     pub id: u8,
@@ -117,6 +118,26 @@ pub enum VcpuPersistError {
         /// vCPU index.
         id: u8,
     },
+    /// A vCPU was asked to save its state while not paused.
+    #[error("vCPU {id} is not paused: pause the VM before saving it")]
+    NotPaused {
+        /// vCPU index.
+        id: u8,
+    },
+    /// The vCPU's pending I/O instruction did not complete.
+    #[error("vCPU {id} did not complete its I/O instruction: cannot save it now")]
+    PendingIo {
+        /// vCPU index.
+        id: u8,
+    },
+    /// Completing the pending I/O ended in another kind of exit.
+    #[error("vCPU {id} stopped with {exit} while completing its I/O: cannot save it now")]
+    UnexpectedExit {
+        /// vCPU index.
+        id: u8,
+        /// The exit KVM returned.
+        exit: String,
+    },
     /// `KVM_CREATE_VCPU` failed.
     #[error("cannot create vCPU {id}")]
     Create {
@@ -173,10 +194,14 @@ impl Vcpu {
     /// Reads the vCPU's whole state out of KVM. Call it only while the vCPU is out of the
     /// guest; it first completes an I/O exit the guest is still in (see
     /// [`Vcpu::complete_pending_io`]), so the saved `rip` is past the instruction.
-    pub fn save_state(&mut self, msr_list: &[u32]) -> Result<VcpuState, VcpuPersistError> {
+    pub fn save_state(
+        &mut self,
+        msr_list: &[u32],
+        buses: &Buses,
+    ) -> Result<VcpuState, VcpuPersistError> {
         let id = self.id();
+        self.complete_pending_io(buses)?;
         let err = |ioctl| move |source| VcpuPersistError::Ioctl { ioctl, id, source };
-        self.complete_pending_io().map_err(err("KVM_RUN (immediate exit)"))?;
         let fd = self.fd();
         let mp_state = fd.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?;
         let regs = fd.get_regs().map_err(err("KVM_GET_REGS"))?;
@@ -211,6 +236,57 @@ impl Vcpu {
             mp_state,
             tsc_khz,
         })
+    }
+
+    /// Completes the I/O or MMIO exit the guest may still be in: KVM finishes an `in`/`out`
+    /// (writes the value read, moves `rip` past the instruction) only at the next `KVM_RUN`.
+    /// With `immediate_exit` set, that `KVM_RUN` completes it and returns at once, without
+    /// running a guest instruction (the KVM API's advice before saving state). A string
+    /// instruction part way (`rep outsb`) exits once per element until it is done: those
+    /// accesses go to `buses` as usual.
+    pub fn complete_pending_io(&mut self, buses: &Buses) -> Result<(), VcpuPersistError> {
+        // A `rep` string I/O instruction moves at most this many elements here.
+        const MAX_STEPS: u32 = 1 << 20;
+        let id = self.id();
+        let mut result = Err(VcpuPersistError::PendingIo { id });
+        for _ in 0..MAX_STEPS {
+            self.fd_mut().set_kvm_immediate_exit(1);
+            match self.fd_mut().run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    result = Ok(());
+                    break;
+                }
+                Err(source) => {
+                    result = Err(VcpuPersistError::Ioctl {
+                        ioctl: "KVM_RUN (immediate exit)",
+                        id,
+                        source,
+                    });
+                    break;
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    buses.pio.write(u64::from(port), data);
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    buses.pio.read(u64::from(port), data);
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    buses.mmio.write(addr, data);
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    buses.mmio.read(addr, data);
+                }
+                Ok(other) => {
+                    result = Err(VcpuPersistError::UnexpectedExit {
+                        id,
+                        exit: format!("{other:?}"),
+                    });
+                    break;
+                }
+            }
+        }
+        self.fd_mut().set_kvm_immediate_exit(0);
+        result
     }
 
     /// Reads `list`, skipping the MSRs KVM cannot read on this vCPU. `KVM_GET_MSRS` stops at
@@ -321,6 +397,8 @@ impl Vcpu {
 
 #[cfg(test)]
 mod tests {
+    use fnode_snapshot::state_file;
+
     use super::*;
     use crate::kvm::{test_support::require_kvm, KvmContext};
     use crate::vstate::memory::{self, MemoryBacking};
@@ -352,18 +430,19 @@ mod tests {
         regs.r12 = 0x1234_5678_9abc_def0;
         regs.rsp = 0x8000;
         vcpu.fd().set_regs(&regs).unwrap();
-        let saved = vcpu.save_state(&msrs).unwrap();
+        let saved = vcpu.save_state(&msrs, &Buses::default()).unwrap();
         assert_eq!(saved.regs.r12, 0x1234_5678_9abc_def0);
         assert!(!saved.cpuid.is_empty());
         // The MTRR default type fnode sets at boot is saved even if KVM does not list it.
         assert!(saved.msrs.iter().any(|m| m.index == BOOT_MSRS[1]));
 
         // Through the serde encoding and into a vCPU of a new VM.
-        let bytes = postcard::to_allocvec(&saved).unwrap();
-        let decoded: VcpuState = postcard::from_bytes(&bytes).unwrap();
+        let path = std::path::Path::new("state");
+        let bytes = state_file::encode(crate::persist::FORMAT, &saved).unwrap();
+        let decoded: VcpuState = state_file::decode(path, &bytes, crate::persist::FORMAT).unwrap();
         let vm2 = vm_with_irqchip(&kvm);
         let mut restored = Vcpu::restore(&vm2, &decoded).unwrap();
-        let again = restored.save_state(&msrs).unwrap();
+        let again = restored.save_state(&msrs, &Buses::default()).unwrap();
         assert_eq!(again.regs, saved.regs);
         assert_eq!(again.sregs, saved.sregs);
         assert_eq!(again.cpuid.len(), saved.cpuid.len());
@@ -386,7 +465,7 @@ mod tests {
         let vm = vm_with_irqchip(&kvm);
         let mut vcpu = Vcpu::create(&vm, 0).unwrap();
         vcpu.configure_cpuid(kvm.supported_cpuid()).unwrap();
-        let mut saved = vcpu.save_state(&msrs).unwrap();
+        let mut saved = vcpu.save_state(&msrs, &Buses::default()).unwrap();
         let other = Vcpu::create(&vm, 1).unwrap();
         let err = other.restore_state(&saved).unwrap_err();
         assert!(

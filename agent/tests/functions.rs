@@ -1,0 +1,241 @@
+//! The example functions end to end on KVM: `fnode build` makes each image, fnode-vmm boots
+//! it, and the function answers requests — from the `invoke=` command line, and over the
+//! vsock invocation channel (hybrid vsock, `abi::frame` frames). Hostile functions end their
+//! VM with an error frame.
+
+use std::{
+    collections::HashSet,
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{Mutex, OnceLock},
+    thread,
+    time::{Duration, Instant},
+};
+
+use fnode_guest::abi::{self, frame};
+use fnode_vmm::{
+    builder::{build, VmConfig},
+    devices::serial::SharedBuffer,
+    kvm::test_support::require_kvm,
+    KvmContext, Outcome,
+};
+
+/// Limit for guests expected to exit by themselves; hitting it is a failure.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn tmp() -> &'static Path {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// Builds `functions/<name>` once per test binary run and returns its image.
+fn image(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    // One build at a time: they share cargo's target dir.
+    let mut built = BUILT
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let out = tmp().join("functions").join(format!("{name}.elf"));
+    if built.contains(name) {
+        return out;
+    }
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../functions")
+        .join(name);
+    let result = Command::new(env!("CARGO_BIN_EXE_fnode"))
+        .env("CARGO_TARGET_DIR", tmp().join("fnode-build"))
+        .arg("build")
+        .arg(&crate_dir)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "fnode build {name} failed:\n{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    built.insert(name.to_owned());
+    out
+}
+
+/// Boots `image` with `cmdline` until it exits; returns the outcome and the console.
+fn boot(image: &Path, cmdline: &str) -> (Outcome, String) {
+    let kvm = KvmContext::new().unwrap();
+    let console = SharedBuffer::new();
+    let config = VmConfig {
+        cmdline: cmdline.to_owned(),
+        ..VmConfig::new(image)
+    };
+    let mut vm = build(&kvm, &config, Box::new(console.clone())).unwrap();
+    let report = vm.run(TIMEOUT).unwrap();
+    (
+        report.outcome,
+        String::from_utf8_lossy(&console.contents()).into_owned(),
+    )
+}
+
+fn invoke_line(console: &str) -> &str {
+    console
+        .lines()
+        .find(|l| l.contains(": invoke "))
+        .unwrap_or_else(|| panic!("no invoke line in:\n{console}"))
+}
+
+#[test]
+fn functions_answer_invoke_requests() {
+    if !require_kvm() {
+        return;
+    }
+    let (outcome, console) = boot(&image("echo"), "invoke=hello invoke_repeat=3");
+    assert!(outcome.is_success(), "{outcome}\n{console}");
+    assert!(
+        invoke_line(&console).ends_with("invoke response 5 bytes: hello"),
+        "{console}"
+    );
+
+    // `printf abc | sha256sum`
+    let (outcome, console) = boot(&image("sha256"), "invoke=abc");
+    assert!(outcome.is_success(), "{outcome}\n{console}");
+    assert!(
+        invoke_line(&console).ends_with(
+            "response 64 bytes: ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        ),
+        "{console}"
+    );
+}
+
+#[test]
+fn hostile_functions_end_their_vm_with_an_error() {
+    if !require_kvm() {
+        return;
+    }
+    let (outcome, console) = boot(&image("panic"), "invoke=x");
+    assert!(
+        matches!(outcome, Outcome::Exited { status } if status == abi::exit::FAILURE),
+        "{outcome}"
+    );
+    let line = invoke_line(&console);
+    assert!(line.contains("invoke error"), "{line}");
+    assert!(
+        line.contains("fnode test panic: the handler panicked on purpose"),
+        "{line}"
+    );
+
+    for (request, address) in [("kernel", abi::layout::KERNEL_START), ("null", 0)] {
+        let (outcome, console) = boot(&image("badmem"), &format!("invoke={request}"));
+        match outcome {
+            Outcome::Faulted { report: Some(r) } => {
+                assert_eq!((r.vector, r.cr2, r.cs & 3), (14, address, 3), "{console}")
+            }
+            other => panic!("expected a user page fault, got {other}\n{console}"),
+        }
+        let line = invoke_line(&console);
+        assert!(line.contains("function fault: #PF"), "{line}");
+        assert!(line.contains(&format!("address={address:#x}")), "{line}");
+    }
+}
+
+/// A hybrid-vsock client of the invocation port.
+struct Client(UnixStream);
+
+impl Client {
+    /// Connects to the invocation port; retries while the guest is not listening yet (or
+    /// still closing the previous connection, which it serves one at a time).
+    fn connect(path: &Path) -> Self {
+        let start = Instant::now();
+        loop {
+            let answer = UnixStream::connect(path).and_then(|mut stream| {
+                stream.set_read_timeout(Some(TIMEOUT))?;
+                writeln!(stream, "CONNECT {}", abi::vsock::INVOKE_PORT)?;
+                let mut line = String::new();
+                BufReader::new(stream.try_clone()?).read_line(&mut line)?;
+                Ok((stream, line))
+            });
+            match answer {
+                Ok((stream, line)) if line.starts_with("OK ") => return Client(stream),
+                other if start.elapsed() > TIMEOUT => {
+                    panic!("cannot connect to {path:?}: {other:?}")
+                }
+                _ => thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    fn invoke(&mut self, id: u64, payload: &[u8]) -> (u16, Vec<u8>) {
+        let h = frame::Header {
+            kind: frame::KIND_REQUEST,
+            id,
+            len: payload.len() as u32,
+        };
+        self.0.write_all(&h.encode()).unwrap();
+        self.0.write_all(payload).unwrap();
+        let mut hdr = [0u8; frame::HEADER_LEN];
+        self.0.read_exact(&mut hdr).unwrap();
+        let h = frame::Header::decode(&hdr).unwrap();
+        assert_eq!(h.id, id);
+        let mut body = vec![0u8; h.len as usize];
+        self.0.read_exact(&mut body).unwrap();
+        (h.kind, body)
+    }
+}
+
+#[test]
+fn functions_serve_the_vsock_channel() {
+    if !require_kvm() {
+        return;
+    }
+    let kvm = KvmContext::new().unwrap();
+    let sock = tmp().join(format!("functions-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let config = VmConfig {
+        vsock_uds: Some(sock.clone()),
+        ..VmConfig::new(image("echo"))
+    };
+    let mut vm = build(&kvm, &config, Box::new(std::io::sink())).unwrap();
+    vm.resume().unwrap();
+
+    let mut client = Client::connect(&sock);
+    assert_eq!(
+        client.invoke(1, b"hello"),
+        (frame::KIND_RESPONSE, b"hello".to_vec())
+    );
+    assert_eq!(client.invoke(2, b""), (frame::KIND_RESPONSE, Vec::new()));
+    // Large payloads go straight into and out of the function's memory.
+    let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (kind, body) = client.invoke(3, &big);
+    assert_eq!(kind, frame::KIND_RESPONSE);
+    assert!(body == big, "the 1 MB echo differs");
+    drop(client);
+    // A new connection is served by the same VM.
+    let mut client = Client::connect(&sock);
+    assert_eq!(
+        client.invoke(4, b"again"),
+        (frame::KIND_RESPONSE, b"again".to_vec())
+    );
+    drop(client);
+    drop(vm);
+
+    // A panic answers the request in flight with an error frame, then ends the VM.
+    let config = VmConfig {
+        vsock_uds: Some(sock.clone()),
+        ..VmConfig::new(image("panic"))
+    };
+    let mut vm = build(&kvm, &config, Box::new(std::io::sink())).unwrap();
+    vm.resume().unwrap();
+    let mut client = Client::connect(&sock);
+    let (kind, body) = client.invoke(7, b"x");
+    assert_eq!(kind, frame::KIND_ERROR);
+    let message = String::from_utf8(body).unwrap();
+    assert!(
+        message.contains("fnode test panic: the handler panicked on purpose"),
+        "{message}"
+    );
+    let outcome = vm.wait(TIMEOUT).unwrap();
+    assert!(
+        matches!(outcome, Outcome::Exited { status } if status == abi::exit::FAILURE),
+        "{outcome}"
+    );
+}

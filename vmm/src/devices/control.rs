@@ -1,0 +1,163 @@
+//! The control device at `abi::control::PORT`: the guest tells the VMM where it is in its
+//! life. Today one message: [`abi::control::READY`], written once the guest's init is done.
+//!
+//! Like the exit device, the device only records the message in a [`ControlSignal`]; the vCPU
+//! thread that made the write checks the signal after every write exit. When the VMM asked
+//! for it ([`ControlSignal::arm_ready`], before taking a snapshot), that vCPU pauses right
+//! there and reports `VcpuEvent::Ready`; otherwise the guest just goes on.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use fnode_guest::abi;
+use fnode_snapshot::Persist;
+use serde::{Deserialize, Serialize};
+
+use super::bus::BusDevice;
+use super::exit::decode_status;
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Pause the vCPU that writes READY.
+    armed: AtomicBool,
+    /// A READY was written while armed and no vCPU has paused for it yet.
+    pending: AtomicBool,
+    /// READY messages seen.
+    ready_count: AtomicU32,
+}
+
+/// A VM's control messages, shared by the control device, the vCPU threads and the VMM.
+#[derive(Clone, Debug, Default)]
+pub struct ControlSignal(Arc<Inner>);
+
+impl ControlSignal {
+    /// A signal with nothing armed or pending.
+    pub fn new() -> Self {
+        ControlSignal::default()
+    }
+
+    /// Whether the vCPU that writes READY should pause (to take a snapshot).
+    pub fn arm_ready(&self, on: bool) {
+        self.0.armed.store(on, Ordering::Release);
+    }
+
+    /// Records a READY message.
+    fn ready(&self) {
+        self.0.ready_count.fetch_add(1, Ordering::AcqRel);
+        if self.0.armed.load(Ordering::Acquire) {
+            self.0.pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether a READY the vCPU should pause for arrived; clears it.
+    pub fn take_ready(&self) -> bool {
+        self.0.pending.swap(false, Ordering::AcqRel)
+    }
+
+    /// READY messages the guest wrote (across snapshots: a restored VM goes on counting).
+    pub fn ready_count(&self) -> u32 {
+        self.0.ready_count.load(Ordering::Acquire)
+    }
+}
+
+/// The device on the control port.
+#[derive(Debug)]
+pub struct ControlDevice {
+    signal: ControlSignal,
+}
+
+impl ControlDevice {
+    /// A device that records messages in `signal`.
+    pub fn new(signal: ControlSignal) -> Self {
+        ControlDevice { signal }
+    }
+}
+
+impl BusDevice for ControlDevice {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        // A message is a 4-byte write at the port; anything else is reserved and ignored.
+        if offset == 0 && data.len() == 4 && decode_status(data) == Some(abi::control::READY) {
+            self.signal.ready();
+        }
+    }
+}
+
+/// The control device as a snapshot keeps it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlState {
+    /// READY messages seen.
+    pub ready_count: u32,
+}
+
+impl Persist<'_> for ControlDevice {
+    type State = ControlState;
+    type ConstructorArgs = ControlSignal;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> ControlState {
+        ControlState {
+            ready_count: self.signal.ready_count(),
+        }
+    }
+
+    fn restore(signal: ControlSignal, state: &ControlState) -> Result<Self, Self::Error> {
+        // Whether READY pauses is the new VM's choice, not the snapshot's.
+        signal.0.ready_count.store(state.ready_count, Ordering::Release);
+        Ok(ControlDevice::new(signal))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const READY: [u8; 4] = abi::control::READY.to_le_bytes();
+
+    #[test]
+    fn ready_pauses_only_when_armed() {
+        let signal = ControlSignal::new();
+        let mut dev = ControlDevice::new(signal.clone());
+        dev.write(0, &READY);
+        assert!(!signal.take_ready());
+        assert_eq!(signal.ready_count(), 1);
+        signal.arm_ready(true);
+        dev.write(0, &READY);
+        assert!(signal.take_ready());
+        assert!(!signal.take_ready());
+        assert_eq!(signal.ready_count(), 2);
+    }
+
+    #[test]
+    fn other_writes_are_ignored() {
+        let signal = ControlSignal::new();
+        signal.arm_ready(true);
+        let mut dev = ControlDevice::new(signal.clone());
+        dev.write(1, &READY);
+        dev.write(0, &READY[..2]);
+        dev.write(0, &[0, 0, 0, 0]);
+        assert!(!signal.take_ready());
+        assert_eq!(signal.ready_count(), 0);
+        let mut b = [0u8; 4];
+        dev.read(0, &mut b);
+        assert_eq!(b, [0xff; 4]);
+    }
+
+    #[test]
+    fn persist_round_trip() {
+        let signal = ControlSignal::new();
+        let mut dev = ControlDevice::new(signal);
+        dev.write(0, &READY);
+        let state = dev.save();
+        let restored_signal = ControlSignal::new();
+        restored_signal.arm_ready(true);
+        let restored = ControlDevice::restore(restored_signal.clone(), &state).unwrap();
+        assert_eq!(restored.save(), state);
+        assert_eq!(restored_signal.ready_count(), 1);
+        // Restoring sets no pending READY.
+        assert!(!restored_signal.take_ready());
+    }
+}

@@ -1,0 +1,272 @@
+//! Builds a microVM back from a snapshot directory, paused, in one straight-line function:
+//! [`restore`].
+//!
+//! Everything that can be wrong with a snapshot is checked before the first KVM call: the
+//! files exist, the state file is intact (checksum, length, format version), the memory file
+//! has the size the state records, the vCPUs and memory size are sane, and this host's CPU
+//! offers every feature the guest saw. Then the VM is built the way a cold boot builds it,
+//! except that guest memory maps the memory file `MAP_PRIVATE` (nothing is read or copied:
+//! the guest faults in what it touches) and every part's state is set back instead of being
+//! initialised. Every phase is timed ([`RestoreTimings`]); the VM records when its first
+//! `KVM_RUN` starts, so [`crate::MicroVm::restore_to_first_run`] gives the host time from
+//! "restore requested" to the guest running again.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fnode_guest::abi;
+use fnode_snapshot::{memory_file, state_file, MemoryFileError, Persist, SnapshotDir, StateFileError};
+
+use crate::devices::bus::{BusError, Buses, SharedDevice};
+use crate::devices::control::{ControlDevice, ControlSignal};
+use crate::devices::exit::{ExitDevice, ExitSignal};
+use crate::devices::serial::{SerialDevice, SerialError};
+use crate::devices::virtio::setup::VirtioDevices;
+use crate::kvm::KvmContext;
+use crate::microvm::MicroVm;
+use crate::persist::cpu::{self, CpuCompatError};
+use crate::persist::{MicroVmState, FORMAT};
+use crate::vstate::memory::{self, MemoryBacking, MemoryError};
+use crate::vstate::vcpu::{FirstRun, Vcpu, VcpuError, VcpuIo};
+use crate::vstate::vcpu_persist::{self, VcpuPersistError};
+use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm_persist::VmPersistError;
+
+/// Errors restoring a snapshot. The snapshot's own problems name the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The state file is missing, corrupt, truncated or of another format version.
+    #[error(transparent)]
+    State(StateFileError),
+    /// The memory file is missing or of the wrong size.
+    #[error(transparent)]
+    Memory(MemoryFileError),
+    /// The state file decodes but describes a VM fnode cannot build.
+    #[error("snapshot {} describes an invalid VM ({what}): re-run 'fnode snapshot'", dir.display())]
+    Invalid {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// This host's CPU lacks features the guest saw.
+    #[error(transparent)]
+    Cpu(CpuCompatError),
+    /// This host's KVM cannot restore what a snapshot holds.
+    #[error("this host's KVM cannot restore snapshots")]
+    Capabilities(#[source] VcpuPersistError),
+    /// Mapping the memory file failed.
+    #[error("cannot map the snapshot's memory file")]
+    Map(#[source] MemoryError),
+    /// VM setup failed.
+    #[error("cannot set up the VM")]
+    Vm(#[source] VmError),
+    /// The irqchip, PIT or clock state could not be set.
+    #[error("cannot restore the VM's irqchip and clock")]
+    VmState(#[source] VmPersistError),
+    /// A vCPU could not be created or its state set.
+    #[error("cannot restore the vCPUs")]
+    VcpuState(#[source] VcpuPersistError),
+    /// A vCPU thread could not be started.
+    #[error("cannot start the vCPU threads")]
+    Vcpu(#[source] VcpuError),
+    /// The serial device could not be restored.
+    #[error("cannot restore the serial console")]
+    Serial(#[source] SerialError),
+    /// Two devices claim the same addresses.
+    #[error("cannot place a device on its bus")]
+    Bus(#[source] BusError),
+}
+
+/// Time spent in each phase of [`restore`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestoreTimings {
+    /// When the restore was requested (the start of [`restore`]).
+    pub requested_at: Instant,
+    /// Reading and checking the state file, opening and checking the memory file, the
+    /// CPU check.
+    pub validate: Duration,
+    /// `KVM_CREATE_VM`.
+    pub create_vm: Duration,
+    /// Mapping the memory file `MAP_PRIVATE`.
+    pub map_memory: Duration,
+    /// `KVM_SET_USER_MEMORY_REGION`.
+    pub register_memory: Duration,
+    /// TSS address and in-kernel irqchip.
+    pub irqchip: Duration,
+    /// Irqchip, PIT and clock state.
+    pub vm_state: Duration,
+    /// Devices restored, on their buses, irqfds registered.
+    pub devices: Duration,
+    /// `KVM_CREATE_VCPU` and every vCPU's state set.
+    pub vcpus: Duration,
+    /// Starting the vCPU threads (paused).
+    pub start_threads: Duration,
+    /// The whole restore, up to a paused VM.
+    pub total: Duration,
+}
+
+/// Restores the snapshot in `dir` into a new VM, paused; its serial console writes to
+/// `console`. Run it with [`MicroVm::run`] (or resume it): the guest goes on right after the
+/// point where it was snapshotted.
+pub fn restore(
+    kvm: &KvmContext,
+    dir: &Path,
+    console: Box<dyn Write + Send>,
+) -> Result<MicroVm, RestoreError> {
+    let requested_at = Instant::now();
+    let mut last = requested_at;
+    let mut lap = || {
+        let now = Instant::now();
+        let d = now - last;
+        last = now;
+        d
+    };
+
+    // Validation: nothing is built until the whole snapshot checks out.
+    let snap = SnapshotDir::new(dir);
+    let state: MicroVmState =
+        state_file::read(&snap.state_path(), FORMAT).map_err(RestoreError::State)?;
+    let memory_file = memory_file::open(&snap.memory_path(), &state.memory).map_err(RestoreError::Memory)?;
+    validate(dir, &state)?;
+    let dir_name = dir.display().to_string();
+    for vcpu in &state.vcpus {
+        cpu::check(&dir_name, &vcpu.cpuid, kvm.supported_cpuid()).map_err(RestoreError::Cpu)?;
+    }
+    vcpu_persist::check_capabilities(kvm.kvm()).map_err(RestoreError::Capabilities)?;
+    let validate = lap();
+
+    let mut vm = Vm::create(kvm.kvm()).map_err(RestoreError::Vm)?;
+    let create_vm = lap();
+    // validate() checked the size against the abi's maximum, which fits usize.
+    let mem_size = state.memory.size as usize;
+    let guest_memory = memory::create(mem_size, MemoryBacking::PrivateFile(memory_file))
+        .map_err(RestoreError::Map)?;
+    let map_memory = lap();
+    // Memory before the irqchip, as in the builder (see there: an SRCU grace period).
+    vm.register_memory(&guest_memory).map_err(RestoreError::Vm)?;
+    let register_memory = lap();
+    vm.setup_irqchip().map_err(RestoreError::Vm)?;
+    let irqchip = lap();
+    vm.restore_state(&state.vm).map_err(RestoreError::VmState)?;
+    let vm_state = lap();
+
+    let devices = &state.devices;
+    let serial = SerialDevice::restore(console, &devices.serial).map_err(RestoreError::Serial)?;
+    vm.register_irqfd(serial.interrupt_evt(), abi::serial::COM1_IRQ)
+        .map_err(RestoreError::Vm)?;
+    let serial = Arc::new(Mutex::new(serial));
+    let exit = ExitSignal::new();
+    let exit_dev = match ExitDevice::restore(exit.clone(), &devices.exit) {
+        Ok(dev) => dev,
+        Err(never) => match never {},
+    };
+    let control = ControlSignal::new();
+    let control_dev = match ControlDevice::restore(control.clone(), &devices.control) {
+        Ok(dev) => dev,
+        Err(never) => match never {},
+    };
+    let mut buses = Buses::default();
+    let serial_dev: SharedDevice = serial.clone();
+    buses
+        .pio
+        .insert(
+            serial_dev,
+            u64::from(abi::serial::COM1_PORT),
+            u64::from(abi::serial::COM1_LEN),
+        )
+        .map_err(RestoreError::Bus)?;
+    buses
+        .pio
+        .insert(Arc::new(Mutex::new(exit_dev)), u64::from(abi::exit::PORT), 4)
+        .map_err(RestoreError::Bus)?;
+    buses
+        .pio
+        .insert(
+            Arc::new(Mutex::new(control_dev)),
+            u64::from(abi::control::PORT),
+            u64::from(abi::control::LEN),
+        )
+        .map_err(RestoreError::Bus)?;
+    let buses = Arc::new(buses);
+    let devices = lap();
+
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for vcpu_state in &state.vcpus {
+        vcpus.push(Vcpu::restore(&vm, vcpu_state).map_err(RestoreError::VcpuState)?);
+    }
+    let vcpus_time = lap();
+
+    let (events_tx, events) = mpsc::channel();
+    let io = VcpuIo {
+        buses: buses.clone(),
+        exit: exit.clone(),
+        control: control.clone(),
+        first_run: FirstRun::default(),
+    };
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        handles.push(
+            vcpu.start_thread(io.clone(), events_tx.clone())
+                .map_err(RestoreError::Vcpu)?,
+        );
+    }
+    let start_threads = lap();
+    let timings = RestoreTimings {
+        requested_at,
+        validate,
+        create_vm,
+        map_memory,
+        register_memory,
+        irqchip,
+        vm_state,
+        devices,
+        vcpus: vcpus_time,
+        start_threads,
+        total: requested_at.elapsed(),
+    };
+
+    let mut microvm = MicroVm::new(
+        vm,
+        guest_memory,
+        handles,
+        events,
+        serial,
+        buses,
+        exit,
+        VirtioDevices::default(),
+        Default::default(),
+    );
+    microvm.set_vcpu_io(&io);
+    microvm.set_restore_timings(timings);
+    Ok(microvm)
+}
+
+/// Checks what the state file says about the VM's shape.
+fn validate(dir: &Path, state: &MicroVmState) -> Result<(), RestoreError> {
+    let invalid = |what: String| RestoreError::Invalid {
+        dir: dir.to_path_buf(),
+        what,
+    };
+    let mib = state.memory.size >> 20;
+    if state.memory.size % (1 << 20) != 0
+        || !(abi::layout::MIN_MEM_MIB..=abi::layout::MAX_MEM_MIB).contains(&mib)
+    {
+        return Err(invalid(format!(
+            "{} bytes of guest memory",
+            state.memory.size
+        )));
+    }
+    let count = state.vcpus.len();
+    if count == 0 || count > usize::from(crate::builder::MAX_VCPUS) {
+        return Err(invalid(format!("{count} vCPUs")));
+    }
+    for (i, vcpu) in state.vcpus.iter().enumerate() {
+        if usize::from(vcpu.id) != i {
+            return Err(invalid(format!("vCPU {i} is saved as vCPU {}", vcpu.id)));
+        }
+    }
+    Ok(())
+}

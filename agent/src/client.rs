@@ -24,7 +24,7 @@ use std::{
 };
 
 use fnode_guest::abi::frame::{
-    self, Header, HeaderError, HEADER_LEN, KIND_ERROR, KIND_REQUEST, KIND_RESPONSE, MAX_PAYLOAD,
+    Header, HeaderError, HEADER_LEN, KIND_ERROR, KIND_REQUEST, KIND_RESPONSE, MAX_PAYLOAD,
 };
 
 /// How often a blocked call asks its `watch` whether to go on waiting.
@@ -184,7 +184,12 @@ impl Connection {
             next_id: 1,
         };
         let line = format!("CONNECT {port}\n");
-        conn.write_all(&mut [IoSlice::new(line.as_bytes())], deadline, watch)?;
+        // A socket closed this early is a refusal too (the line met a closed connection).
+        conn.write_all(&mut [IoSlice::new(line.as_bytes())], deadline, watch)
+            .map_err(|e| match e {
+                ClientError::Closed => ClientError::Refused { port },
+                e => e,
+            })?;
         let mut buf = [0u8; HANDSHAKE_MAX];
         let mut got = 0;
         let end = loop {
@@ -256,7 +261,8 @@ impl Connection {
     ) -> Result<Reply, ClientError> {
         let mut raw = [0u8; HEADER_LEN];
         self.read_exact(&mut raw, deadline, watch)?;
-        let header = Header::decode(&raw).map_err(|e| ClientError::BadFrame(BadFrame::Header(e)))?;
+        let header =
+            Header::decode(&raw).map_err(|e| ClientError::BadFrame(BadFrame::Header(e)))?;
         if header.kind == KIND_REQUEST {
             return Err(ClientError::BadFrame(BadFrame::NotAReply));
         }
@@ -289,11 +295,6 @@ impl Connection {
     ) -> Result<Reply, ClientError> {
         let id = self.send_request(payload, deadline, watch)?;
         self.read_reply(id, deadline, watch)
-    }
-
-    /// The socket.
-    pub fn stream(&self) -> &UnixStream {
-        &self.stream
     }
 
     /// Reads a payload of `len` bytes (no zero-filling first: `read_to_end` writes into the
@@ -378,9 +379,7 @@ impl Connection {
             match (&self.stream).write_vectored(bufs) {
                 Ok(0) => return Err(ClientError::Closed),
                 Ok(n) => IoSlice::advance_slices(&mut bufs, n),
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
-                    return Err(ClientError::Closed)
-                }
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(ClientError::Closed),
                 Err(e) => self.blocked(e, deadline, watch)?,
             }
         }
@@ -428,11 +427,6 @@ fn remaining(deadline: Instant) -> Result<Duration, ClientError> {
     }
 }
 
-/// The header of a frame, for tests and tools that play the guest's part.
-pub fn encode_header(kind: u16, id: u64, len: u32) -> [u8; HEADER_LEN] {
-    frame::Header { kind, id, len }.encode()
-}
-
 #[cfg(test)]
 mod tests {
     use std::io::BufRead;
@@ -440,6 +434,10 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    fn encode_header(kind: u16, id: u64, len: u32) -> [u8; HEADER_LEN] {
+        Header { kind, id, len }.encode()
+    }
 
     fn soon() -> Instant {
         Instant::now() + Duration::from_secs(10)
@@ -503,7 +501,9 @@ mod tests {
         let id = conn.send_request(&[], soon(), &mut go_on()).unwrap();
         let (h, body) = read_request(&mut guest);
         assert_eq!((h.id, body.len()), (id, 0));
-        guest.write_all(&encode_header(KIND_RESPONSE, id, 0)).unwrap();
+        guest
+            .write_all(&encode_header(KIND_RESPONSE, id, 0))
+            .unwrap();
         assert_eq!(
             conn.read_reply(id, soon(), &mut go_on()).unwrap(),
             Reply::Response(Vec::new())
@@ -529,7 +529,10 @@ mod tests {
             let (host, mut guest) = UnixStream::pair().unwrap();
             guest.write_all(reply).unwrap();
             let err = Connection::handshake(host, 7, soon(), &mut go_on()).unwrap_err();
-            assert!(matches!(err, ClientError::Handshake(_)), "{reply:?}: {err:?}");
+            assert!(
+                matches!(err, ClientError::Handshake(_)),
+                "{reply:?}: {err:?}"
+            );
         }
     }
 
@@ -550,8 +553,14 @@ mod tests {
     #[test]
     fn bad_frames_are_named() {
         let cases: [(Vec<u8>, &str); 4] = [
-            (encode_header(KIND_RESPONSE, 9, 0).to_vec(), "a reply to request 9"),
-            (encode_header(KIND_REQUEST, 1, 0).to_vec(), "a REQUEST frame"),
+            (
+                encode_header(KIND_RESPONSE, 9, 0).to_vec(),
+                "a reply to request 9",
+            ),
+            (
+                encode_header(KIND_REQUEST, 1, 0).to_vec(),
+                "a REQUEST frame",
+            ),
             (b"HTTP/1.1 200 OK\r\n\r\nxxxxxx".to_vec(), "bad frame magic"),
             (
                 {
@@ -576,7 +585,9 @@ mod tests {
     #[test]
     fn a_short_reply_means_the_guest_closed() {
         let (mut conn, mut guest) = pair();
-        guest.write_all(&encode_header(KIND_RESPONSE, 1, 10)).unwrap();
+        guest
+            .write_all(&encode_header(KIND_RESPONSE, 1, 10))
+            .unwrap();
         guest.write_all(b"abc").unwrap();
         drop(guest);
         let err = conn.read_reply(1, soon(), &mut go_on()).unwrap_err();
@@ -594,7 +605,10 @@ mod tests {
         let (mut conn, _guest) = pair();
         let big = vec![0u8; MAX_PAYLOAD + 1];
         let err = conn.send_request(&big, soon(), &mut go_on()).unwrap_err();
-        assert!(matches!(err, ClientError::TooLong(n) if n == MAX_PAYLOAD + 1), "{err:?}");
+        assert!(
+            matches!(err, ClientError::TooLong(n) if n == MAX_PAYLOAD + 1),
+            "{err:?}"
+        );
         assert_eq!(conn.next_id, 1, "no id used");
     }
 
@@ -643,7 +657,7 @@ mod tests {
             while let Ok((mut s, _)) = listener.accept() {
                 let mut line = [0u8; 16];
                 let n = s.read(&mut line).unwrap_or(0);
-                if n == 0 {
+                if line[..n].starts_with(b"STOP") {
                     break;
                 }
                 refused += 1;
@@ -653,8 +667,10 @@ mod tests {
         let deadline = Instant::now() + Duration::from_millis(50);
         let err = Connection::connect_retrying(&path, 1024, deadline, &mut go_on()).unwrap_err();
         assert!(matches!(err, ClientError::TimedOut), "{err:?}");
-        // Wake the refuser with an empty connection so it ends.
-        drop(UnixStream::connect(&path).unwrap());
+        UnixStream::connect(&path)
+            .unwrap()
+            .write_all(b"STOP")
+            .unwrap();
         assert!(refuser.join().unwrap() >= 2, "it retried");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -127,7 +127,21 @@ impl FrameRx {
     /// Takes stream bytes up to the end of the current frame: header bytes into the header,
     /// payload bytes into `buf`. Returns how many bytes were taken and, when the frame is
     /// complete, its id and payload length.
+    #[inline]
     fn feed(&mut self, bytes: &[u8], buf: &mut [u8]) -> Result<(usize, Option<(u64, usize)>), Rejection> {
+        // The usual small request: a whole frame at the start of one packet.
+        if let (None, 0, Some(whole)) = (self.payload, self.hdr_len, bytes.first_chunk::<HEADER_LEN>()) {
+            if let Ok(h) = Header::decode(whole) {
+                let len = h.len as usize;
+                let end = HEADER_LEN + len;
+                if h.kind == KIND_REQUEST && len <= buf.len() && end <= bytes.len() {
+                    // SAFETY: `len <= buf.len()`, `HEADER_LEN + len <= bytes.len()`; distinct
+                    // memory (the driver's buffer, the request buffer).
+                    unsafe { copy_bytes(buf.as_mut_ptr(), bytes.as_ptr().add(HEADER_LEN), len) };
+                    return Ok((end, Some((h.id, len))));
+                }
+            }
+        }
         let mut taken = 0;
         let (id, len, mut have) = match self.payload {
             Some(p) => p,
@@ -233,6 +247,17 @@ impl<T: Transport> Channel<T> {
     /// connection, accepting a connection first if none is open. Returns the request id and
     /// the payload length; the payload is in the request buffer ([`request`](Self::request)).
     pub fn wait_request(&mut self) -> Result<(u64, usize), ChannelError> {
+        let request = self.receive_frame()?;
+        // Hand the device a buffer again now, not when the next wait starts: a host that
+        // sends the next request (or a control packet) early finds one and needs no
+        // notification.
+        self.vsock.arm_rx(None);
+        Ok(request)
+    }
+
+    /// The body of [`wait_request`](Self::wait_request).
+    #[inline]
+    fn receive_frame(&mut self) -> Result<(u64, usize), ChannelError> {
         if self.carry_len > 0 {
             if let Some(done) = self.feed_carry()? {
                 return Ok(done);
@@ -272,12 +297,14 @@ impl<T: Transport> Channel<T> {
                     match self.rx.feed(bytes, dst) {
                         Ok((taken, done)) => {
                             let rest = bytes.len() - taken;
-                            if rest > CARRY_MAX - self.carry_len {
-                                return Err(self.reject(Rejection::Overrun));
+                            if rest > 0 {
+                                if rest > CARRY_MAX - self.carry_len {
+                                    return Err(self.reject(Rejection::Overrun));
+                                }
+                                self.carry[self.carry_len..self.carry_len + rest]
+                                    .copy_from_slice(&bytes[taken..]);
+                                self.carry_len += rest;
                             }
-                            self.carry[self.carry_len..self.carry_len + rest]
-                                .copy_from_slice(&bytes[taken..]);
-                            self.carry_len += rest;
                             if let Some(done) = done {
                                 return Ok(done);
                             }
@@ -366,9 +393,13 @@ impl<T: Transport> Channel<T> {
 
     /// Sends `head ++ body` on the open connection and waits until the device no longer
     /// needs `body`.
+    #[inline]
     fn send_stream(&mut self, head: &[u8], body: &[u8]) -> Result<(), ChannelError> {
         if !self.vsock.is_open() {
             return Err(ChannelError::Closed);
+        }
+        if self.vsock.send_small(head, body)? {
+            return Ok(());
         }
         let total = head.len() + body.len();
         let mut offset = 0;
@@ -634,9 +665,10 @@ mod tests {
         let (id, len) = h.ch.wait_request().unwrap();
         assert_eq!((id, len), (9, MAX_PAYLOAD));
         assert!(h.ch.request(len) == &payload[..]);
-        // One inline packet (header + 232 bytes), then 64 KiB windows: no copies beyond that.
+        // One inline packet (header + 232 bytes), then 64 KiB windows (no copies beyond
+        // that), then the inline buffer again for the next request.
         let rx_notifies = host(&mut h).notifies[0];
-        assert!(rx_notifies <= 2 + MAX_PAYLOAD.div_ceil(64 * 1024) as u32, "{rx_notifies}");
+        assert!(rx_notifies <= 3 + MAX_PAYLOAD.div_ceil(64 * 1024) as u32, "{rx_notifies}");
         h.ch.send_response(id, frame::KIND_RESPONSE, &payload).unwrap();
         let got = responses(&mut h);
         assert!(got[0].2 == payload);

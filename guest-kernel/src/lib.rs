@@ -60,6 +60,7 @@ pub mod control;
 pub mod exit;
 pub mod gdt;
 pub mod heap;
+pub mod hostile;
 pub mod idt;
 pub mod line;
 #[cfg(target_os = "none")]

@@ -19,6 +19,15 @@ fn run(boot: &fnode_guest_kernel::BootInfo) -> ! {
     if cmdline::get(boot.cmdline, cmdline::ECHO_KEY) == Some("1") {
         fnode_guest_kernel::channel::echo_main(boot.cmdline);
     }
+    match fnode_guest_kernel::hostile::switch(boot.cmdline) {
+        Ok(None) => {}
+        Ok(Some(what)) => fnode_guest_kernel::hostile::run(what, boot.cmdline),
+        Err(other) => fnode_guest_kernel::exit::fail(&format_args!(
+            "unknown {}={other}: expected {}",
+            cmdline::HOSTILE_KEY,
+            cmdline::HOSTILE_VSOCK
+        )),
+    }
     // A function image enters its function here and never comes back.
     if let Err(e) = fnode_guest_kernel::runloop::start(boot) {
         fnode_guest_kernel::exit::fail(&e);

@@ -195,6 +195,14 @@ pub mod cmdline {
     /// (a test of the vsock path end to end). Needs a virtio-vsock device.
     pub const ECHO_KEY: &str = "fnode.echo";
 
+    /// `fnode.hostile=<what>`: the kernel breaks its contract with a device on purpose, for
+    /// the host's isolation tests (the kernel's `hostile` module).
+    pub const HOSTILE_KEY: &str = "fnode.hostile";
+    /// `fnode.hostile=vsock`: instead of serving invocations, hand the virtio-vsock device a
+    /// transmit descriptor chain that links back to itself. The VMM must stop the VM with a
+    /// device fault and go on serving its other VMs.
+    pub const HOSTILE_VSOCK: &str = "vsock";
+
     /// `snapshot-test=1`: a test aid for snapshots (the plain boot image). The kernel computes
     /// a value from the TSC, keeps it in memory and in a callee-saved register, prints
     /// [`SNAPSHOT_TEST_READY`] followed by the value in hex, writes

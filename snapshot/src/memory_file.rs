@@ -162,7 +162,7 @@ fn add_page(crc: &mut Crc64, index: u64, page: &[u8]) {
 /// VM is paused).
 pub fn write(path: &Path, mem: &[u8], scan: Scan) -> Result<MemoryFileInfo, MemoryFileError> {
     let size = mem.len() as u64;
-    if size % PAGE_SIZE != 0 {
+    if !size.is_multiple_of(PAGE_SIZE) {
         return Err(MemoryFileError::BadMemorySize { size });
     }
     let tmp = tmp_path(path);
@@ -213,7 +213,7 @@ pub fn write(path: &Path, mem: &[u8], scan: Scan) -> Result<MemoryFileInfo, Memo
 /// `mincore` cannot say (then every page is looked at).
 fn residency(mem: &[u8]) -> Option<Vec<u8>> {
     let addr = mem.as_ptr();
-    if mem.is_empty() || (addr as usize) % PAGE != 0 {
+    if mem.is_empty() || !(addr as usize).is_multiple_of(PAGE) {
         return None;
     }
     let mut vec = vec![0u8; mem.len().div_ceil(PAGE)];
@@ -255,7 +255,9 @@ pub fn verify(path: &Path, info: &MemoryFileInfo) -> Result<(), MemoryFileError>
     let mut crc = Crc64::new();
     let mut found_pages = 0u64;
     let mut buf = vec![0u8; 1 << 20];
-    for (start, end) in data_extents(&file, info.size).map_err(|e| MemoryFileError::io("seek", path, e))? {
+    for (start, end) in
+        data_extents(&file, info.size).map_err(|e| MemoryFileError::io("seek", path, e))?
+    {
         // Extents are page-aligned on every filesystem fnode supports; round outwards anyway.
         let mut off = start / PAGE_SIZE * PAGE_SIZE;
         let end = end.div_ceil(PAGE_SIZE) * PAGE_SIZE;
@@ -290,7 +292,8 @@ pub fn verify(path: &Path, info: &MemoryFileInfo) -> Result<(), MemoryFileError>
 fn data_extents(file: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let seek = |off: u64, whence: libc::c_int| -> io::Result<Option<u64>> {
-        let off = libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off =
+            libc::off_t::try_from(off).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: lseek on a file descriptor this function borrows; it moves only the file
         // offset, which nothing else here uses (reads are positional).
         let r = unsafe { libc::lseek(fd, off, whence) };
@@ -376,7 +379,10 @@ mod tests {
         let usage = disk_usage(&path).unwrap();
         assert_eq!(usage.apparent, mem.len() as u64);
         // Sparse where the filesystem supports holes (tmpfs and ext4 do); never larger.
-        assert!(usage.on_disk <= usage.apparent + PAGE_SIZE * 16, "{usage:?}");
+        assert!(
+            usage.on_disk <= usage.apparent + PAGE_SIZE * 16,
+            "{usage:?}"
+        );
     }
 
     #[test]
@@ -455,7 +461,14 @@ mod tests {
         f.write_all_at(&[0], 63 * PAGE_SIZE + 17).unwrap();
         let err = verify(&path, &info).unwrap_err();
         assert!(
-            matches!(err, MemoryFileError::Checksum { found_pages: 4, expected_pages: 5, .. }),
+            matches!(
+                err,
+                MemoryFileError::Checksum {
+                    found_pages: 4,
+                    expected_pages: 5,
+                    ..
+                }
+            ),
             "{err:?}"
         );
         f.write_all_at(&[9], 63 * PAGE_SIZE + 17).unwrap();
@@ -471,9 +484,6 @@ mod tests {
     fn memory_of_a_partial_page_is_refused() {
         let dir = TempDir::new().unwrap();
         let err = write(&dir.as_path().join("m"), &[0u8; 100], Scan::All).unwrap_err();
-        assert!(matches!(
-            err,
-            MemoryFileError::BadMemorySize { size: 100 }
-        ));
+        assert!(matches!(err, MemoryFileError::BadMemorySize { size: 100 }));
     }
 }

@@ -77,6 +77,18 @@ pub enum BenchError {
         /// The code a good boot gives.
         expected: i32,
     },
+    /// A snapshot could not be restored.
+    #[error("benchmark restore failed")]
+    Restore(#[source] crate::restore::RestoreError),
+    /// The snapshot's memory file could not be opened for the floor.
+    #[error("cannot open {} for the floor", path.display())]
+    SnapshotMemory {
+        /// The memory file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The guest halted with the wrong result (it did not run the code).
     #[error("floor guest halted with eax {rax:#x}, expected {FLOOR_RESULT:#x}")]
     WrongResult {
@@ -423,6 +435,170 @@ pub fn boot_vs_floor(
         }
     }
     Ok(BootBenchReport { floor, boot, process })
+}
+
+/// The result of [`restore_vs_floor`].
+#[derive(Debug)]
+pub struct RestoreBenchReport {
+    /// Floor phases over the snapshot's memory file mapped `MAP_PRIVATE`, then
+    /// `floor.to_run` (everything before `KVM_RUN`) and the floor total.
+    pub floor: Vec<Series>,
+    /// Restore phases, `restore.total` (to a paused VM), `restore.to_first_run` ("restore
+    /// requested" to the first `KVM_RUN`, resume included), the guest's run to its exit and
+    /// `restore.to_exit`.
+    pub restore: Vec<Series>,
+}
+
+impl RestoreBenchReport {
+    /// p50 of series `a` over p50 of series `b`.
+    pub fn p50_ratio(&self, a: &str, b: &str) -> Option<f64> {
+        let all = || self.floor.iter().chain(&self.restore);
+        let a = all().find(|s| s.name == a)?.quantile(0.5);
+        let b = all().find(|s| s.name == b)?.quantile(0.5);
+        (!b.is_zero()).then(|| a.as_secs_f64() / b.as_secs_f64())
+    }
+}
+
+impl fmt::Display for RestoreBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<24} {:>6} {:>10} {:>10} {:>10} {:>10}",
+            "phase", "n", "p50 us", "p90 us", "p99 us", "max us"
+        )?;
+        for s in self.floor.iter().chain(&self.restore) {
+            let us = |q: f64| s.quantile(q).as_secs_f64() * 1e6;
+            writeln!(
+                f,
+                "{:<24} {:>6} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
+                s.name,
+                s.len(),
+                us(0.5),
+                us(0.9),
+                us(0.99),
+                us(1.0)
+            )?;
+        }
+        for (a, b) in [
+            ("restore.to_first_run", "floor.to_run"),
+            ("restore.total", "floor.to_run"),
+            ("restore.to_exit", "floor.total"),
+        ] {
+            if let Some(r) = self.p50_ratio(a, b) {
+                writeln!(f, "{a} p50 / {b} p50 = {r:.2}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs `runs` floor runs over the memory file of the snapshot in `dir` (mapped
+/// `MAP_PRIVATE`, as a restore maps it) and `runs` restores of the snapshot, each run to the
+/// guest's exit (which must be a success), interleaved so that host noise hits both alike.
+pub fn restore_vs_floor(
+    kvm: &KvmContext,
+    dir: &Path,
+    runs: u32,
+    timeout: Duration,
+) -> Result<RestoreBenchReport, BenchError> {
+    const FLOOR: [&str; 9] = [
+        "floor.create_vm",
+        "floor.set_tss",
+        "floor.map_memory",
+        "floor.register_memory",
+        "floor.create_vcpu",
+        "floor.set_registers",
+        "floor.to_run",
+        "floor.run_to_hlt",
+        "floor.total",
+    ];
+    const RESTORE: [&str; 14] = [
+        "restore.validate",
+        "restore.create_vm",
+        "restore.map_memory",
+        "restore.register_memory",
+        "restore.irqchip",
+        "restore.vm_state",
+        "restore.devices",
+        "restore.vcpus",
+        "restore.start_threads",
+        "restore.total",
+        "restore.to_first_run",
+        "restore.guest_run",
+        "restore.to_exit",
+        "restore.teardown",
+    ];
+    let mut floor: Vec<Series> = FLOOR.iter().map(|n| Series::new(n)).collect();
+    let mut restore: Vec<Series> = RESTORE.iter().map(|n| Series::new(n)).collect();
+    let memory_path = fnode_snapshot::SnapshotDir::new(dir).memory_path();
+    for _ in 0..runs {
+        let file =
+            std::fs::File::open(&memory_path).map_err(|source| BenchError::SnapshotMemory {
+                path: memory_path.clone(),
+                source,
+            })?;
+        let mem_size = file
+            .metadata()
+            .map_err(|source| BenchError::SnapshotMemory {
+                path: memory_path.clone(),
+                source,
+            })?
+            .len();
+        let t = raw_floor(
+            kvm,
+            usize::try_from(mem_size).unwrap_or(usize::MAX),
+            MemoryBacking::PrivateFile(file),
+        )?;
+        let phases = [
+            t.create_vm,
+            t.set_tss,
+            t.map_memory,
+            t.register_memory,
+            t.create_vcpu,
+            t.set_registers,
+            t.total - t.run_to_hlt,
+            t.run_to_hlt,
+            t.total,
+        ];
+        for (s, d) in floor.iter_mut().zip(phases) {
+            s.record(d);
+        }
+
+        let mut vm =
+            crate::restore::restore(kvm, dir, Box::new(io::sink())).map_err(BenchError::Restore)?;
+        let report = vm.run(timeout).map_err(BenchError::Run)?;
+        let exited = Instant::now();
+        if !report.outcome.is_success() {
+            return Err(BenchError::BootFailed(report.outcome.to_string()));
+        }
+        let (Some(r), Some(to_first_run)) =
+            (vm.restore_timings().copied(), vm.restore_to_first_run())
+        else {
+            return Err(BenchError::BootFailed("the restored VM never ran".into()));
+        };
+        let teardown = Instant::now();
+        drop(vm);
+        let phases = [
+            r.validate,
+            r.create_vm,
+            r.map_memory,
+            r.register_memory,
+            r.irqchip,
+            r.vm_state,
+            r.devices,
+            r.vcpus,
+            r.start_threads,
+            r.total,
+            to_first_run,
+            report.run_time,
+            exited.saturating_duration_since(r.requested_at),
+            teardown.elapsed(),
+        ];
+        for (s, d) in restore.iter_mut().zip(phases) {
+            s.record(d);
+        }
+    }
+    Ok(RestoreBenchReport { floor, restore })
 }
 
 #[cfg(test)]

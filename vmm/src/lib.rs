@@ -8,6 +8,11 @@
 //! [`Outcome`]: the guest's exit status, a guest fault with its report, a timeout, or a
 //! KVM/emulation error.
 //!
+//! Snapshots: a guest signals READY once its init is done ([`MicroVm::run_until_ready`]
+//! pauses it there); [`persist::snapshot`] saves its vCPUs, VM, devices and memory into a
+//! snapshot directory, and [`restore::restore`] builds a new VM from one, paused, with guest
+//! memory mapped `MAP_PRIVATE` from the snapshot's memory file.
+//!
 //! It also holds the raw-KVM floor benchmark ([`mod@bench`]) that boot and restore timings are
 //! compared with.
 //!
@@ -30,3 +35,5 @@ pub use builder::{build, BuildError, BuildTimings, VmConfig};
 pub use kvm::{KvmContext, KvmError};
 pub use microvm::{MicroVm, MicroVmError};
 pub use outcome::Outcome;
+pub use persist::snapshot;
+pub use restore::{restore, RestoreError};

@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fnode_vmm::bench;
 use fnode_vmm::builder::{self, VmConfig, DEFAULT_MEM_MIB};
+use fnode_vmm::microvm::UntilReady;
 use fnode_vmm::outcome::exit_code;
+use fnode_vmm::persist;
 use fnode_vmm::KvmContext;
 
 const EXIT_CODES_HELP: &str = "\
@@ -42,6 +44,47 @@ enum Command {
     /// Time cold boots of IMAGE against the raw-KVM floor (interleaved, same run) and print
     /// percentiles of every phase. The guest must exit with success.
     Bench(BenchArgs),
+    /// Boot IMAGE until the guest signals READY (init done), save the VM into the snapshot
+    /// directory DIR, and stop it. Prints what was saved and how long it took.
+    Snapshot(SnapshotArgs),
+    /// Restore the snapshot in DIR into a new VM, stream its serial console to stdout, and exit
+    /// with the guest's outcome.
+    #[command(after_help = EXIT_CODES_HELP)]
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SnapshotArgs {
+    /// The PVH ELF kernel image.
+    image: PathBuf,
+    /// The snapshot directory to write (created if needed; a snapshot there is replaced).
+    dir: PathBuf,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEM_MIB)]
+    mem: u64,
+    /// Kernel command line (e.g. "snapshot-test=1").
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Give up if the guest has not signalled READY after this many milliseconds.
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_ms: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct RestoreArgs {
+    /// The snapshot directory.
+    dir: PathBuf,
+    /// Stop the guest if it has not exited after this many milliseconds.
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    timeout_ms: u64,
+    /// Write the serial console to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    serial_out: Option<PathBuf>,
+    /// Also print the time of each restore phase on stderr.
+    #[arg(long)]
+    timings: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,6 +103,10 @@ struct BenchArgs {
     /// Do not boot the image under QEMU microvm (the peer) in the same run.
     #[arg(long)]
     no_qemu: bool,
+    /// Also time restores of the snapshot in DIR (each run to the guest's exit) against a
+    /// floor over its memory file mapped MAP_PRIVATE, and print that report after the boot's.
+    #[arg(long, value_name = "DIR")]
+    snapshot: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,6 +140,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Boot(args) => boot(args),
         Command::Bench(args) => bench(args),
+        Command::Snapshot(args) => snapshot(args),
+        Command::Restore(args) => restore(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -186,7 +235,79 @@ fn bench(args: BenchArgs) -> anyhow::Result<u8> {
     let report =
         bench::boot_vs_floor(&kvm, &config, args.runs, BENCH_BOOT_TIMEOUT, processes)?;
     print!("{report}");
+    if let Some(dir) = &args.snapshot {
+        eprintln!(
+            "fnode-vmm bench: {} rounds of floor over {}'s memory file, restore ...",
+            args.runs,
+            dir.display()
+        );
+        let report = bench::restore_vs_floor(&kvm, dir, args.runs, BENCH_BOOT_TIMEOUT)?;
+        println!();
+        print!("{report}");
+    }
     Ok(exit_code::SUCCESS)
+}
+
+fn snapshot(args: SnapshotArgs) -> anyhow::Result<u8> {
+    let kvm = KvmContext::new()?;
+    let config = VmConfig {
+        mem_mib: args.mem,
+        cmdline: args.cmdline,
+        ..VmConfig::new(args.image)
+    };
+    let mut vm = builder::build(&kvm, &config, Box::new(std::io::stdout()))?;
+    match vm.run_until_ready(Duration::from_millis(args.timeout_ms))? {
+        UntilReady::Ready => {}
+        UntilReady::Ended(outcome) => {
+            eprintln!(
+                "error: the guest never signalled READY (abi::control::READY): {outcome}; \
+                 only an image whose init signals READY can be snapshotted"
+            );
+            return Ok(outcome.exit_code().max(exit_code::GUEST_FAILURE));
+        }
+    }
+    let report = persist::snapshot(&kvm, &mut vm, &args.dir)
+        .with_context(|| format!("cannot snapshot into {}", args.dir.display()))?;
+    eprintln!("fnode-vmm: {report}");
+    Ok(exit_code::SUCCESS)
+}
+
+fn restore(args: RestoreArgs) -> anyhow::Result<u8> {
+    let console: Box<dyn Write + Send> = match &args.serial_out {
+        Some(path) => Box::new(
+            File::create(path)
+                .with_context(|| format!("cannot create serial output {}", path.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    let kvm = KvmContext::new()?;
+    let mut vm = fnode_vmm::restore::restore(&kvm, &args.dir, console)?;
+    let report = match vm.run(Duration::from_millis(args.timeout_ms)) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: VM failed: {e}");
+            return Ok(exit_code::VM_ERROR);
+        }
+    };
+    let outcome = &report.outcome;
+    let timings = vm.restore_timings().copied();
+    let to_first_run = vm.restore_to_first_run();
+    if outcome.is_success() {
+        eprintln!(
+            "fnode-vmm: {outcome} (restore {}, to first KVM_RUN {}, guest run {})",
+            timings.map_or_else(|| "?".into(), |t| ms(t.total)),
+            to_first_run.map_or_else(|| "?".into(), ms),
+            ms(report.run_time)
+        );
+    } else {
+        eprintln!("error: {outcome}");
+    }
+    if args.timings {
+        if let Some(t) = timings {
+            eprintln!("fnode-vmm: restore phases: {t:?}");
+        }
+    }
+    Ok(outcome.exit_code())
 }
 
 fn ms(d: Duration) -> String {

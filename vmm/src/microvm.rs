@@ -3,7 +3,7 @@
 //! [`MicroVm`] owns the VM, its memory, its devices and one thread per vCPU. It talks to the
 //! vCPU threads only over channels: commands out, events back.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,11 @@ use crate::devices::serial::{SerialDevice, SerialState};
 use crate::devices::virtio::setup::VirtioDevices;
 use crate::devices::virtio::DeviceFault;
 use crate::outcome::Outcome;
-use crate::vstate::memory::GuestMemory;
 use crate::restore::RestoreTimings;
-use crate::vstate::vcpu::{FirstRun, VcpuCommand, VcpuEvent, VcpuHandle, VcpuIo, VcpuState, VcpuStop};
+use crate::vstate::memory::GuestMemory;
+use crate::vstate::vcpu::{
+    FirstRun, VcpuCommand, VcpuEvent, VcpuHandle, VcpuIo, VcpuState, VcpuStop,
+};
 use crate::vstate::vcpu_persist::{VcpuPersistError, VcpuState as SavedVcpu};
 use crate::vstate::vm::Vm;
 
@@ -222,7 +224,11 @@ impl MicroVm {
 
     /// [`MicroVm::wait`], and with `stop_at_ready` also a stop at the guest's READY. Without
     /// it, a vCPU that paused at a READY (armed by someone else) is resumed.
-    fn wait_until(&mut self, timeout: Duration, stop_at_ready: bool) -> Result<UntilReady, MicroVmError> {
+    fn wait_until(
+        &mut self,
+        timeout: Duration,
+        stop_at_ready: bool,
+    ) -> Result<UntilReady, MicroVmError> {
         match self.state {
             VmState::Running => {}
             VmState::Paused => return Err(MicroVmError::NotRunning),
@@ -272,6 +278,51 @@ impl MicroVm {
                 }
             }
         }
+    }
+
+    /// Checks, without blocking and without pausing a running guest, whether the VM ended:
+    /// handles the events that arrived (as [`MicroVm::wait`] does) and returns the outcome
+    /// of a VM that finished or whose device faulted (the VM is then finished), `None` while
+    /// it runs on. For a caller that waits on something else (the guest's socket) and
+    /// checks on the VM now and then.
+    pub fn poll(&mut self) -> Result<Option<Outcome>, MicroVmError> {
+        match self.state {
+            VmState::Running => {}
+            VmState::Paused => return Err(MicroVmError::NotRunning),
+            VmState::Finished => return Err(MicroVmError::Finished),
+        }
+        loop {
+            let event = match self.events.try_recv() {
+                Ok(event) => event,
+                Err(TryRecvError::Empty) => return Ok(None),
+                Err(TryRecvError::Disconnected) => {
+                    return Err(MicroVmError::AllVcpuThreadsGone)
+                }
+            };
+            let ready = match event {
+                VcpuEvent::Ready { id } => Some(id),
+                _ => None,
+            };
+            if let Some(stop) = self.record(event) {
+                self.pause()?;
+                self.state = VmState::Finished;
+                return Ok(Some(self.outcome_of(stop)));
+            }
+            if let Some(fault) = self.device_fault.take() {
+                self.pause()?;
+                self.state = VmState::Finished;
+                return Ok(Some(Outcome::DeviceFault(fault)));
+            }
+            // A vCPU that paused at a READY someone else armed goes on.
+            if let Some(id) = ready {
+                self.resume_vcpu(id)?;
+            }
+        }
+    }
+
+    /// Exits to the VMM of all vCPUs so far (`KVM_RUN` returns other than kicks).
+    pub fn exit_count(&self) -> u64 {
+        self.vcpus.iter().map(VcpuHandle::exit_count).sum()
     }
 
     /// Resumes one vCPU that paused by itself (at a READY).

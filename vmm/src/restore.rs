@@ -17,7 +17,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fnode_guest::abi;
-use fnode_snapshot::{memory_file, state_file, MemoryFileError, Persist, SnapshotDir, StateFileError};
+use fnode_snapshot::{
+    memory_file, state_file, MemoryFileError, Persist, SnapshotDir, StateFileError,
+};
 
 use crate::devices::bus::{BusError, Buses, SharedDevice};
 use crate::devices::control::{ControlDevice, ControlSignal};
@@ -129,11 +131,13 @@ pub fn restore(
     let snap = SnapshotDir::new(dir);
     let state: MicroVmState =
         state_file::read(&snap.state_path(), FORMAT).map_err(RestoreError::State)?;
-    let memory_file = memory_file::open(&snap.memory_path(), &state.memory).map_err(RestoreError::Memory)?;
+    let memory_file =
+        memory_file::open(&snap.memory_path(), &state.memory).map_err(RestoreError::Memory)?;
     validate(dir, &state)?;
     let dir_name = dir.display().to_string();
+    let offered = cpu::host_features(kvm.supported_cpuid());
     for vcpu in &state.vcpus {
-        cpu::check(&dir_name, &vcpu.cpuid, kvm.supported_cpuid()).map_err(RestoreError::Cpu)?;
+        cpu::check(&dir_name, &vcpu.cpuid, &offered).map_err(RestoreError::Cpu)?;
     }
     vcpu_persist::check_capabilities(kvm.kvm()).map_err(RestoreError::Capabilities)?;
     let validate = lap();
@@ -146,7 +150,8 @@ pub fn restore(
         .map_err(RestoreError::Map)?;
     let map_memory = lap();
     // Memory before the irqchip, as in the builder (see there: an SRCU grace period).
-    vm.register_memory(&guest_memory).map_err(RestoreError::Vm)?;
+    vm.register_memory(&guest_memory)
+        .map_err(RestoreError::Vm)?;
     let register_memory = lap();
     vm.setup_irqchip().map_err(RestoreError::Vm)?;
     let irqchip = lap();
@@ -180,7 +185,11 @@ pub fn restore(
         .map_err(RestoreError::Bus)?;
     buses
         .pio
-        .insert(Arc::new(Mutex::new(exit_dev)), u64::from(abi::exit::PORT), 4)
+        .insert(
+            Arc::new(Mutex::new(exit_dev)),
+            u64::from(abi::exit::PORT),
+            4,
+        )
         .map_err(RestoreError::Bus)?;
     buses
         .pio
@@ -251,7 +260,7 @@ fn validate(dir: &Path, state: &MicroVmState) -> Result<(), RestoreError> {
         what,
     };
     let mib = state.memory.size >> 20;
-    if state.memory.size % (1 << 20) != 0
+    if !state.memory.size.is_multiple_of(1 << 20)
         || !(abi::layout::MIN_MEM_MIB..=abi::layout::MAX_MEM_MIB).contains(&mib)
     {
         return Err(invalid(format!(

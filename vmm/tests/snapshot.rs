@@ -16,7 +16,7 @@ use fnode_vmm::builder::{build, VmConfig};
 use fnode_vmm::devices::serial::SharedBuffer;
 use fnode_vmm::kvm::test_support::require_kvm;
 use fnode_vmm::microvm::{UntilReady, VmState};
-use fnode_vmm::persist::cpu::CpuCompatError;
+use fnode_vmm::persist::cpu::{self, CpuCompatError};
 use fnode_vmm::persist::{self, MicroVmState, SnapshotReport, FORMAT};
 use fnode_vmm::restore::{restore, RestoreError};
 use fnode_vmm::{KvmContext, MicroVm, Outcome};
@@ -154,7 +154,12 @@ fn a_guest_that_never_gets_ready_ends_normally() {
         return;
     }
     let kvm = KvmContext::new().unwrap();
-    let mut vm = build(&kvm, &VmConfig::new(guest_image()), Box::new(std::io::sink())).unwrap();
+    let mut vm = build(
+        &kvm,
+        &VmConfig::new(guest_image()),
+        Box::new(std::io::sink()),
+    )
+    .unwrap();
     match vm.run_until_ready(BOOT_TIMEOUT).unwrap() {
         UntilReady::Ended(outcome) => assert!(outcome.is_success(), "{outcome}"),
         UntilReady::Ready => panic!("the plain guest does not signal READY"),
@@ -256,7 +261,11 @@ fn bad_snapshots_are_refused_by_name() {
         matches!(err, RestoreError::State(StateFileError::Missing { .. })),
         "{err:?}"
     );
-    assert!(err.to_string().contains(&snap.state_path().display().to_string()), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&snap.state_path().display().to_string()),
+        "{err}"
+    );
 
     // No memory file.
     let (dir, snap) = case("no-memory", false);
@@ -266,7 +275,11 @@ fn bad_snapshots_are_refused_by_name() {
         matches!(err, RestoreError::Memory(MemoryFileError::Missing { .. })),
         "{err:?}"
     );
-    assert!(err.to_string().contains(&snap.memory_path().display().to_string()), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&snap.memory_path().display().to_string()),
+        "{err}"
+    );
 
     // A truncated state file.
     let (dir, snap) = case("truncated", false);
@@ -327,9 +340,7 @@ fn bad_snapshots_are_refused_by_name() {
     // no CPU has (CPUID.7.0:EBX bit 22 is reserved).
     let (dir, snap) = case("cpu", false);
     let mut state: MicroVmState = state_file::read(&snap.state_path(), FORMAT).unwrap();
-    let host_has_avx512f = kvm
-        .supported_cpuid()
-        .as_slice()
+    let host_has_avx512f = cpu::host_features(kvm.supported_cpuid())
         .iter()
         .any(|e| e.function == 7 && e.index == 0 && e.ebx & (1 << 16) != 0);
     let bit = if host_has_avx512f { 22 } else { 16 };
@@ -342,14 +353,20 @@ fn bad_snapshots_are_refused_by_name() {
     let err = restore_err(&kvm, &dir);
     match &err {
         RestoreError::Cpu(CpuCompatError::MissingFeatures { missing, .. }) => {
-            let expected = if bit == 16 { "avx512f" } else { "cpuid.0x7.0.ebx[22]" };
+            let expected = if bit == 16 {
+                "avx512f"
+            } else {
+                "cpuid.0x7.0.ebx[22]"
+            };
             assert_eq!(missing, &[expected.to_string()], "{err}");
         }
         other => panic!("expected a CPU feature error, got {other:?}"),
     }
     assert!(
-        err.to_string()
-            .starts_with(&format!("snapshot {} was taken on a CPU with", dir.display())),
+        err.to_string().starts_with(&format!(
+            "snapshot {} was taken on a CPU with",
+            dir.display()
+        )),
         "{err}"
     );
 

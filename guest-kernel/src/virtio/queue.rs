@@ -193,20 +193,29 @@ impl SplitQueue {
         }
     }
 
-    /// Writes descriptor `i` (taken modulo the size).
+    /// Writes descriptor `i` (taken modulo the size): two 8-byte stores.
+    #[inline(always)]
     pub fn set_desc(&mut self, i: u16, desc: Descriptor) {
         let i = usize::from(i & (self.size - 1));
-        // SAFETY: `i` is inside the table; the device reads descriptors only after a later
-        // `publish`, whose release store orders this write before it.
-        unsafe { addr_of_mut!((*self.mem.as_ptr()).desc[i]).write_volatile(desc) };
+        let meta = u64::from(desc.len) | u64::from(desc.flags) << 32 | u64::from(desc.next) << 48;
+        // SAFETY: `i < size <= N`: inside the table (8-aligned, 16 bytes per entry, laid out
+        // addr, then len/flags/next little-endian). The device reads descriptors only after a
+        // later `publish`, whose release store orders these writes before it.
+        unsafe {
+            let d = addr_of_mut!((*self.mem.as_ptr()).desc).cast::<Descriptor>().add(i).cast::<u64>();
+            d.write_volatile(desc.addr);
+            d.add(1).write_volatile(meta);
+        }
     }
 
     /// Puts chain `head` in the next available-ring slot. The device sees it after
     /// [`publish`](Self::publish).
+    #[inline]
     pub fn push(&mut self, head: u16) {
         let slot = usize::from(self.avail_idx & (self.size - 1));
-        // SAFETY: `slot` is inside the ring; the device reads it only after `publish`.
-        unsafe { addr_of_mut!((*self.mem.as_ptr()).avail.ring[slot]).write_volatile(head) };
+        // SAFETY: `slot < size <= N`: inside the ring; the device reads it only after
+        // `publish`.
+        unsafe { addr_of_mut!((*self.mem.as_ptr()).avail.ring).cast::<u16>().add(slot).write_volatile(head) };
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.in_flight += 1;
     }
@@ -214,6 +223,7 @@ impl SplitQueue {
     /// Makes every pushed chain visible to the device. Returns whether the device wants a
     /// notification: with `VIRTIO_F_EVENT_IDX`, whether the new chains pass the device's
     /// `avail_event`; otherwise, unless it set `VIRTQ_USED_F_NO_NOTIFY`.
+    #[inline]
     pub fn publish(&mut self) -> bool {
         let (old, new) = (self.published, self.avail_idx);
         self.published = new;
@@ -234,6 +244,7 @@ impl SplitQueue {
     /// Asks the device for an interrupt when it returns its next chain (`on`), or for none.
     /// The device may ignore the request (and with `VIRTIO_F_EVENT_IDX`, "on" holds for one
     /// chain: call again before each wait); poll the used ring after turning them on.
+    #[inline]
     pub fn set_interrupts(&mut self, on: bool) {
         if self.event_idx {
             // The device interrupts when its used index moves past `used_event`: just behind
@@ -257,6 +268,7 @@ impl SplitQueue {
     /// Asks for an interrupt for the next chain the device returns (event-index mode only;
     /// with flags, interrupts stay on until turned off). Cheaper than `set_interrupts`: the
     /// fence comes from the next `publish`.
+    #[inline]
     pub fn interrupt_next(&mut self) {
         if self.event_idx {
             // SAFETY: the field is inside the queue memory; 16-bit stores are atomic.
@@ -265,6 +277,7 @@ impl SplitQueue {
     }
 
     /// Whether the device returned a chain not yet popped (one load).
+    #[inline]
     pub fn has_used(&self) -> bool {
         self.used_idx_atomic().load(Ordering::Acquire) != self.last_used
     }
@@ -276,6 +289,7 @@ impl SplitQueue {
 
     /// The next chain the device returned, if any. The id is only range-checked against the
     /// queue size; whether it is a chain the driver handed over is the caller's check.
+    #[inline]
     pub fn pop_used(&mut self) -> Result<Option<UsedElem>, QueueError> {
         let used_idx = self.used_idx_atomic().load(Ordering::Acquire);
         if used_idx == self.last_used {
@@ -286,9 +300,9 @@ impl SplitQueue {
             return Err(QueueError::Overrun { queue: self.index, returned, in_flight: self.in_flight });
         }
         let slot = usize::from(self.last_used & (self.size - 1));
-        // SAFETY: `slot` is inside the ring; the acquire load above orders this read after
-        // the device's write of the entry.
-        let elem = unsafe { addr_of!((*self.mem.as_ptr()).used.ring[slot]).read_volatile() };
+        // SAFETY: `slot < size <= N`: inside the ring; the acquire load above orders this
+        // read after the device's write of the entry.
+        let elem = unsafe { addr_of!((*self.mem.as_ptr()).used.ring).cast::<UsedElem>().add(slot).read_volatile() };
         self.last_used = self.last_used.wrapping_add(1);
         self.in_flight -= 1;
         Ok(Some(elem))

@@ -417,6 +417,7 @@ impl<T: Transport> Vsock<T> {
     /// which must stay valid and unused until the chain comes back. Notifies the device only
     /// if it asked (with `VIRTIO_F_EVENT_IDX`, only when it ran out of buffers with data
     /// waiting).
+    #[inline]
     pub fn arm_rx(&mut self, window: Option<(u64, u32)>) {
         if self.rx_armed {
             return;
@@ -436,6 +437,7 @@ impl<T: Transport> Vsock<T> {
     }
 
     /// The bytes of the last [`Event::Data`] with `inline` set.
+    #[inline]
     pub fn inline_data(&self, len: u32) -> &[u8] {
         let len = (len as usize).min(RX_INLINE);
         // SAFETY: the inline buffer is RX_INLINE bytes of driver memory; the device does not
@@ -446,6 +448,7 @@ impl<T: Transport> Vsock<T> {
 
     /// Blocks until the device interrupts. Transmit interrupts are turned on first if the
     /// driver is waiting for a transmit slot or a zero-copy send, off otherwise.
+    #[inline]
     pub fn wait(&mut self) -> Result<(), VsockError> {
         let need_tx = self.tx_free == 0 || self.tx_zero_copy != 0;
         if need_tx || self.tx_interrupts {
@@ -467,6 +470,7 @@ impl<T: Transport> Vsock<T> {
 
     /// Processes at most one received packet (and the event queue). Transmit completions
     /// are reaped when a slot is needed, not here.
+    #[inline]
     pub fn poll(&mut self) -> Result<Event, VsockError> {
         if self.event.has_used() {
             return self.poll_event_queue();
@@ -485,20 +489,56 @@ impl<T: Transport> Vsock<T> {
             // Not even a header: nothing to act on.
             return Ok(Event::Control);
         }
+        let h = self.rx_hdr_ptr();
         // SAFETY: the header buffer is driver memory the device no longer writes (the chain
-        // came back); one unaligned read takes a private copy.
-        let raw = unsafe { ptr::read_unaligned(addr_of!((*self.bufs.as_ptr()).rx.hdr)) };
-        let hdr = PacketHeader::from_raw(&raw);
-        if hdr.op == op::RW {
+        // came back); each field is read once.
+        let (op, len) = unsafe {
+            (u16::from_le(addr_of!((*h).op).read_unaligned()), u32::from_le(addr_of!((*h).len).read_unaligned()))
+        };
+        if op == op::RW {
             let cap = self.rx_window.1;
-            if hdr.len > cap || hdr.len > used.len - HDR_LEN as u32 {
-                return Err(VsockError::RxOverflow { len: hdr.len, cap, used: used.len });
+            if len > cap || len > used.len - HDR_LEN as u32 {
+                return Err(VsockError::RxOverflow { len, cap, used: used.len });
+            }
+            // The usual packet, data on the open connection, is settled here in a few
+            // instructions; everything else goes through `handle_packet`.
+            // SAFETY: as above.
+            let (src_cid, dst_cid, ports, kind) = unsafe {
+                (
+                    u64::from_le(addr_of!((*h).src_cid).read_unaligned()),
+                    u64::from_le(addr_of!((*h).dst_cid).read_unaligned()),
+                    (
+                        u32::from_le(addr_of!((*h).src_port).read_unaligned()),
+                        u32::from_le(addr_of!((*h).dst_port).read_unaligned()),
+                    ),
+                    u16::from_le(addr_of!((*h).kind).read_unaligned()),
+                )
+            };
+            let guest_cid = self.guest_cid;
+            let on_conn = |c: &Conn| {
+                ports == (c.peer_port, addr::INVOKE_PORT)
+                    && src_cid == addr::HOST_CID
+                    && dst_cid == guest_cid
+                    && kind == TYPE_STREAM
+            };
+            if let Some(c) = self.conn.as_mut().filter(|c| on_conn(c) && len != 0) {
+                // SAFETY: as above.
+                unsafe {
+                    c.peer_buf_alloc = u32::from_le(addr_of!((*h).buf_alloc).read_unaligned());
+                    c.peer_fwd_cnt = u32::from_le(addr_of!((*h).fwd_cnt).read_unaligned());
+                }
+                c.fwd_cnt = c.fwd_cnt.wrapping_add(len);
+                let inline = self.rx_window.0 == self.inline_addr();
+                return Ok(Event::Data { len, inline });
             }
         }
+        // SAFETY: as above; one unaligned read takes a private copy.
+        let hdr = PacketHeader::from_raw(&unsafe { ptr::read_unaligned(h) });
         self.handle_packet(&hdr)
     }
 
     /// Acts on one received packet header.
+    #[inline]
     fn handle_packet(&mut self, hdr: &PacketHeader) -> Result<Event, VsockError> {
         if hdr.src_cid != addr::HOST_CID || hdr.dst_cid != self.guest_cid {
             // Only the host talks to this device; anything else is noise.
@@ -585,6 +625,12 @@ impl<T: Transport> Vsock<T> {
         }
     }
 
+    fn rx_hdr_ptr(&self) -> *const RawHeader {
+        // SAFETY: only the address is taken.
+        unsafe { addr_of!((*self.bufs.as_ptr()).rx.hdr) }
+    }
+
+    #[inline]
     fn inline_addr(&self) -> u64 {
         // SAFETY: only the address is taken.
         dma_addr(unsafe { addr_of!((*self.bufs.as_ptr()).rx.inline) })
@@ -628,6 +674,7 @@ impl<T: Transport> Vsock<T> {
     }
 
     /// Whether data sent from the caller's memory is still with the device.
+    #[inline]
     pub fn tx_zero_copy_pending(&mut self) -> Result<bool, VsockError> {
         if self.tx_zero_copy != 0 {
             self.reap_tx()?;
@@ -637,6 +684,7 @@ impl<T: Transport> Vsock<T> {
 
     /// A free transmit slot, if any (reaping completions only when none is free: each
     /// reaped chain costs instructions, so they are reaped in batches).
+    #[inline]
     fn free_slot(&mut self) -> Result<Option<usize>, VsockError> {
         if self.tx_free == 0 {
             self.reap_tx()?;
@@ -657,12 +705,14 @@ impl<T: Transport> Vsock<T> {
         }
     }
 
+    #[inline]
     fn slot_ptr(&self, slot: usize) -> *mut TxSlot {
         // SAFETY: `slot < TX_SLOTS` (slots come from the free mask); only the address is taken.
         unsafe { addr_of_mut!((*self.bufs.as_ptr()).tx[slot]) }
     }
 
     /// Fills the per-packet fields of slot `slot`'s header (the others were written once).
+    #[inline]
     fn stamp(&mut self, slot: usize, op: u16, src_port: u32, dst_port: u32, len: u32, flags: u32) {
         // Only the connection's own packets carry its counter (a host checks it against what
         // it sent on that connection).
@@ -706,6 +756,7 @@ impl<T: Transport> Vsock<T> {
         Ok(())
     }
 
+    #[inline]
     fn queue_tx(&mut self, slot: usize, zero_copy: bool) {
         let bit = 1u16 << slot;
         self.tx_free &= !bit;
@@ -727,6 +778,9 @@ impl<T: Transport> Vsock<T> {
         };
         let head = &head[..head.len().min(TX_INLINE)];
         let total = head.len() + body.len();
+        if offset == 0 && total <= TX_INLINE && self.send_small(head, body)? {
+            return Ok(total);
+        }
         let mut queued = false;
         while offset < total {
             let credit = self.conn.map_or(0, |c| c.credit());
@@ -795,6 +849,51 @@ impl<T: Transport> Vsock<T> {
             self.transport.notify(QUEUE_TX);
         }
         Ok(offset)
+    }
+
+    /// The usual small response: all of `head ++ body` (at most [`TX_INLINE`] bytes, not
+    /// empty) copied into one slot and sent as one packet, in a straight line; the caller may
+    /// reuse its memory at once. Returns false, sending nothing, when the sizes, the credit
+    /// or the free slots do not allow it now ([`send`](Self::send) handles every case).
+    #[inline]
+    pub fn send_small(&mut self, head: &[u8], body: &[u8]) -> Result<bool, VsockError> {
+        let n = head.len() + body.len();
+        let Some(conn) = self.conn else {
+            return Err(VsockError::NotConnected);
+        };
+        if n == 0 || n > TX_INLINE || conn.credit() < n {
+            return Ok(false);
+        }
+        if self.tx_free == 0 && !self.reap_tx()? {
+            return Ok(false);
+        }
+        let slot = self.tx_free.trailing_zeros() as usize;
+        let s = self.slot_ptr(slot);
+        // SAFETY: only addresses are taken.
+        let (hdr, data) = unsafe { (addr_of!((*s).hdr), addr_of_mut!((*s).data).cast::<u8>()) };
+        // SAFETY: `n <= TX_INLINE` bytes into the free slot's data buffer, from the caller's
+        // slices.
+        unsafe {
+            super::copy_bytes(data, head.as_ptr(), head.len());
+            super::copy_bytes(data.add(head.len()), body.as_ptr(), body.len());
+        }
+        self.stamp(slot, op::RW, addr::INVOKE_PORT, conn.peer_port, n as u32, 0);
+        let first = slot as u16 * TX_CHAIN;
+        self.tx.set_desc(first, Descriptor {
+            addr: dma_addr(hdr),
+            len: HDR_LEN as u32,
+            flags: DESC_F_NEXT,
+            next: first + 1,
+        });
+        self.tx.set_desc(first + 1, Descriptor { addr: dma_addr(data), len: n as u32, flags: 0, next: 0 });
+        self.queue_tx(slot, false);
+        if let Some(c) = self.conn.as_mut() {
+            c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+        }
+        if self.tx.publish() {
+            self.transport.notify(QUEUE_TX);
+        }
+        Ok(true)
     }
 
     /// Tells the host how much it may send if it may be running short: when the bytes
@@ -1090,12 +1189,15 @@ pub(crate) mod tests {
     #[test]
     fn refuses_other_ports_and_data_without_a_connection() {
         let mut v = driver(32);
-        let mut wrong = PacketHeader { dst_port: 99, ..PacketHeader::default() };
-        wrong.src_cid = addr::HOST_CID;
-        wrong.dst_cid = addr::GUEST_CID;
-        wrong.kind = TYPE_STREAM;
-        wrong.op = op::REQUEST;
-        wrong.src_port = 7;
+        let wrong = PacketHeader {
+            src_cid: addr::HOST_CID,
+            dst_cid: addr::GUEST_CID,
+            src_port: 7,
+            dst_port: 99,
+            kind: TYPE_STREAM,
+            op: op::REQUEST,
+            ..PacketHeader::default()
+        };
         v.transport_mut().to_guest.push_back((wrong, Vec::new()));
         v.transport_mut().send(op::RW, 8, b"data");
         v.transport_mut().send(op::REQUEST, 9, &[]);
@@ -1137,14 +1239,16 @@ pub(crate) mod tests {
         assert_eq!(next_event(&mut v), Event::Connected);
         v.arm_rx(None);
         // A device that claims more data than the buffer holds.
-        let mut h = PacketHeader::default();
-        h.src_cid = addr::HOST_CID;
-        h.dst_cid = addr::GUEST_CID;
-        h.src_port = 1;
-        h.dst_port = addr::INVOKE_PORT;
-        h.kind = TYPE_STREAM;
-        h.op = op::RW;
-        h.len = RX_INLINE as u32 + 1;
+        let h = PacketHeader {
+            src_cid: addr::HOST_CID,
+            dst_cid: addr::GUEST_CID,
+            src_port: 1,
+            dst_port: addr::INVOKE_PORT,
+            kind: TYPE_STREAM,
+            op: op::RW,
+            len: RX_INLINE as u32 + 1,
+            ..PacketHeader::default()
+        };
         let host = v.transport_mut();
         let rx = host.rx.as_mut().unwrap();
         let head = rx.pop_avail().unwrap();

@@ -106,7 +106,10 @@ impl Persist<'_> for ControlDevice {
 
     fn restore(signal: ControlSignal, state: &ControlState) -> Result<Self, Self::Error> {
         // Whether READY pauses is the new VM's choice, not the snapshot's.
-        signal.0.ready_count.store(state.ready_count, Ordering::Release);
+        signal
+            .0
+            .ready_count
+            .store(state.ready_count, Ordering::Release);
         Ok(ControlDevice::new(signal))
     }
 }

@@ -26,7 +26,9 @@ pub enum SerialError {
     #[error("cannot create the serial interrupt eventfd")]
     EventFd(#[source] io::Error),
     /// A saved state holds more received bytes than the UART's FIFO.
-    #[error("saved serial state holds {len} received bytes, more than the UART's {UART_FIFO}-byte FIFO")]
+    #[error(
+        "saved serial state holds {len} received bytes, more than the UART's {UART_FIFO}-byte FIFO"
+    )]
     FifoOverflow {
         /// Bytes in the saved FIFO.
         len: usize,
@@ -368,7 +370,10 @@ mod tests {
             ..SerialDevice::new(Box::new(io::sink())).unwrap().save()
         };
         let err = SerialDevice::restore(Box::new(io::sink()), &state).unwrap_err();
-        assert!(matches!(err, SerialError::FifoOverflow { len: 65 }), "{err:?}");
+        assert!(
+            matches!(err, SerialError::FifoOverflow { len: 65 }),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -1,11 +1,21 @@
-//! Can this host run a snapshot's vCPUs? The CPU features the guest saw (its CPUID) must all
-//! be features this host's KVM offers (`KVM_GET_SUPPORTED_CPUID`): a guest that checked for
-//! AVX-512 at boot and uses it would otherwise die of #UD after the restore.
+//! Can this host run a snapshot's vCPUs? The CPU features the guest saw (its CPUID, as
+//! `KVM_GET_CPUID2` reported it when the snapshot was taken) must all be features this host
+//! offers: a guest that checked for AVX-512 at boot and uses it would otherwise die of #UD
+//! after the restore.
+//!
+//! What this host offers ([`host_features`]) is what its KVM supports
+//! (`KVM_GET_SUPPORTED_CPUID`) together with what its CPU reports (the `cpuid` instruction).
+//! On standard KVM the guest's CPUID is what the VMM set, a subset of the former. Some KVM
+//! implementations (the paravirtual `kvm_pvm`) show the guest the CPU's own features on top
+//! of what the VMM set, because guest user code runs on the CPU as it is; there the CPU is
+//! what bounds the guest's CPUID.
 //!
 //! Compared: the vendor, and the feature-flag registers (leaf 1 ECX/EDX, leaf 7 subleaves 0
 //! and 1, leaf 0xD subleaf 1, leaf 0x80000001 ECX/EDX) plus the XSAVE components of leaf 0xD
 //! (which the saved XSAVE area may hold). Bits that reflect the guest's own settings
 //! (OSXSAVE, OSPKE) or that the VMM sets (the hypervisor bit) are left out.
+
+use std::sync::OnceLock;
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
@@ -13,8 +23,10 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CpuCompatError {
     /// The host's CPU vendor differs from the snapshot's.
-    #[error("snapshot {dir} was taken on a {snapshot} CPU, this host has a {host} CPU: \
-             take the snapshot on this host (re-run 'fnode snapshot')")]
+    #[error(
+        "snapshot {dir} was taken on a {snapshot} CPU, this host has a {host} CPU: \
+             take the snapshot on this host (re-run 'fnode snapshot')"
+    )]
     Vendor {
         /// The snapshot directory.
         dir: String,
@@ -204,7 +216,12 @@ const FEATURE_REGS: &[FeatureReg] = &[
         subleaf: 1,
         reg: Reg::Eax,
         ignore: 0,
-        names: &[(0, "xsaveopt"), (1, "xsavec"), (2, "xgetbv1"), (3, "xsaves")],
+        names: &[
+            (0, "xsaveopt"),
+            (1, "xsavec"),
+            (2, "xgetbv1"),
+            (3, "xsaves"),
+        ],
     },
     FeatureReg {
         leaf: 0xd,
@@ -271,14 +288,73 @@ fn vendor(entries: &[kvm_cpuid_entry2]) -> Option<String> {
     Some(String::from_utf8_lossy(&b).into_owned())
 }
 
-/// Checks that `host` (this host's supported CPUID) offers every feature of `snapshot` (the
-/// CPUID a snapshot's vCPU saw). `dir` names the snapshot in the error.
+/// What this host offers a guest: KVM's supported CPUID with the CPU's own feature
+/// registers OR-ed in (see the module docs).
+pub fn host_features(supported: &CpuId) -> Vec<kvm_cpuid_entry2> {
+    let mut entries = supported.as_slice().to_vec();
+    for raw in host_cpu() {
+        match entries
+            .iter_mut()
+            .find(|e| e.function == raw.function && e.index == raw.index)
+        {
+            Some(e) => {
+                e.eax |= raw.eax;
+                e.ebx |= raw.ebx;
+                e.ecx |= raw.ecx;
+                e.edx |= raw.edx;
+            }
+            None => entries.push(*raw),
+        }
+    }
+    entries
+}
+
+/// The CPU's own feature leaves (those [`check`] compares), read once per process: `cpuid`
+/// is an exit to the hypervisor when the host is itself a VM.
+fn host_cpu() -> &'static [kvm_cpuid_entry2] {
+    use std::arch::x86_64::__cpuid_count;
+    static HOST: OnceLock<Vec<kvm_cpuid_entry2>> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let max_basic = __cpuid_count(0, 0).eax;
+        let max_extended = __cpuid_count(0x8000_0000, 0).eax;
+        FEATURE_REGS
+            .iter()
+            .map(|fr| (fr.leaf, fr.subleaf))
+            .filter(|&(leaf, _)| {
+                if leaf >= 0x8000_0000 {
+                    leaf <= max_extended
+                } else {
+                    leaf <= max_basic
+                }
+            })
+            .fold(
+                Vec::new(),
+                |mut v: Vec<kvm_cpuid_entry2>, (leaf, subleaf)| {
+                    if !v.iter().any(|e| e.function == leaf && e.index == subleaf) {
+                        let r = __cpuid_count(leaf, subleaf);
+                        v.push(kvm_cpuid_entry2 {
+                            function: leaf,
+                            index: subleaf,
+                            eax: r.eax,
+                            ebx: r.ebx,
+                            ecx: r.ecx,
+                            edx: r.edx,
+                            ..Default::default()
+                        });
+                    }
+                    v
+                },
+            )
+    })
+}
+
+/// Checks that `host` (what this host offers, [`host_features`]) has every feature of
+/// `snapshot` (the CPUID a snapshot's vCPU saw). `dir` names the snapshot in the error.
 pub fn check(
     dir: &str,
     snapshot: &[kvm_cpuid_entry2],
-    host: &CpuId,
+    host: &[kvm_cpuid_entry2],
 ) -> Result<(), CpuCompatError> {
-    let host = host.as_slice();
     if let (Some(s), Some(h)) = (vendor(snapshot), vendor(host)) {
         if s != h {
             return Err(CpuCompatError::Vendor {
@@ -321,7 +397,14 @@ pub fn check(
 mod tests {
     use super::*;
 
-    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+    fn entry(
+        function: u32,
+        index: u32,
+        eax: u32,
+        ebx: u32,
+        ecx: u32,
+        edx: u32,
+    ) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
             function,
             index,
@@ -345,13 +428,22 @@ mod tests {
 
     #[test]
     fn the_same_cpu_passes() {
-        let h = CpuId::from_entries(&host()).unwrap();
+        let h = host();
         check("s", &host(), &h).unwrap();
     }
 
     #[test]
+    fn host_features_cover_kvm_and_the_cpu() {
+        let supported = CpuId::from_entries(&host()).unwrap();
+        let h = host_features(&supported);
+        check("s", &host(), &h).unwrap();
+        // The CPU's own SSE2 (every x86-64 CPU has it), which `host()` leaves out.
+        assert_ne!(find(&h, 1, 0).unwrap().edx & (1 << 26), 0);
+    }
+
+    #[test]
     fn missing_features_are_named() {
-        let h = CpuId::from_entries(&host()).unwrap();
+        let h = host();
         let mut snap = host();
         // avx512f (7.0 EBX 16), an unnamed bit (7.0 EBX 1), and OSXSAVE (ignored).
         snap[2].ebx |= (1 << 16) | (1 << 1);
@@ -371,21 +463,26 @@ mod tests {
 
     #[test]
     fn a_leaf_the_host_lacks_counts_as_missing() {
-        let h = CpuId::from_entries(&host()).unwrap();
+        let h = host();
         let mut snap = host();
         snap.push(entry(0x8000_0001, 0, 0, 0, 0, 1 << 29));
         let err = check("s", &snap, &h).unwrap_err();
-        assert!(matches!(err, CpuCompatError::MissingFeatures { ref missing, .. } if missing == &["lm"]));
+        assert!(
+            matches!(err, CpuCompatError::MissingFeatures { ref missing, .. } if missing == &["lm"])
+        );
     }
 
     #[test]
     fn another_vendor_is_refused() {
-        let h = CpuId::from_entries(&host()).unwrap();
+        let h = host();
         let mut snap = host();
         // "AuthenticAMD"
-        snap[0] = entry(0, 0, 0xd, 0x6874_7541, 0x6974_6e65, 0x444d_4163);
+        snap[0] = entry(0, 0, 0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65);
         let err = check("s", &snap, &h).unwrap_err();
-        assert!(matches!(err, CpuCompatError::Vendor { ref snapshot, ref host, .. }
-            if snapshot == "AuthenticAMD" && host == "GenuineIntel"), "{err:?}");
+        assert!(
+            matches!(err, CpuCompatError::Vendor { ref snapshot, ref host, .. }
+            if snapshot == "AuthenticAMD" && host == "GenuineIntel"),
+            "{err:?}"
+        );
     }
 }

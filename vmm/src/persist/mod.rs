@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use fnode_snapshot::memory_file::{self, DiskUsage, Scan};
-use fnode_snapshot::{state_file, FormatVersion, MemoryFileError, MemoryFileInfo, Persist, SnapshotDir, StateFileError};
+use fnode_snapshot::{
+    state_file, FormatVersion, MemoryFileError, MemoryFileInfo, Persist, SnapshotDir,
+    StateFileError,
+};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -61,7 +64,9 @@ pub enum SnapshotError {
     #[error("the VM already finished; snapshot a VM that is running or paused")]
     Finished,
     /// The VM has devices whose state cannot be saved yet.
-    #[error("the VM has virtio devices, whose state fnode cannot save yet: snapshot a VM without them")]
+    #[error(
+        "the VM has virtio devices, whose state fnode cannot save yet: snapshot a VM without them"
+    )]
     UnsupportedDevices,
     /// Pausing or reaching the vCPU threads failed.
     #[error("cannot pause the VM")]
@@ -160,7 +165,11 @@ impl std::fmt::Display for SnapshotReport {
 /// Snapshots `vm` into the directory `dir` (created if needed; a snapshot already there is
 /// replaced): pauses the VM if it runs, saves vCPUs, VM, devices and memory, and checks the
 /// memory file it wrote. The VM stays paused and usable: resume it or drop it.
-pub fn snapshot(kvm: &KvmContext, vm: &mut MicroVm, dir: &Path) -> Result<SnapshotReport, SnapshotError> {
+pub fn snapshot(
+    kvm: &KvmContext,
+    vm: &mut MicroVm,
+    dir: &Path,
+) -> Result<SnapshotReport, SnapshotError> {
     let start = Instant::now();
     let mut last = start;
     let mut lap = || {
@@ -203,7 +212,11 @@ pub fn snapshot(kvm: &KvmContext, vm: &mut MicroVm, dir: &Path) -> Result<Snapsh
     })?;
     let memory = vm.memory();
     let regions = memory.num_regions();
-    let Some(region) = memory.iter().next().filter(|r| regions == 1 && r.start_addr().0 == 0) else {
+    let Some(region) = memory
+        .iter()
+        .next()
+        .filter(|r| regions == 1 && r.start_addr().0 == 0)
+    else {
         return Err(SnapshotError::MemoryLayout(regions));
     };
     // Anonymous memory: pages never touched are not resident and need not be looked at.
@@ -219,7 +232,8 @@ pub fn snapshot(kvm: &KvmContext, vm: &mut MicroVm, dir: &Path) -> Result<Snapsh
     // above), so reading it as a `&[u8]` is sound.
     let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) };
     let memory_path = snap.memory_path();
-    let memory_info = memory_file::write(&memory_path, bytes, scan).map_err(SnapshotError::Memory)?;
+    let memory_info =
+        memory_file::write(&memory_path, bytes, scan).map_err(SnapshotError::Memory)?;
     t.memory = lap();
 
     let state = MicroVmState {
@@ -228,7 +242,8 @@ pub fn snapshot(kvm: &KvmContext, vm: &mut MicroVm, dir: &Path) -> Result<Snapsh
         vcpus,
         devices,
     };
-    let state_bytes = state_file::write(&snap.state_path(), FORMAT, &state).map_err(SnapshotError::State)?;
+    let state_bytes =
+        state_file::write(&snap.state_path(), FORMAT, &state).map_err(SnapshotError::State)?;
     t.state = lap();
     memory_file::verify(&memory_path, &memory_info).map_err(SnapshotError::Memory)?;
     snap.sync().map_err(|source| SnapshotError::Dir {

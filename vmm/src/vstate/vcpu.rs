@@ -8,7 +8,7 @@
 
 use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{compiler_fence, Ordering};
+use std::sync::atomic::{compiler_fence, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
@@ -310,6 +310,15 @@ impl Vcpu {
         unsafe { run.__bindgen_anon_1.internal.suberror }
     }
 
+    /// [`Vcpu::run_once`], counting the exits to the VMM (a kick is not one).
+    fn run_counted(&mut self, io: &VcpuIo, exits: &AtomicU64) -> Result<RunStep, VcpuError> {
+        let step = self.run_once(io);
+        if !matches!(step, Ok(RunStep::Interrupted)) {
+            exits.fetch_add(1, Ordering::Relaxed);
+        }
+        step
+    }
+
     /// Starts the vCPU's thread, paused. It reports on `events`.
     pub fn start_thread(
         self,
@@ -319,12 +328,15 @@ impl Vcpu {
         install_kick_handler()?;
         let id = self.id;
         let (commands, receiver) = mpsc::channel();
+        let exits = Arc::new(AtomicU64::new(0));
+        let thread_exits = exits.clone();
         let thread = thread::Builder::new()
             .name(format!("fnode-vcpu{id}"))
             .spawn(move || {
                 // A panic must not leave the controller waiting for a report forever.
-                let run =
-                    std::panic::AssertUnwindSafe(|| self.thread_main(&io, &receiver, &events));
+                let run = std::panic::AssertUnwindSafe(|| {
+                    self.thread_main(&io, &receiver, &events, &thread_exits)
+                });
                 std::panic::catch_unwind(run).map_err(|_| {
                     let stop = VcpuStop::Error(VcpuError::ThreadPanicked);
                     let _ = events.send(VcpuEvent::Finished { id, stop });
@@ -336,6 +348,7 @@ impl Vcpu {
             commands,
             thread: Some(thread),
             state: VcpuState::Paused,
+            exits,
         })
     }
 
@@ -345,6 +358,7 @@ impl Vcpu {
         io: &VcpuIo,
         commands: &Receiver<VcpuCommand>,
         events: &Sender<VcpuEvent>,
+        exits: &AtomicU64,
     ) -> Vcpu {
         let _kick_target = KickTarget::set(self.fd.get_kvm_run());
         let id = self.id;
@@ -376,7 +390,7 @@ impl Vcpu {
                         VcpuState::Running
                     }
                     Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => break,
-                    Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => match self.run_once(io) {
+                    Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => match self.run_counted(io, exits) {
                         Ok(RunStep::Continue | RunStep::Interrupted) => VcpuState::Running,
                         Ok(RunStep::Ready) => {
                             let _ = events.send(VcpuEvent::Ready { id });
@@ -565,12 +579,20 @@ pub struct VcpuHandle {
     commands: Sender<VcpuCommand>,
     thread: Option<JoinHandle<Result<Vcpu, ()>>>,
     state: VcpuState,
+    /// Exits to the VMM so far (`KVM_RUN` returns other than kicks), counted by the thread.
+    exits: Arc<AtomicU64>,
 }
 
 impl VcpuHandle {
     /// vCPU index.
     pub fn id(&self) -> u8 {
         self.id
+    }
+
+    /// Exits to the VMM so far (`KVM_RUN` returns other than kicks): one relaxed atomic
+    /// add per exit on the vCPU thread.
+    pub fn exit_count(&self) -> u64 {
+        self.exits.load(Ordering::Relaxed)
     }
 
     /// The state as last reported by (or commanded to) the thread.

@@ -469,11 +469,20 @@ mod tests {
         let other = Vcpu::create(&vm, 1).unwrap();
         let err = other.restore_state(&saved).unwrap_err();
         assert!(
-            matches!(err, VcpuPersistError::WrongVcpu { expected: 1, found: 0 }),
+            matches!(
+                err,
+                VcpuPersistError::WrongVcpu {
+                    expected: 1,
+                    found: 0
+                }
+            ),
             "{err:?}"
         );
         saved.cpuid.clear();
         let err = vcpu.restore_state(&saved).unwrap_err();
-        assert!(matches!(err, VcpuPersistError::NoCpuid { id: 0 }), "{err:?}");
+        assert!(
+            matches!(err, VcpuPersistError::NoCpuid { id: 0 }),
+            "{err:?}"
+        );
     }
 }

@@ -82,13 +82,21 @@ impl Vm {
     pub fn restore_state(&self, state: &VmState) -> Result<(), VmPersistError> {
         let fd = self.fd();
         // The chip ids come from the position, not from the (untrusted) saved structs.
-        for (chip_id, saved) in CHIPS.into_iter().zip([&state.pic_master, &state.pic_slave, &state.ioapic]) {
+        for (chip_id, saved) in
+            CHIPS
+                .into_iter()
+                .zip([&state.pic_master, &state.pic_slave, &state.ioapic])
+        {
             let chip = kvm_irqchip { chip_id, ..*saved };
             fd.set_irqchip(&chip)
                 .map_err(|e| VmPersistError::Ioctl("KVM_SET_IRQCHIP", e))?;
         }
         if let Some(pit) = &state.pit {
-            self.create_pit().map_err(VmPersistError::CreatePit)?;
+            match self.create_pit() {
+                // A VM that has its PIT already (restoring into a used VM) keeps it.
+                Err(VmError::CreatePit(e)) if e.errno() == libc::EEXIST => {}
+                other => other.map_err(VmPersistError::CreatePit)?,
+            }
             fd.set_pit2(pit)
                 .map_err(|e| VmPersistError::Ioctl("KVM_SET_PIT2", e))?;
         }

@@ -1,0 +1,641 @@
+//! `fnode invoke IMAGE`: boots a function image, invokes its function once over the vsock
+//! invocation channel and writes the response to stdout, byte for byte.
+//!
+//! The VM gets a hybrid-vsock device whose Unix socket lives in a private temporary folder
+//! (removed afterwards). The host connects to `abi::vsock::INVOKE_PORT` as soon as the VM
+//! runs: the guest accepts the connection once the function's `init` is done and the kernel
+//! waits for requests, so the `OK` of the handshake is the function's "ready". One REQUEST
+//! frame goes out, one RESPONSE or ERROR comes back ([`crate::client`]).
+//!
+//! Everything, boot and init included, must finish within `--timeout-ms`; a guest that takes
+//! longer (a function that loops forever) is stopped. While the host waits it keeps an eye on
+//! the VM, so a guest that faults, exits or breaks its device is reported at once with the
+//! VMM's one-line outcome.
+//!
+//! `--timings` prints the phases on stderr (VM build, boot to the function's entry, init,
+//! invoke) and what the invocation cost the host in userspace exits and guest pages first
+//! touched.
+
+use std::{
+    fmt,
+    io::{self, Read, Write},
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use fnode_guest::abi::{frame::MAX_PAYLOAD, vsock::INVOKE_PORT};
+use fnode_vmm::{
+    builder::{self, VmConfig, DEFAULT_MEM_MIB},
+    outcome::exit_code,
+    KvmContext, MicroVm, Outcome,
+};
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
+
+use crate::client::{ClientError, Connection, Reply};
+
+/// Exit codes of `fnode invoke`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  the function answered; its response is on stdout
+  1  the function answered with an error (on stderr), or the guest ended without answering
+  2  bad command-line usage (a payload over the limit included)
+  3  the guest faulted (a CPU exception), broke its device or sent a bad frame
+  4  the function did not answer within --timeout-ms and was stopped
+  5  KVM or emulation failed (triple fault, internal error, unhandled exit)
+  6  the VM could not be built (missing or invalid image, /dev/kvm unusable)";
+
+/// How long the host keeps reading after the VM ended: a guest that answers with an error
+/// and then ends (a panic, a fault) has its last frame on the way.
+const LAST_WORDS_GRACE: Duration = Duration::from_millis(200);
+/// How long the host waits for the VM to end after an error reply (a panicking or faulting
+/// function ends its VM right after its error; one that returned an error goes on serving).
+const END_AFTER_ERROR_GRACE: Duration = Duration::from_millis(50);
+/// The console line the kernel prints just before it enters the function: the end of boot.
+const FUNCTION_ENTRY_MARK: &[u8] = b"function: entry ";
+/// Console bytes kept to show when an invocation fails.
+const CONSOLE_TAIL: usize = 16 * 1024;
+
+/// `fnode invoke` options.
+#[derive(Debug, clap::Args)]
+pub struct InvokeArgs {
+    /// The function image (`fnode build` writes it).
+    pub image: PathBuf,
+    /// The request: `@FILE` (a file's bytes), `-` (stdin) or the text itself. Empty if not
+    /// given. At most 6 MiB.
+    #[arg(long, value_name = "@FILE|-|TEXT")]
+    pub payload: Option<String>,
+    /// Stop the VM if the function has not answered after this many milliseconds (boot and
+    /// init included).
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: u64,
+    /// Print the time of each phase and the host-side counts on stderr.
+    #[arg(long)]
+    pub timings: bool,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEM_MIB)]
+    pub mem: u64,
+    /// Stream the guest's serial console to stderr (otherwise it is shown only when the
+    /// invocation fails).
+    #[arg(long)]
+    pub console: bool,
+    /// Kernel command line words to add (test switches such as `fnode.hostile=vsock`).
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
+}
+
+/// Runs `fnode invoke`; every failure is reported on stderr and becomes the exit code.
+pub fn run(args: InvokeArgs) -> ExitCode {
+    match invoke(&args) {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure::Usage(e)) => {
+            eprintln!("fnode: {e:#}");
+            ExitCode::from(exit_code::USAGE)
+        }
+        Err(Failure::Setup(e)) => {
+            eprintln!("fnode: {e:#}");
+            ExitCode::from(exit_code::SETUP)
+        }
+    }
+}
+
+/// Failures before the VM runs.
+enum Failure {
+    Usage(anyhow::Error),
+    Setup(anyhow::Error),
+}
+
+fn invoke(args: &InvokeArgs) -> Result<u8, Failure> {
+    let payload = read_payload(args.payload.as_deref()).map_err(Failure::Usage)?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let start = Instant::now();
+    let deadline = start + timeout;
+
+    let dir = PrivateDir::create().map_err(Failure::Setup)?;
+    let socket = dir.path().join("vsock.sock");
+    let console = Console::new(args.console);
+    let kvm = KvmContext::new()
+        .context("cannot use KVM")
+        .map_err(Failure::Setup)?;
+    let config = VmConfig {
+        mem_mib: args.mem,
+        cmdline: args.cmdline.clone(),
+        vsock_uds: Some(socket.clone()),
+        ..VmConfig::new(&args.image)
+    };
+    let mut vm = builder::build(&kvm, &config, Box::new(console.clone()))
+        .with_context(|| format!("cannot build a VM for {}", args.image.display()))
+        .map_err(Failure::Setup)?;
+    let mut t = Timeline {
+        start,
+        built: Instant::now(),
+        vm_build: vm.build_timings().total,
+        resumed: None,
+        entered: None,
+        ready: None,
+        sent: None,
+        answered: None,
+        at_ready: None,
+        at_answer: None,
+    };
+
+    if let Err(e) = vm.resume() {
+        eprintln!("fnode: cannot start the VM: {e}");
+        return Ok(exit_code::VM_ERROR);
+    }
+    t.resumed = Some(Instant::now());
+    let mut watcher = Watcher::new(&mut vm);
+    let result = exchange(
+        &socket,
+        &payload,
+        deadline,
+        &mut watcher,
+        &mut t,
+        args.timings,
+    );
+    let ended = watcher.ended.take().map(|(o, _)| o);
+    let vm_error = watcher.error.take();
+    t.entered = console.entry_mark();
+
+    let code = match result {
+        Ok(Reply::Response(bytes)) => {
+            let mut out = io::stdout().lock();
+            if let Err(e) = out.write_all(&bytes).and_then(|()| out.flush()) {
+                eprintln!("fnode: cannot write the response to stdout: {e}");
+                return Ok(exit_code::GUEST_FAILURE);
+            }
+            exit_code::SUCCESS
+        }
+        Ok(Reply::Error(message)) => {
+            eprintln!(
+                "fnode: the function failed: {}",
+                String::from_utf8_lossy(&message)
+            );
+            // A function that panicked or faulted ends its VM right after its error; one
+            // that returned an error goes on serving.
+            let ended = ended.or_else(|| settle(&mut vm, END_AFTER_ERROR_GRACE));
+            match ended {
+                Some(o) if !o.is_success() => {
+                    eprintln!("fnode: {o}");
+                    console.show_tail();
+                    o.exit_code().max(exit_code::GUEST_FAILURE)
+                }
+                _ => exit_code::GUEST_FAILURE,
+            }
+        }
+        Err(e) => {
+            // The connection broke: the VM's end, if it comes, says why.
+            let ended = match (&e, ended) {
+                (ClientError::TimedOut, ended) => ended,
+                (_, None) if vm_error.is_none() => settle(&mut vm, LAST_WORDS_GRACE),
+                (_, ended) => ended,
+            };
+            let code = report_failure(&e, ended, vm_error, args.timeout_ms);
+            console.show_tail();
+            code
+        }
+    };
+    if args.timings {
+        t.print();
+    }
+    // The VM stops here (its vCPU threads are told to end); the folder goes after it.
+    drop(vm);
+    drop(dir);
+    Ok(code)
+}
+
+/// Connects, sends the request, reads the reply; records the phases in `t`.
+fn exchange(
+    socket: &Path,
+    payload: &[u8],
+    deadline: Instant,
+    watcher: &mut Watcher<'_>,
+    t: &mut Timeline,
+    count: bool,
+) -> Result<Reply, ClientError> {
+    let mut watch = || watcher.keep_waiting();
+    let mut conn = Connection::connect_retrying(socket, INVOKE_PORT, deadline, &mut watch)?;
+    t.ready = Some(Instant::now());
+    if count {
+        t.at_ready = Some(watcher.counts());
+    }
+    let mut watch = || watcher.keep_waiting();
+    t.sent = Some(Instant::now());
+    let reply = conn.call(payload, deadline, &mut watch)?;
+    t.answered = Some(Instant::now());
+    if count {
+        t.at_answer = Some(watcher.counts());
+    }
+    Ok(reply)
+}
+
+/// Waits up to `grace` for a running VM to end; its outcome if it did.
+fn settle(vm: &mut MicroVm, grace: Duration) -> Option<Outcome> {
+    match vm.wait(grace) {
+        Ok(Outcome::TimedOut { .. }) | Err(_) => None,
+        Ok(o) => Some(o),
+    }
+}
+
+/// Prints why the invocation failed; returns the exit code.
+fn report_failure(
+    e: &ClientError,
+    ended: Option<Outcome>,
+    vm_error: Option<fnode_vmm::MicroVmError>,
+    timeout_ms: u64,
+) -> u8 {
+    if let Some(e) = vm_error {
+        eprintln!("fnode: lost control of the VM: {e}");
+        return exit_code::VM_ERROR;
+    }
+    match ended {
+        None | Some(Outcome::TimedOut { .. }) if matches!(e, ClientError::TimedOut) => {
+            eprintln!("fnode: function did not answer within {timeout_ms} ms; stopped it");
+            exit_code::TIMEOUT
+        }
+        // A bad frame is the guest's doing whatever happened next.
+        None | Some(Outcome::TimedOut { .. }) => {
+            eprintln!("fnode: {}", chain(e));
+            match e {
+                ClientError::BadFrame(_) => exit_code::GUEST_FAULT,
+                _ => exit_code::GUEST_FAILURE,
+            }
+        }
+        Some(o) => {
+            if let ClientError::BadFrame(_) = e {
+                eprintln!("fnode: {e}");
+            }
+            if o.is_success() {
+                eprintln!("fnode: the guest exited without answering");
+                exit_code::GUEST_FAILURE
+            } else {
+                eprintln!("fnode: {o}");
+                o.exit_code()
+            }
+        }
+    }
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// Reads the request named by `--payload`, refusing one over the frame limit before
+/// anything is booted.
+fn read_payload(arg: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    let too_long = |what: &str, len: u64| {
+        anyhow::anyhow!(
+            "{what} is {len} bytes, over the {MAX_PAYLOAD}-byte limit of one invocation \
+             ({} MiB): send a smaller payload",
+            MAX_PAYLOAD >> 20
+        )
+    };
+    let (what, reader): (String, Box<dyn Read>) = match arg {
+        None => return Ok(Vec::new()),
+        Some("-") => ("the payload on stdin".into(), Box::new(io::stdin().lock())),
+        Some(a) => match a.strip_prefix('@') {
+            Some(path) => {
+                let file = std::fs::File::open(path)
+                    .with_context(|| format!("cannot open the payload file {path}"))?;
+                let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+                if len > MAX_PAYLOAD as u64 {
+                    return Err(too_long(&format!("the payload file {path}"), len));
+                }
+                (format!("the payload file {path}"), Box::new(file))
+            }
+            None if a.len() > MAX_PAYLOAD => return Err(too_long("the payload", a.len() as u64)),
+            None => return Ok(a.as_bytes().to_vec()),
+        },
+    };
+    let mut payload = Vec::new();
+    reader
+        .take(MAX_PAYLOAD as u64 + 1)
+        .read_to_end(&mut payload)
+        .with_context(|| format!("cannot read {what}"))?;
+    if payload.len() > MAX_PAYLOAD {
+        // Count the rest, for a message that says how much was offered.
+        return Err(too_long(&what, payload.len() as u64));
+    }
+    Ok(payload)
+}
+
+/// Watches the VM while the host waits on its socket.
+struct Watcher<'a> {
+    vm: &'a mut MicroVm,
+    /// How and when the VM ended, once it did.
+    ended: Option<(Outcome, Instant)>,
+    /// The VM could not be watched.
+    error: Option<fnode_vmm::MicroVmError>,
+}
+
+impl<'a> Watcher<'a> {
+    fn new(vm: &'a mut MicroVm) -> Self {
+        Watcher {
+            vm,
+            ended: None,
+            error: None,
+        }
+    }
+
+    /// Whether to keep waiting: yes while the VM runs, and for a short grace after it ended
+    /// (its last frame may still be on the way).
+    fn keep_waiting(&mut self) -> bool {
+        if let Some((_, at)) = &self.ended {
+            return at.elapsed() < LAST_WORDS_GRACE;
+        }
+        if self.error.is_some() {
+            return false;
+        }
+        match self.vm.poll() {
+            Ok(None) => true,
+            Ok(Some(outcome)) => {
+                self.ended = Some((outcome, Instant::now()));
+                true
+            }
+            Err(e) => {
+                self.error = Some(e);
+                false
+            }
+        }
+    }
+
+    /// The host-side counts so far.
+    fn counts(&self) -> Counts {
+        Counts {
+            exits: self.vm.exit_count(),
+            resident_pages: resident_pages(self.vm),
+        }
+    }
+}
+
+/// Host-side counts at one point of an invocation.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    /// Userspace exits of all vCPUs so far.
+    exits: u64,
+    /// Guest pages the host has backed so far (touched by the guest or a device), if the
+    /// kernel could say.
+    resident_pages: Option<u64>,
+}
+
+/// Guest memory pages backed by host memory (`mincore`): guest memory is anonymous and
+/// mapped without populating it, so a resident page is one the guest (or a device, or the
+/// loader) touched.
+fn resident_pages(vm: &MicroVm) -> Option<u64> {
+    // SAFETY: `_SC_PAGESIZE` is a valid sysconf name.
+    let host_page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    let mut total = 0u64;
+    for region in vm.memory().iter() {
+        let len = usize::try_from(region.len()).ok()?;
+        let mut vec = vec![0u8; len.div_ceil(host_page)];
+        // SAFETY: the region is one mapping of `len` bytes that lives as long as the VM
+        // (borrowed here); `vec` has one byte per host page of it, as mincore writes.
+        let rc = unsafe { libc::mincore(region.as_ptr().cast(), len, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return None;
+        }
+        total += vec.iter().filter(|&&b| b & 1 != 0).count() as u64;
+    }
+    Some(total)
+}
+
+/// When each phase of an invocation ended.
+#[derive(Debug)]
+struct Timeline {
+    start: Instant,
+    built: Instant,
+    /// The VM build alone (`fnode_vmm::build`), without opening `/dev/kvm` before it.
+    vm_build: Duration,
+    resumed: Option<Instant>,
+    /// The kernel printed that it enters the function.
+    entered: Option<Instant>,
+    /// The guest accepted the connection: init is done.
+    ready: Option<Instant>,
+    sent: Option<Instant>,
+    answered: Option<Instant>,
+    at_ready: Option<Counts>,
+    at_answer: Option<Counts>,
+}
+
+impl Timeline {
+    fn print(&self) {
+        let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
+        let span = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
+            (Some(a), Some(b)) if b >= a => Some(b - a),
+            _ => None,
+        };
+        let setup = (self.built - self.start).saturating_sub(self.vm_build);
+        let mut line = format!(
+            "fnode: timings: build {} (after {} opening /dev/kvm)",
+            ms(self.vm_build),
+            ms(setup)
+        );
+        match (
+            span(self.resumed, self.entered),
+            span(self.entered, self.ready),
+        ) {
+            (Some(boot), Some(init)) => {
+                line += &format!(", boot {}, init {}", ms(boot), ms(init));
+            }
+            _ => {
+                if let Some(d) = span(self.resumed, self.ready) {
+                    line += &format!(", boot+init {}", ms(d));
+                }
+            }
+        }
+        if let Some(d) = span(self.sent, self.answered) {
+            line += &format!(", invoke {}", ms(d));
+        }
+        let end = self.answered.unwrap_or_else(Instant::now);
+        line += &format!(" (total {})", ms(end - self.start));
+        eprintln!("{line}");
+        if let (Some(r), Some(a)) = (self.at_ready, self.at_answer) {
+            let pages = |c: Counts| c.resident_pages.map_or("?".into(), |p| p.to_string());
+            let touched = match (r.resident_pages, a.resident_pages) {
+                (Some(r), Some(a)) => a.saturating_sub(r).to_string(),
+                _ => "?".into(),
+            };
+            eprintln!(
+                "fnode: counts: to ready {} exits, {} guest pages resident; invoke {} exits, \
+                 {} pages newly touched",
+                r.exits,
+                pages(r),
+                a.exits.saturating_sub(r.exits),
+                touched
+            );
+        }
+    }
+}
+
+/// A folder only this user can enter, removed with everything in it on drop.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn create() -> anyhow::Result<Self> {
+        let base = std::env::temp_dir();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = base.join(format!("fnode-invoke-{}-{nanos:08x}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("cannot create a private folder in {}", base.display()))?;
+        Ok(PrivateDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The guest's serial console: kept (its tail) to show on failure, or streamed to stderr;
+/// the time the kernel said it enters the function is noted.
+#[derive(Clone)]
+struct Console(Arc<Mutex<ConsoleInner>>);
+
+struct ConsoleInner {
+    stream: bool,
+    tail: Vec<u8>,
+    entry_mark: Option<Instant>,
+}
+
+impl fmt::Debug for Console {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Console")
+    }
+}
+
+impl Console {
+    fn new(stream: bool) -> Self {
+        Console(Arc::new(Mutex::new(ConsoleInner {
+            stream,
+            tail: Vec::new(),
+            entry_mark: None,
+        })))
+    }
+
+    fn entry_mark(&self) -> Option<Instant> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry_mark
+    }
+
+    /// Prints the console's last lines on stderr (unless it was streamed there already).
+    fn show_tail(&self) {
+        let inner = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.stream || inner.tail.is_empty() {
+            return;
+        }
+        eprintln!("fnode: the guest's console:");
+        let _ = io::stderr().write_all(&inner.tail);
+    }
+}
+
+impl Write for Console {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut inner = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if inner.entry_mark.is_none()
+            && data
+                .windows(FUNCTION_ENTRY_MARK.len())
+                .any(|w| w == FUNCTION_ENTRY_MARK)
+        {
+            inner.entry_mark = Some(Instant::now());
+        }
+        if inner.stream {
+            let _ = io::stderr().write_all(data);
+        }
+        inner.tail.extend_from_slice(data);
+        if inner.tail.len() > CONSOLE_TAIL {
+            let cut = inner.tail.len() - CONSOLE_TAIL;
+            inner.tail.drain(..cut);
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_forms() {
+        assert_eq!(read_payload(None).unwrap(), b"");
+        assert_eq!(read_payload(Some("hello")).unwrap(), b"hello");
+        let dir = PrivateDir::create().unwrap();
+        let file = dir.path().join("p.bin");
+        std::fs::write(&file, [0u8, 1, 2, 255]).unwrap();
+        let arg = format!("@{}", file.display());
+        assert_eq!(read_payload(Some(&arg)).unwrap(), [0u8, 1, 2, 255]);
+        let err = read_payload(Some("@/nonexistent/payload")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("/nonexistent/payload"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn oversized_payloads_are_refused() {
+        let dir = PrivateDir::create().unwrap();
+        let file = dir.path().join("big.bin");
+        std::fs::write(&file, vec![0u8; MAX_PAYLOAD + 1]).unwrap();
+        let err = read_payload(Some(&format!("@{}", file.display()))).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(&format!("{} bytes", MAX_PAYLOAD + 1)), "{msg}");
+        assert!(msg.contains("limit"), "{msg}");
+        std::fs::write(&file, vec![0u8; MAX_PAYLOAD]).unwrap();
+        assert_eq!(
+            read_payload(Some(&format!("@{}", file.display())))
+                .unwrap()
+                .len(),
+            MAX_PAYLOAD
+        );
+    }
+
+    #[test]
+    fn private_dir_is_private_and_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = PrivateDir::create().unwrap();
+        let path = dir.path().to_owned();
+        std::fs::write(path.join("x"), b"x").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        drop(dir);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn console_keeps_its_tail_and_notes_the_entry() {
+        let mut c = Console::new(false);
+        c.write_all(b"fnode guest-kernel 0.1.0\n").unwrap();
+        assert!(c.entry_mark().is_none());
+        c.write_all(b"fnode guest-kernel: function: entry 0x2201150\n")
+            .unwrap();
+        assert!(c.entry_mark().is_some());
+        c.write_all(&vec![b'x'; CONSOLE_TAIL * 2]).unwrap();
+        assert_eq!(c.0.lock().unwrap().tail.len(), CONSOLE_TAIL);
+    }
+}

@@ -25,7 +25,8 @@ for f in echo sha256 wordcount primes spin; do
 done
 
 echo "== fnode invoke echo" >&2
-echo "response: $("$fnode" invoke "$out/echo.elf" --payload "hello from the host" --timings)"
+response="$("$fnode" invoke "$out/echo.elf" --payload "hello from the host" --timings)"
+echo "response: $response"
 
 echo "== fnode invoke sha256 (1 MiB of random bytes), checked against sha256sum" >&2
 head -c 1048576 /dev/urandom >"$out/payload.bin"
@@ -39,11 +40,13 @@ if [ "$guest" != "$host" ]; then
 fi
 
 echo "== fnode invoke wordcount" >&2
-echo "response: $("$fnode" invoke "$out/wordcount.elf" --timings \
+response="$("$fnode" invoke "$out/wordcount.elf" --timings \
     --payload '{"text": "the quick brown fox jumps over the lazy dog; the dog sleeps"}')"
+echo "response: $response"
 
 echo "== fnode invoke primes (init sieves 2^25 numbers once; the request is a lookup)" >&2
-echo "response: $("$fnode" invoke "$out/primes.elf" --payload 1000003 --timings)"
+response="$("$fnode" invoke "$out/primes.elf" --payload 1000003 --timings)"
+echo "response: $response"
 
 echo "== fnode invoke spin (a handler that never returns is stopped at --timeout-ms)" >&2
 status=0

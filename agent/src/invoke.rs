@@ -130,18 +130,7 @@ fn invoke(args: &InvokeArgs) -> Result<u8, Failure> {
     let mut vm = builder::build(&kvm, &config, Box::new(console.clone()))
         .with_context(|| format!("cannot build a VM for {}", args.image.display()))
         .map_err(Failure::Setup)?;
-    let mut t = Timeline {
-        start,
-        built: Instant::now(),
-        vm_build: vm.build_timings().total,
-        resumed: None,
-        entered: None,
-        ready: None,
-        sent: None,
-        answered: None,
-        at_ready: None,
-        at_answer: None,
-    };
+    let mut t = Timeline::new(start, vm.build_timings().total);
 
     if let Err(e) = vm.resume() {
         eprintln!("fnode: cannot start the VM: {e}");
@@ -430,6 +419,22 @@ struct Timeline {
 }
 
 impl Timeline {
+    /// A timeline that started at `start` and whose VM was just built, in `vm_build`.
+    fn new(start: Instant, vm_build: Duration) -> Self {
+        Timeline {
+            start,
+            built: Instant::now(),
+            vm_build,
+            resumed: None,
+            entered: None,
+            ready: None,
+            sent: None,
+            answered: None,
+            at_ready: None,
+            at_answer: None,
+        }
+    }
+
     fn print(&self) {
         let ms = |d: Duration| format!("{:.3} ms", d.as_secs_f64() * 1e3);
         let span = |a: Option<Instant>, b: Option<Instant>| match (a, b) {

@@ -3,10 +3,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod bench;
 mod build;
 mod client;
 mod image;
 mod invoke;
+mod restored;
+mod snapshot;
 
 /// fnode: a function node that boots, snapshots and restores no_std microVMs on KVM.
 #[derive(Parser, Debug)]
@@ -19,11 +22,19 @@ enum Cli {
     /// to stdout.
     #[command(after_help = invoke::EXIT_CODES_HELP)]
     Invoke(invoke::InvokeArgs),
+    /// Boot a function image, run its init and snapshot it into a directory that
+    /// `fnode invoke DIR` serves from.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Benchmark a function: cold start, restore, in-place reset and the raw-KVM floor,
+    /// interleaved in one run (table on stdout, --json, --plot, --density).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse() {
         Cli::Build(args) => build::run(args).map(|()| ExitCode::SUCCESS),
         Cli::Invoke(args) => Ok(invoke::run(args)),
+        Cli::Snapshot(args) => snapshot::run(args).map(|()| ExitCode::SUCCESS),
+        Cli::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
     }
 }

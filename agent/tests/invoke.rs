@@ -426,6 +426,8 @@ fn a_hostile_guest_stops_only_its_vm_in_a_shared_process() {
     .unwrap();
     healthy.resume().unwrap();
     assert_eq!(call(&healthy_sock, 1, b"before"), b"before");
+    // Booting and serving took exits (the console, the device's registers).
+    assert!(healthy.exit_count() > 0);
 
     let mut hostile = build(
         &kvm,

@@ -1,5 +1,5 @@
-//! The invocation channel: [`abi::frame`] frames over the vsock connection the host opens on
-//! [`abi::vsock::INVOKE_PORT`].
+//! The invocation channel: [`fnode_guest::abi::frame`] frames over the vsock connection the
+//! host opens on [`fnode_guest::abi::vsock::INVOKE_PORT`].
 //!
 //! The kernel's run loop calls [`Channel::wait_request`], which halts the CPU until a whole
 //! REQUEST frame has arrived and its payload lies in the request buffer, then
@@ -29,7 +29,7 @@ use crate::virtio::{
 
 /// Most bytes the channel holds that arrived ahead of the request being received (a host
 /// sends the next request only after reading the response, so normally none).
-pub const CARRY_MAX: usize = 1024;
+pub const CARRY_MAX: usize = 4096;
 
 /// Why a frame from the host was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,10 +56,16 @@ impl fmt::Display for Rejection {
         match self {
             Rejection::Header(e) => write!(f, "{e}"),
             Rejection::NotRequest(kind) => {
-                write!(f, "frame kind {kind} where a REQUEST (kind {KIND_REQUEST}) was expected")
+                write!(
+                    f,
+                    "frame kind {kind} where a REQUEST (kind {KIND_REQUEST}) was expected"
+                )
             }
             Rejection::TooLong { len, cap } => {
-                write!(f, "payload of {len} bytes exceeds the guest's {cap}-byte request buffer")
+                write!(
+                    f,
+                    "payload of {len} bytes exceeds the guest's {cap}-byte request buffer"
+                )
             }
             Rejection::Overrun => write!(
                 f,
@@ -85,11 +91,16 @@ pub enum ChannelError {
     #[error("response of {0} bytes exceeds the {max}-byte frame limit", max = MAX_PAYLOAD)]
     ResponseTooLong(usize),
     /// The response lies where the device cannot read it.
-    #[error("response buffer at {0:#x} is outside the identity map, where the device cannot read it")]
+    #[error(
+        "response buffer at {0:#x} is outside the identity map, where the device cannot read it"
+    )]
     Unreachable(u64),
     /// The device broke the virtio protocol; the channel is unusable.
     #[error("the invocation channel's device failed")]
     Device(#[source] VsockError),
+    /// The heap has no room for the channel's buffer.
+    #[error("out of memory for the invocation channel's {CARRY_MAX}-byte buffer")]
+    NoMemory,
 }
 
 impl From<VsockError> for ChannelError {
@@ -109,7 +120,11 @@ struct FrameRx {
 
 impl FrameRx {
     const fn new() -> Self {
-        FrameRx { hdr: [0; HEADER_LEN], hdr_len: 0, payload: None }
+        FrameRx {
+            hdr: [0; HEADER_LEN],
+            hdr_len: 0,
+            payload: None,
+        }
     }
 
     fn reset(&mut self) {
@@ -119,18 +134,24 @@ impl FrameRx {
 
     /// The id in the header bytes received so far (for an ERROR answer to a bad header).
     fn raw_id(&self) -> u64 {
-        let mut id = [0u8; 8];
-        id.copy_from_slice(&self.hdr[16..24]);
-        u64::from_le_bytes(id)
+        Header::raw_id(&self.hdr)
     }
 
     /// Takes stream bytes up to the end of the current frame: header bytes into the header,
     /// payload bytes into `buf`. Returns how many bytes were taken and, when the frame is
     /// complete, its id and payload length.
     #[inline]
-    fn feed(&mut self, bytes: &[u8], buf: &mut [u8]) -> Result<(usize, Option<(u64, usize)>), Rejection> {
+    fn feed(
+        &mut self,
+        bytes: &[u8],
+        buf: &mut [u8],
+    ) -> Result<(usize, Option<(u64, usize)>), Rejection> {
         // The usual small request: a whole frame at the start of one packet.
-        if let (None, 0, Some(whole)) = (self.payload, self.hdr_len, bytes.first_chunk::<HEADER_LEN>()) {
+        if let (None, 0, Some(whole)) = (
+            self.payload,
+            self.hdr_len,
+            bytes.first_chunk::<HEADER_LEN>(),
+        ) {
             if let Ok(h) = Header::decode(whole) {
                 let len = h.len as usize;
                 let end = HEADER_LEN + len;
@@ -154,7 +175,8 @@ impl FrameRx {
                     }
                     _ => {
                         taken = (HEADER_LEN - self.hdr_len).min(bytes.len());
-                        self.hdr[self.hdr_len..self.hdr_len + taken].copy_from_slice(&bytes[..taken]);
+                        self.hdr[self.hdr_len..self.hdr_len + taken]
+                            .copy_from_slice(&bytes[..taken]);
                         self.hdr_len += taken;
                         if self.hdr_len < HEADER_LEN {
                             return Ok((taken, None));
@@ -166,7 +188,10 @@ impl FrameRx {
                     if h.kind != KIND_REQUEST {
                         Err(Rejection::NotRequest(h.kind))
                     } else if h.len as usize > buf.len() {
-                        Err(Rejection::TooLong { len: h.len, cap: buf.len() })
+                        Err(Rejection::TooLong {
+                            len: h.len,
+                            cap: buf.len(),
+                        })
                     } else {
                         Ok(h)
                     }
@@ -200,6 +225,71 @@ impl FrameRx {
     }
 }
 
+/// Bytes that arrived ahead of the frame being received: a heap buffer of [`CARRY_MAX`]
+/// bytes, allocated once and never cleared (only the first `len` bytes are ever read), so
+/// that building and moving a [`Channel`] copies no large array (kernel code may be
+/// emulated one instruction at a time).
+#[derive(Debug)]
+struct Carry {
+    buf: NonNull<u8>,
+    len: usize,
+}
+
+impl Carry {
+    fn new() -> Result<Self, ChannelError> {
+        // SAFETY: the layout has a non-zero size; `Drop` frees it with the same layout.
+        let buf = NonNull::new(unsafe { alloc::alloc::alloc(Self::LAYOUT) })
+            .ok_or(ChannelError::NoMemory)?;
+        Ok(Carry { buf, len: 0 })
+    }
+
+    const LAYOUT: core::alloc::Layout = match core::alloc::Layout::from_size_align(CARRY_MAX, 8) {
+        Ok(l) => l,
+        Err(_) => panic!("CARRY_MAX is a valid size"),
+    };
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes held.
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the first `len <= CARRY_MAX` bytes were written by `push`.
+        unsafe { core::slice::from_raw_parts(self.buf.as_ptr(), self.len) }
+    }
+
+    /// Appends `bytes`; false (nothing appended) if they do not fit.
+    fn push(&mut self, bytes: &[u8]) -> bool {
+        if bytes.len() > CARRY_MAX - self.len {
+            return false;
+        }
+        // SAFETY: `len + bytes.len() <= CARRY_MAX`: inside the buffer, which `bytes` (the
+        // driver's memory) does not overlap.
+        unsafe { copy_bytes(self.buf.as_ptr().add(self.len), bytes.as_ptr(), bytes.len()) };
+        self.len += bytes.len();
+        true
+    }
+
+    /// Drops the first `n` bytes.
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.len);
+        // SAFETY: both ranges lie in the first `len` bytes; `copy` allows the overlap.
+        unsafe { core::ptr::copy(self.buf.as_ptr().add(n), self.buf.as_ptr(), self.len - n) };
+        self.len -= n;
+    }
+
+    fn clear(&mut self) {
+        self.len = 0;
+    }
+}
+
+impl Drop for Carry {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout, freed once.
+        unsafe { alloc::alloc::dealloc(self.buf.as_ptr(), Self::LAYOUT) };
+    }
+}
+
 /// The invocation channel over a vsock driver.
 #[derive(Debug)]
 pub struct Channel<T: Transport> {
@@ -207,8 +297,7 @@ pub struct Channel<T: Transport> {
     buf: NonNull<u8>,
     cap: usize,
     rx: FrameRx,
-    carry: [u8; CARRY_MAX],
-    carry_len: usize,
+    carry: Carry,
 }
 
 impl<T: Transport> Channel<T> {
@@ -223,7 +312,13 @@ impl<T: Transport> Channel<T> {
         if !dma_reachable(dma_addr(buf.as_ptr()), cap) {
             return Err(ChannelError::Unreachable(dma_addr(buf.as_ptr())));
         }
-        Ok(Channel { vsock, buf, cap, rx: FrameRx::new(), carry: [0; CARRY_MAX], carry_len: 0 })
+        Ok(Channel {
+            vsock,
+            buf,
+            cap,
+            rx: FrameRx::new(),
+            carry: Carry::new()?,
+        })
     }
 
     /// The first `len` bytes of the request buffer (a request's payload after
@@ -243,6 +338,32 @@ impl<T: Transport> Channel<T> {
         &mut self.vsock
     }
 
+    /// Waits (halting the CPU) until the host has opened a connection (returns at once if
+    /// one is open). The run loop signals READY only then: a snapshot taken at READY holds
+    /// the open connection, and a restored guest serves its first request on it without a
+    /// new handshake.
+    pub fn wait_connected(&mut self) -> Result<(), ChannelError> {
+        while !self.vsock.is_open() {
+            self.vsock.arm_rx(None);
+            match self.vsock.poll()? {
+                Event::None => self.vsock.wait()?,
+                Event::Connected => self.forget(),
+                Event::Control | Event::Closed => {}
+                Event::Data { len, inline: true } => {
+                    // Bytes that came with the connection: kept for wait_request.
+                    if !self.carry.push(self.vsock.inline_data(len)) {
+                        return Err(self.reject(Rejection::Overrun));
+                    }
+                }
+                Event::Data { inline: false, .. } => {}
+            }
+        }
+        // A receive buffer with the device before READY: a snapshot taken then holds it, and
+        // the restored guest's first request needs no notification.
+        self.vsock.arm_rx(None);
+        Ok(())
+    }
+
     /// Waits (halting the CPU) until a whole REQUEST frame has arrived on the open
     /// connection, accepting a connection first if none is open. Returns the request id and
     /// the payload length; the payload is in the request buffer ([`request`](Self::request)).
@@ -258,7 +379,7 @@ impl<T: Transport> Channel<T> {
     /// The body of [`wait_request`](Self::wait_request).
     #[inline]
     fn receive_frame(&mut self) -> Result<(u64, usize), ChannelError> {
-        if self.carry_len > 0 {
+        if !self.carry.is_empty() {
             if let Some(done) = self.feed_carry()? {
                 return Ok(done);
             }
@@ -275,7 +396,7 @@ impl<T: Transport> Channel<T> {
             self.vsock.arm_rx(window);
             match self.vsock.poll()? {
                 Event::None => {
-                    if self.vsock.peer_done_sending() && self.carry_len == 0 {
+                    if self.vsock.peer_done_sending() && self.carry.is_empty() {
                         self.vsock.close()?;
                         self.forget();
                         return Err(ChannelError::Closed);
@@ -296,14 +417,8 @@ impl<T: Transport> Channel<T> {
                     let bytes = self.vsock.inline_data(len);
                     match self.rx.feed(bytes, dst) {
                         Ok((taken, done)) => {
-                            let rest = bytes.len() - taken;
-                            if rest > 0 {
-                                if rest > CARRY_MAX - self.carry_len {
-                                    return Err(self.reject(Rejection::Overrun));
-                                }
-                                self.carry[self.carry_len..self.carry_len + rest]
-                                    .copy_from_slice(&bytes[taken..]);
-                                self.carry_len += rest;
+                            if taken < bytes.len() && !self.carry.push(&bytes[taken..]) {
+                                return Err(self.reject(Rejection::Overrun));
                             }
                             if let Some(done) = done {
                                 return Ok(done);
@@ -332,10 +447,9 @@ impl<T: Transport> Channel<T> {
     fn feed_carry(&mut self) -> Result<Option<(u64, usize)>, ChannelError> {
         // SAFETY: `new`'s contract.
         let dst = unsafe { core::slice::from_raw_parts_mut(self.buf.as_ptr(), self.cap) };
-        match self.rx.feed(&self.carry[..self.carry_len], dst) {
+        match self.rx.feed(self.carry.bytes(), dst) {
             Ok((taken, done)) => {
-                self.carry.copy_within(taken..self.carry_len, 0);
-                self.carry_len -= taken;
+                self.carry.consume(taken);
                 Ok(done)
             }
             Err(r) => Err(self.reject(r)),
@@ -345,7 +459,7 @@ impl<T: Transport> Channel<T> {
     /// Drops any partial frame and bytes held ahead.
     fn forget(&mut self) {
         self.rx.reset();
-        self.carry_len = 0;
+        self.carry.clear();
     }
 
     /// Answers a refused frame with an ERROR frame, closes the connection, and returns the
@@ -354,8 +468,16 @@ impl<T: Transport> Channel<T> {
         let id = self.rx.raw_id();
         let mut msg = MessageBuf::new();
         // A `MessageBuf` never fails; it cuts what does not fit.
-        let _ = fmt::Write::write_fmt(&mut msg, format_args!("fnode guest refused the frame: {why}"));
-        let hdr = Header { kind: frame::KIND_ERROR, id, len: msg.len as u32 }.encode();
+        let _ = fmt::Write::write_fmt(
+            &mut msg,
+            format_args!("fnode guest refused the frame: {why}"),
+        );
+        let hdr = Header {
+            kind: frame::KIND_ERROR,
+            id,
+            len: msg.len as u32,
+        }
+        .encode();
         let sent = self.send_stream(&hdr, &msg.buf[..msg.len]);
         let closed = self.vsock.close();
         self.forget();
@@ -368,7 +490,12 @@ impl<T: Transport> Channel<T> {
     /// Sends a RESPONSE ([`frame::KIND_RESPONSE`]) or ERROR ([`frame::KIND_ERROR`]) frame for
     /// request `id`. Returns once the device no longer needs `payload` (small payloads are
     /// copied; large ones are read by the device where they lie).
-    pub fn send_response(&mut self, id: u64, kind: u16, payload: &[u8]) -> Result<(), ChannelError> {
+    pub fn send_response(
+        &mut self,
+        id: u64,
+        kind: u16,
+        payload: &[u8],
+    ) -> Result<(), ChannelError> {
         if payload.len() > MAX_PAYLOAD {
             return Err(ChannelError::ResponseTooLong(payload.len()));
         }
@@ -376,7 +503,12 @@ impl<T: Transport> Channel<T> {
         if !dma_reachable(at, payload.len()) {
             return Err(ChannelError::Unreachable(at));
         }
-        let hdr = Header { kind, id, len: payload.len() as u32 }.encode();
+        let hdr = Header {
+            kind,
+            id,
+            len: payload.len() as u32,
+        }
+        .encode();
         self.send_stream(&hdr, payload)
     }
 
@@ -384,7 +516,12 @@ impl<T: Transport> Channel<T> {
     /// echo service).
     pub fn echo(&mut self, id: u64, len: usize) -> Result<(), ChannelError> {
         let len = len.min(self.cap);
-        let hdr = Header { kind: frame::KIND_RESPONSE, id, len: len as u32 }.encode();
+        let hdr = Header {
+            kind: frame::KIND_RESPONSE,
+            id,
+            len: len as u32,
+        }
+        .encode();
         // SAFETY: `new`'s contract; the device only reads the buffer while sending, and no
         // receive window is armed into it outside `wait_request`'s payload phase.
         let payload = unsafe { core::slice::from_raw_parts(self.buf.as_ptr(), len) };
@@ -421,14 +558,11 @@ impl<T: Transport> Channel<T> {
                 }
                 Event::Data { len, inline: true } => {
                     // The host sent ahead; keep it for the next wait_request.
-                    let bytes = self.vsock.inline_data(len);
-                    if bytes.len() > CARRY_MAX - self.carry_len {
+                    if !self.carry.push(self.vsock.inline_data(len)) {
                         self.vsock.close()?;
                         self.forget();
                         return Err(ChannelError::Rejected(Rejection::Overrun));
                     }
-                    self.carry[self.carry_len..self.carry_len + bytes.len()].copy_from_slice(bytes);
-                    self.carry_len += bytes.len();
                 }
                 // A window armed by an interrupted receive: nothing to keep.
                 Event::Data { inline: false, .. } => {}
@@ -445,7 +579,10 @@ struct MessageBuf {
 
 impl MessageBuf {
     const fn new() -> Self {
-        MessageBuf { buf: [0; 160], len: 0 }
+        MessageBuf {
+            buf: [0; 160],
+            len: 0,
+        }
     }
 }
 
@@ -508,8 +645,19 @@ pub fn serve_echo(vsock: Vsock<crate::virtio::mmio::MmioTransport>) -> ChannelEr
         Err(e) => return e,
     };
     let mut line = Line::log();
-    line.str("echo service on vsock port ").dec(u64::from(fnode_guest::abi::vsock::INVOKE_PORT));
+    line.str("echo service on vsock port ")
+        .dec(u64::from(fnode_guest::abi::vsock::INVOKE_PORT));
     serial::write_line(&mut line);
+    // READY once the host's connection is open, as the run loop does: a snapshot taken
+    // there serves requests on that connection at once.
+    loop {
+        match ch.wait_connected() {
+            Ok(()) => break,
+            Err(ChannelError::Closed) => {}
+            Err(e) => return e,
+        }
+    }
+    crate::control::ready();
     loop {
         let result = match ch.wait_request() {
             Ok((id, len)) => ch.echo(id, len),
@@ -537,6 +685,7 @@ mod tests {
     use crate::virtio::vsock::{
         op,
         tests::{driver_with, FakeHost},
+        RX_INLINE,
     };
 
     const PORT: u32 = 4321;
@@ -563,7 +712,13 @@ mod tests {
     }
 
     fn request(id: u64, payload: &[u8]) -> Vec<u8> {
-        let mut f = Header { kind: KIND_REQUEST, id, len: payload.len() as u32 }.encode().to_vec();
+        let mut f = Header {
+            kind: KIND_REQUEST,
+            id,
+            len: payload.len() as u32,
+        }
+        .encode()
+        .to_vec();
         f.extend_from_slice(payload);
         f
     }
@@ -608,7 +763,11 @@ mod tests {
     fn echoes_small_and_large_payloads() {
         let mut h = channel(MAX_PAYLOAD);
         connect(&mut h);
-        for (i, n) in [0usize, 1, 200, 232, 233, 5000, 64 * 1024, 300_000].into_iter().enumerate() {
+        let inline = RX_INLINE - HEADER_LEN;
+        for (i, n) in [0usize, 1, 200, inline, inline + 1, 5000, 64 * 1024, 300_000]
+            .into_iter()
+            .enumerate()
+        {
             let payload = pattern(n);
             send_split(&mut h, &request(i as u64, &payload), &[usize::MAX]);
             let (id, len) = h.ch.wait_request().unwrap();
@@ -665,11 +824,15 @@ mod tests {
         let (id, len) = h.ch.wait_request().unwrap();
         assert_eq!((id, len), (9, MAX_PAYLOAD));
         assert!(h.ch.request(len) == &payload[..]);
-        // One inline packet (header + 232 bytes), then 64 KiB windows (no copies beyond
-        // that), then the inline buffer again for the next request.
+        // One inline packet (header and the first bytes), then 64 KiB windows (no copies
+        // beyond that), then the inline buffer again for the next request.
         let rx_notifies = host(&mut h).notifies[0];
-        assert!(rx_notifies <= 3 + MAX_PAYLOAD.div_ceil(64 * 1024) as u32, "{rx_notifies}");
-        h.ch.send_response(id, frame::KIND_RESPONSE, &payload).unwrap();
+        assert!(
+            rx_notifies <= 3 + MAX_PAYLOAD.div_ceil(64 * 1024) as u32,
+            "{rx_notifies}"
+        );
+        h.ch.send_response(id, frame::KIND_RESPONSE, &payload)
+            .unwrap();
         let got = responses(&mut h);
         assert!(got[0].2 == payload);
     }
@@ -696,28 +859,56 @@ mod tests {
     fn oversized_header_is_answered_with_an_error_and_a_close() {
         let mut h = channel(1024);
         connect(&mut h);
-        let bad = Header { kind: KIND_REQUEST, id: 77, len: 1025 }.encode();
+        let bad = Header {
+            kind: KIND_REQUEST,
+            id: 77,
+            len: 1025,
+        }
+        .encode();
         host(&mut h).send(op::RW, PORT, &bad);
         let err = h.ch.wait_request().unwrap_err();
-        assert!(matches!(err, ChannelError::Rejected(Rejection::TooLong { len: 1025, cap: 1024 })), "{err}");
+        assert!(
+            matches!(
+                err,
+                ChannelError::Rejected(Rejection::TooLong {
+                    len: 1025,
+                    cap: 1024
+                })
+            ),
+            "{err}"
+        );
         let got = responses(&mut h);
         assert_eq!(got.len(), 1);
         let (kind, id, msg) = &got[0];
         assert_eq!((*kind, *id), (frame::KIND_ERROR, 77));
         let msg = std::str::from_utf8(msg).unwrap();
-        assert!(msg.contains("payload of 1025 bytes exceeds the guest's 1024-byte request buffer"), "{msg}");
+        assert!(
+            msg.contains("payload of 1025 bytes exceeds the guest's 1024-byte request buffer"),
+            "{msg}"
+        );
         assert_eq!(*host(&mut h).ops().last().unwrap(), op::SHUTDOWN);
         assert!(!h.ch.vsock().is_open());
 
         // Beyond the frame limit, and garbage: both refused the same way.
         for (port, bad) in [
-            (PORT + 1, Header { kind: KIND_REQUEST, id: 1, len: MAX_PAYLOAD as u32 + 1 }.encode()),
+            (
+                PORT + 1,
+                Header {
+                    kind: KIND_REQUEST,
+                    id: 1,
+                    len: MAX_PAYLOAD as u32 + 1,
+                }
+                .encode(),
+            ),
             (PORT + 2, [0x55; HEADER_LEN]),
         ] {
             host(&mut h).send(op::REQUEST, port, &[]);
             host(&mut h).send(op::RW, port, &bad);
             let err = h.ch.wait_request().unwrap_err();
-            assert!(matches!(err, ChannelError::Rejected(Rejection::Header(_))), "{err}");
+            assert!(
+                matches!(err, ChannelError::Rejected(Rejection::Header(_))),
+                "{err}"
+            );
         }
     }
 
@@ -725,10 +916,18 @@ mod tests {
     fn a_response_frame_from_the_host_is_refused() {
         let mut h = channel(1024);
         connect(&mut h);
-        let f = Header { kind: frame::KIND_RESPONSE, id: 3, len: 0 }.encode();
+        let f = Header {
+            kind: frame::KIND_RESPONSE,
+            id: 3,
+            len: 0,
+        }
+        .encode();
         host(&mut h).send(op::RW, PORT, &f);
         let err = h.ch.wait_request().unwrap_err();
-        assert!(matches!(err, ChannelError::Rejected(Rejection::NotRequest(2))), "{err}");
+        assert!(
+            matches!(err, ChannelError::Rejected(Rejection::NotRequest(2))),
+            "{err}"
+        );
     }
 
     #[test]
@@ -766,7 +965,10 @@ mod tests {
     #[test]
     fn send_without_connection_and_too_long_responses_fail() {
         let mut h = channel(16);
-        assert!(matches!(h.ch.send_response(1, frame::KIND_RESPONSE, b"x"), Err(ChannelError::Closed)));
+        assert!(matches!(
+            h.ch.send_response(1, frame::KIND_RESPONSE, b"x"),
+            Err(ChannelError::Closed)
+        ));
         let big = std::vec![0u8; MAX_PAYLOAD + 1];
         assert!(matches!(
             h.ch.send_response(1, frame::KIND_RESPONSE, &big),

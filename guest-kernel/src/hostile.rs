@@ -64,7 +64,9 @@ mod imp {
         line.str("hostile: handing the vsock device a looping descriptor chain");
         serial::write_line(&mut line);
         let (devices, n) = announced_devices(cmdline, |_| {});
-        mmio::map_device_windows();
+        if let Err(e) = mmio::map_device_windows() {
+            exit::fail(&e);
+        }
         let transport = devices[..n]
             .iter()
             .filter_map(|d| MmioTransport::new(d).ok())

@@ -90,7 +90,9 @@ mod imp {
 
     fn outb(port: u16, value: u8) {
         // SAFETY: the callers write only the PIC's command and data ports.
-        unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) };
+        unsafe {
+            asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+        };
     }
 
     /// Programs both PICs (vectors from [`VECTOR_BASE`], auto-EOI, every line masked).
@@ -126,7 +128,9 @@ mod imp {
     pub fn wait_for_interrupt() {
         let rflags: u64;
         // SAFETY: reads RFLAGS (through the stack, balanced) and disables interrupts.
-        unsafe { asm!("pushfq", "pop {}", "cli", out(reg) rflags, options(nomem, preserves_flags)) };
+        unsafe {
+            asm!("pushfq", "pop {}", "cli", out(reg) rflags, options(nomem, preserves_flags))
+        };
         if !PENDING.swap(false, Ordering::Relaxed) {
             // SAFETY: halts until an interrupt; the handler only sets PENDING.
             unsafe { asm!("sti", "hlt", "cli", options(nostack)) };

@@ -86,7 +86,7 @@ mod imp {
     use super::*;
     use crate::{
         channel::{Channel, ChannelError},
-        exit,
+        control, exit,
         line::Line,
         serial, syscall, user,
         virtio::{self, mmio::MmioTransport},
@@ -161,6 +161,23 @@ mod imp {
             }
         }
 
+        /// Signals READY (`abi::control::READY`): init is done and, with a vsock channel,
+        /// the host's connection is open, so a snapshot taken here serves requests at once.
+        #[cold]
+        #[inline(never)]
+        fn ready(&mut self) {
+            if let Source::Vsock(channel) = self {
+                loop {
+                    match channel.wait_connected() {
+                        Ok(()) => break,
+                        Err(ChannelError::Closed) => {}
+                        Err(e) => channel_failed(&e),
+                    }
+                }
+            }
+            control::ready();
+        }
+
         /// Waits for the next request, written into `buf`; returns its id and length.
         fn wait(&mut self, buf: &mut [u8]) -> (u64, usize) {
             match self {
@@ -223,6 +240,8 @@ mod imp {
         source: Source,
         /// The id of the request the function is handling.
         in_flight: Option<u64>,
+        /// READY was signalled (on the first `NEXT`, after `init`).
+        ready: bool,
     }
 
     /// The run loop's state, touched only from system calls and user-mode exceptions.
@@ -258,6 +277,7 @@ mod imp {
                 layout,
                 source,
                 in_flight: None,
+                ready: false,
             })
         };
         let mut line = Line::log();
@@ -290,6 +310,10 @@ mod imp {
         let buf = unsafe {
             core::slice::from_raw_parts_mut(run.layout.request_buf as *mut u8, MAX_PAYLOAD)
         };
+        if !run.ready {
+            run.ready = true;
+            run.source.ready();
+        }
         let (id, len) = run.source.wait(buf);
         run.in_flight = Some(id);
         len as u64

@@ -66,7 +66,7 @@ mod imp {
         sync::atomic::AtomicBool,
     };
 
-    use fnode_guest::abi::user::sys;
+    use fnode_guest::abi::{entropy, user::sys};
 
     use super::*;
     use crate::{gdt, runloop, serial};
@@ -194,19 +194,43 @@ mod imp {
         }
     }
 
-    /// `random(ptr, len)`: `rdrand` straight into the user buffer.
+    /// Random calls so far. Kernel memory: a restored or reset VM goes back to the
+    /// snapshot's count, and the host's fresh seed is what makes its stream differ.
+    static RANDOM_CALLS: AtomicU64 = AtomicU64::new(0);
+
+    /// `random(ptr, len)`: `rdrand` XOR the stream keyed by the host's seed
+    /// (`abi::entropy`), straight into the user buffer. Either source alone will do.
     fn random(ptr: u64, len: u64) -> u64 {
-        if len > sys::RANDOM_MAX || !HAS_RDRAND.load(Ordering::Relaxed) {
+        let has_rdrand = HAS_RDRAND.load(Ordering::Relaxed);
+        let seed = host_seed();
+        if len > sys::RANDOM_MAX || (!has_rdrand && seed.is_none()) {
             return sys::EINVAL;
         }
         let Some(buf) = user_bytes_mut(ptr, len) else {
             return sys::EINVAL;
         };
-        if fill_random(buf, rdrand) {
+        let counter = RANDOM_CALLS.fetch_add(1, Ordering::Relaxed);
+        let mut index = 0;
+        let ok = fill_random(buf, || {
+            let hw = if has_rdrand { rdrand()? } else { 0 };
+            let host = seed.map_or(0, |s| s.word(counter, index));
+            index += 1;
+            Some(hw ^ host)
+        });
+        if ok {
             len
         } else {
             sys::EINVAL
         }
+    }
+
+    /// The seed the VMM wrote at `abi::entropy::ADDR`, if there is one.
+    fn host_seed() -> Option<entropy::Seed> {
+        // SAFETY: ADDR is VMM boot data in RAM below the kernel, inside the identity map,
+        // which the kernel only reads; a volatile read because the VMM rewrites it between
+        // runs of the guest.
+        let bytes = unsafe { core::ptr::read_volatile(entropy::ADDR as *const [u8; entropy::LEN]) };
+        entropy::Seed::decode(&bytes)
     }
 
     /// One `rdrand`, retried a few times as Intel advises for a transient underflow.

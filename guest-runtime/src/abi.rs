@@ -351,6 +351,84 @@ pub mod virtio {
     }
 }
 
+/// Fresh entropy for restored VMs.
+///
+/// VMs restored from one snapshot start with the same memory, random generator state
+/// included. Before a restored (or reset) guest runs again, the VMM writes a [`Seed`] at
+/// [`ADDR`]: a fresh 256-bit seed from the host's generator and a generation that differs
+/// every time. The guest kernel keys its random source with it (mixed with `rdrand` where the
+/// CPU has it), so two restores of one snapshot never hand out the same random bytes. A guest
+/// that finds no valid seed (a cold boot, QEMU) uses `rdrand` alone.
+pub mod entropy {
+    /// Guest physical address of the [`Seed`]: VMM boot data (below the kernel), its own page.
+    pub const ADDR: u64 = 0x8000;
+    /// `Seed::magic`: "FNSEED01" little-endian.
+    pub const MAGIC: u64 = u64::from_le_bytes(*b"FNSEED01");
+    /// Encoded size of a [`Seed`].
+    pub const LEN: usize = core::mem::size_of::<Seed>();
+
+    /// What the VMM writes at [`ADDR`]. All fields little-endian `u64`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Seed {
+        /// [`MAGIC`]; anything else means there is no seed.
+        pub magic: u64,
+        /// Changes with every restore or reset (the VM's id for this run).
+        pub generation: u64,
+        /// 256 bits from the host's random generator.
+        pub seed: [u64; 4],
+    }
+
+    impl Seed {
+        /// The bytes the VMM writes.
+        pub fn encode(&self) -> [u8; LEN] {
+            let mut b = [0u8; LEN];
+            let words = [
+                self.magic,
+                self.generation,
+                self.seed[0],
+                self.seed[1],
+                self.seed[2],
+                self.seed[3],
+            ];
+            for (i, w) in words.iter().enumerate() {
+                b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            }
+            b
+        }
+
+        /// Reads a seed back; `None` without the magic.
+        pub fn decode(b: &[u8; LEN]) -> Option<Self> {
+            let word = |i: usize| {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+                u64::from_le_bytes(w)
+            };
+            let s = Seed {
+                magic: word(0),
+                generation: word(1),
+                seed: [word(2), word(3), word(4), word(5)],
+            };
+            (s.magic == MAGIC).then_some(s)
+        }
+
+        /// Word `index` of the random stream this seed keys for the guest's `counter`-th
+        /// random call: SplitMix64 over one seed lane, the generation, the call and the word.
+        /// Cheap (a dozen instructions per word: guest kernel code may be emulated); it makes
+        /// restored VMs differ, the host's seed supplies the entropy.
+        pub const fn word(&self, counter: u64, index: u64) -> u64 {
+            let lane = self.seed[(index & 3) as usize];
+            let mut z = lane
+                ^ self.generation.rotate_left(32)
+                ^ counter.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ index.wrapping_mul(0xd1b5_4a32_d192_ed03);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+    }
+}
+
 /// Virtio-vsock addressing.
 pub mod vsock {
     /// The host's context id (virtio spec: 2 is always the host).
@@ -418,6 +496,14 @@ pub mod frame {
             b[8..12].copy_from_slice(&self.len.to_le_bytes());
             b[16..24].copy_from_slice(&self.id.to_le_bytes());
             b
+        }
+
+        /// The `id` field of header bytes that may not decode (to answer a refused frame
+        /// with the id the peer sent, if any).
+        pub fn raw_id(b: &[u8; HEADER_LEN]) -> u64 {
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&b[16..24]);
+            u64::from_le_bytes(id)
         }
 
         /// Decodes and validates a header received from the peer (untrusted).
@@ -758,6 +844,7 @@ mod tests {
         };
         let b = h.encode();
         assert_eq!(frame::Header::decode(&b), Ok(h));
+        assert_eq!(frame::Header::raw_id(&b), h.id);
         let mut bad = b;
         bad[0] ^= 0xff;
         assert!(matches!(
@@ -836,6 +923,27 @@ mod tests {
         assert_eq!(virtio::MmioDevice::parse(&text), Ok(dev));
         let msg = virtio::DeviceParseError::BadIrq.to_string();
         assert!(msg.contains("<size>@<addr>:<irq>"), "{msg}");
+    }
+
+    #[test]
+    fn entropy_seed_round_trip_and_stream() {
+        let s = entropy::Seed {
+            magic: entropy::MAGIC,
+            generation: 7,
+            seed: [1, 2, 3, 4],
+        };
+        assert_eq!(entropy::Seed::decode(&s.encode()), Some(s));
+        let mut bad = s.encode();
+        bad[0] ^= 1;
+        assert_eq!(entropy::Seed::decode(&bad), None);
+        // Another generation, call or word gives another value.
+        let other = entropy::Seed { generation: 8, ..s };
+        assert_ne!(s.word(0, 0), other.word(0, 0));
+        assert_ne!(s.word(0, 0), s.word(1, 0));
+        assert_ne!(s.word(0, 0), s.word(0, 1));
+        // The seed page is boot data below the kernel, clear of the other boot data.
+        assert!(entropy::ADDR >= layout::REPORT_ADDR + layout::PAGE_SIZE);
+        assert!(entropy::ADDR + entropy::LEN as u64 <= layout::CMDLINE_ADDR);
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod loader;
 pub mod microvm;
 pub mod outcome;
 pub mod persist;
+pub mod reset;
 pub mod restore;
 pub mod vstate;
 
@@ -36,4 +37,5 @@ pub use kvm::{KvmContext, KvmError};
 pub use microvm::{MicroVm, MicroVmError};
 pub use outcome::Outcome;
 pub use persist::snapshot;
-pub use restore::{restore, RestoreError};
+pub use reset::{OpStats, ResetError, ResetMode};
+pub use restore::{restore, restore_with, RestoreError, RestoreOptions};

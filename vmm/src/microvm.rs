@@ -85,20 +85,22 @@ pub struct RunReport {
 pub struct MicroVm {
     // Field order is drop order: vCPU threads end (and their fds close) first, then the
     // devices, then the VM fd, then guest memory.
-    vcpus: Vec<VcpuHandle>,
-    events: Receiver<VcpuEvent>,
+    pub(crate) vcpus: Vec<VcpuHandle>,
+    pub(crate) events: Receiver<VcpuEvent>,
     /// The virtio devices and their event loop thread (stopped on drop).
-    virtio: VirtioDevices,
+    pub(crate) virtio: VirtioDevices,
     /// A device fault that arrived and still has to stop the VM.
     device_fault: Option<DeviceFault>,
     serial: Arc<Mutex<SerialDevice>>,
     buses: Arc<Buses>,
     exit: ExitSignal,
     control: ControlSignal,
-    first_run: FirstRun,
-    vm: Vm,
+    pub(crate) first_run: FirstRun,
+    /// What an in-place reset puts back (a VM restored with reset enabled).
+    pub(crate) reset: Option<crate::reset::ResetState>,
+    pub(crate) vm: Vm,
     memory: GuestMemory,
-    state: VmState,
+    pub(crate) state: VmState,
     build_timings: BuildTimings,
     restore_timings: Option<RestoreTimings>,
 }
@@ -127,6 +129,7 @@ impl MicroVm {
             exit,
             control: ControlSignal::default(),
             first_run: FirstRun::default(),
+            reset: None,
             vm,
             memory,
             state: VmState::Paused,
@@ -472,13 +475,14 @@ impl MicroVm {
     }
 
     /// Applies a vCPU event to the vCPU's state; returns the stop of a finished vCPU.
-    fn record(&mut self, event: VcpuEvent) -> Option<VcpuStop> {
+    pub(crate) fn record(&mut self, event: VcpuEvent) -> Option<VcpuStop> {
         let (id, state, stop) = match event {
             VcpuEvent::Paused { id } => (id, VcpuState::Paused, None),
             VcpuEvent::Finished { id, stop } => (id, VcpuState::Finished, Some(stop)),
             VcpuEvent::Ready { id } => (id, VcpuState::Paused, None),
-            // Only save_vcpus waits for these; one arriving elsewhere has no one to tell.
-            VcpuEvent::Saved { .. } => return None,
+            // Only save_vcpus and reset wait for these; one arriving elsewhere has no one
+            // to tell.
+            VcpuEvent::Saved { .. } | VcpuEvent::Restored { .. } => return None,
             VcpuEvent::DeviceFault(fault) => {
                 self.device_fault.get_or_insert(fault);
                 return None;

@@ -17,6 +17,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fnode_guest::abi;
+use vm_memory::{FileOffset, MmapRegion};
 use fnode_snapshot::{
     memory_file, state_file, MemoryFileError, Persist, SnapshotDir, StateFileError,
 };
@@ -25,13 +26,15 @@ use crate::devices::bus::{BusError, Buses, SharedDevice};
 use crate::devices::control::{ControlDevice, ControlSignal};
 use crate::devices::exit::{ExitDevice, ExitSignal};
 use crate::devices::serial::{SerialDevice, SerialError};
-use crate::devices::virtio::setup::VirtioDevices;
+use crate::devices::virtio::setup::{self as virtio_setup, SetupError};
+use crate::devices::virtio::FaultSink;
+use crate::reset::{ResetMode, ResetState};
 use crate::kvm::KvmContext;
 use crate::microvm::MicroVm;
 use crate::persist::cpu::{self, CpuCompatError};
 use crate::persist::{MicroVmState, FORMAT};
 use crate::vstate::memory::{self, MemoryBacking, MemoryError};
-use crate::vstate::vcpu::{FirstRun, Vcpu, VcpuError, VcpuIo};
+use crate::vstate::vcpu::{FirstRun, Vcpu, VcpuError, VcpuEvent, VcpuIo};
 use crate::vstate::vcpu_persist::{self, VcpuPersistError};
 use crate::vstate::vm::{Vm, VmError};
 use crate::vstate::vm_persist::VmPersistError;
@@ -80,6 +83,12 @@ pub enum RestoreError {
     /// Two devices claim the same addresses.
     #[error("cannot place a device on its bus")]
     Bus(#[source] BusError),
+    /// The virtio devices could not be restored.
+    #[error("cannot restore the virtio devices")]
+    Virtio(#[source] SetupError),
+    /// The memory file could not be mapped a second time for in-place resets.
+    #[error("cannot map the snapshot's memory file for in-place resets")]
+    MapOriginal(#[source] std::io::Error),
 }
 
 /// Time spent in each phase of [`restore`].
@@ -110,6 +119,18 @@ pub struct RestoreTimings {
     pub total: Duration,
 }
 
+/// How to restore a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// The Unix socket the restored vsock device listens at (a fresh path per VM; needed
+    /// when the snapshot has a vsock device). Its established connection is parked there:
+    /// the first client that writes `CONNECT <port>` for its guest port gets `OK` at once.
+    pub vsock_uds: Option<PathBuf>,
+    /// Keep what an in-place reset needs ([`MicroVm::reset`]) and have KVM log the pages
+    /// the guest writes; `None`: the VM cannot be reset.
+    pub reset: Option<ResetMode>,
+}
+
 /// Restores the snapshot in `dir` into a new VM, paused; its serial console writes to
 /// `console`. Run it with [`MicroVm::run`] (or resume it): the guest goes on right after the
 /// point where it was snapshotted.
@@ -117,6 +138,18 @@ pub fn restore(
     kvm: &KvmContext,
     dir: &Path,
     console: Box<dyn Write + Send>,
+) -> Result<MicroVm, RestoreError> {
+    restore_with(kvm, dir, console, &RestoreOptions::default())
+}
+
+/// [`restore`] with [`RestoreOptions`]: a snapshot with a vsock device, in-place reset.
+/// Before the guest runs, a fresh seed for its random source is written into its memory
+/// (`abi::entropy`): two VMs restored from one snapshot draw different random numbers.
+pub fn restore_with(
+    kvm: &KvmContext,
+    dir: &Path,
+    console: Box<dyn Write + Send>,
+    options: &RestoreOptions,
 ) -> Result<MicroVm, RestoreError> {
     let requested_at = Instant::now();
     let mut last = requested_at;
@@ -129,7 +162,7 @@ pub fn restore(
 
     // Validation: nothing is built until the whole snapshot checks out.
     let snap = SnapshotDir::new(dir);
-    let state: MicroVmState =
+    let mut state: MicroVmState =
         state_file::read(&snap.state_path(), FORMAT).map_err(RestoreError::State)?;
     let memory_file =
         memory_file::open(&snap.memory_path(), &state.memory).map_err(RestoreError::Memory)?;
@@ -146,11 +179,27 @@ pub fn restore(
     let create_vm = lap();
     // validate() checked the size against the abi's maximum, which fits usize.
     let mem_size = state.memory.size as usize;
+    // Copy-back resets read the snapshot's bytes from a shared read-only mapping.
+    let original = match options.reset {
+        Some(ResetMode::CopyBack) => {
+            let file = memory_file.try_clone().map_err(RestoreError::MapOriginal)?;
+            let region = MmapRegion::build(
+                Some(FileOffset::new(file, 0)),
+                mem_size,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            )
+            .map_err(|e| RestoreError::MapOriginal(std::io::Error::other(e)))?;
+            Some(region)
+        }
+        _ => None,
+    };
     let guest_memory = memory::create(mem_size, MemoryBacking::PrivateFile(memory_file))
         .map_err(RestoreError::Map)?;
+    crate::reset::write_seed(&guest_memory);
     let map_memory = lap();
     // Memory before the irqchip, as in the builder (see there: an SRCU grace period).
-    vm.register_memory(&guest_memory)
+    vm.register_memory_logged(&guest_memory, options.reset.is_some())
         .map_err(RestoreError::Vm)?;
     let register_memory = lap();
     vm.setup_irqchip().map_err(RestoreError::Vm)?;
@@ -199,6 +248,21 @@ pub fn restore(
             u64::from(abi::control::LEN),
         )
         .map_err(RestoreError::Bus)?;
+    // vCPU events; devices report faults on the same channel so `MicroVm::wait` wakes up.
+    let (events_tx, events) = mpsc::channel();
+    let fault_tx = events_tx.clone();
+    let faults = FaultSink::new(move |f| {
+        let _ = fault_tx.send(VcpuEvent::DeviceFault(f));
+    });
+    let virtio = virtio_setup::restore(
+        vm.fd(),
+        &guest_memory,
+        &mut buses.mmio,
+        &devices.virtio,
+        options.vsock_uds.as_deref(),
+        faults,
+    )
+    .map_err(RestoreError::Virtio)?;
     let buses = Arc::new(buses);
     let devices = lap();
 
@@ -208,7 +272,6 @@ pub fn restore(
     }
     let vcpus_time = lap();
 
-    let (events_tx, events) = mpsc::channel();
     let io = VcpuIo {
         buses: buses.clone(),
         exit: exit.clone(),
@@ -245,11 +308,15 @@ pub fn restore(
         serial,
         buses,
         exit,
-        VirtioDevices::default(),
+        virtio,
         Default::default(),
     );
     microvm.set_vcpu_io(&io);
     microvm.set_restore_timings(timings);
+    if let Some(mode) = options.reset {
+        let vcpus = std::mem::take(&mut state.vcpus);
+        microvm.reset = Some(ResetState::new(vcpus, state.vm, state.devices.virtio, mode, original));
+    }
     Ok(microvm)
 }
 

@@ -16,7 +16,10 @@ use fnode_vmm::kvm::test_support::require_kvm;
 use fnode_vmm::KvmContext;
 
 fn sock_path(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("fnode-vsock-echo-{}-{name}.sock", std::process::id()))
+    std::env::temp_dir().join(format!(
+        "fnode-vsock-echo-{}-{name}.sock",
+        std::process::id()
+    ))
 }
 
 /// Connects to the guest's invocation port through the hybrid vsock socket. A client that
@@ -27,7 +30,8 @@ fn connect(path: &Path) -> UnixStream {
     loop {
         let mut s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
-        s.write_all(format!("CONNECT {}\n", vsock::INVOKE_PORT).as_bytes()).unwrap();
+        s.write_all(format!("CONNECT {}\n", vsock::INVOKE_PORT).as_bytes())
+            .unwrap();
         // Byte by byte: nothing past the line may be consumed.
         let mut line = Vec::new();
         let mut reader = BufReader::with_capacity(1, &mut s);
@@ -35,14 +39,25 @@ fn connect(path: &Path) -> UnixStream {
         if line.starts_with(b"OK ") {
             return s;
         }
-        assert!(line.is_empty(), "the device answered {:?}", String::from_utf8_lossy(&line));
-        assert!(Instant::now() < deadline, "the echo guest never accepted a connection");
+        assert!(
+            line.is_empty(),
+            "the device answered {:?}",
+            String::from_utf8_lossy(&line)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the echo guest never accepted a connection"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 fn send_request(s: &mut UnixStream, id: u64, payload: &[u8]) {
-    let hdr = frame::Header { kind: frame::KIND_REQUEST, id, len: payload.len() as u32 };
+    let hdr = frame::Header {
+        kind: frame::KIND_REQUEST,
+        id,
+        len: payload.len() as u32,
+    };
     s.write_all(&hdr.encode()).unwrap();
     s.write_all(payload).unwrap();
 }
@@ -57,7 +72,9 @@ fn read_frame(s: &mut UnixStream) -> (frame::Header, Vec<u8>) {
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 11) as u8).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 11) as u8)
+        .collect()
 }
 
 #[test]
@@ -76,11 +93,19 @@ fn echo_guest_answers_frames_of_every_size_and_refuses_oversized_ones() {
     vm.resume().unwrap();
 
     let mut s = connect(&path);
-    for (id, len) in [(1u64, 1usize), (2, 64 * 1024), (3, 1 << 20), (4, frame::MAX_PAYLOAD)] {
+    for (id, len) in [
+        (1u64, 1usize),
+        (2, 64 * 1024),
+        (3, 1 << 20),
+        (4, frame::MAX_PAYLOAD),
+    ] {
         let payload = pattern(len, id as u8);
         send_request(&mut s, id, &payload);
         let (hdr, echoed) = read_frame(&mut s);
-        assert_eq!((hdr.kind, hdr.id, hdr.len as usize), (frame::KIND_RESPONSE, id, len));
+        assert_eq!(
+            (hdr.kind, hdr.id, hdr.len as usize),
+            (frame::KIND_RESPONSE, id, len)
+        );
         assert!(echoed == payload, "the {len}-byte echo differs");
     }
 
@@ -90,10 +115,17 @@ fn echo_guest_answers_frames_of_every_size_and_refuses_oversized_ones() {
         send_request(&mut s, id, b"x");
         assert_eq!(read_frame(&mut s).1, b"x");
     }
-    eprintln!("userspace exits per 1-byte echo: {:.2}", (vm.exit_count() - before) as f64 / 100.0);
+    eprintln!(
+        "userspace exits per 1-byte echo: {:.2}",
+        (vm.exit_count() - before) as f64 / 100.0
+    );
 
     // A header announcing more than a frame may carry: an ERROR frame, then the close.
-    let hdr = frame::Header { kind: frame::KIND_REQUEST, id: 77, len: frame::MAX_PAYLOAD as u32 + 1 };
+    let hdr = frame::Header {
+        kind: frame::KIND_REQUEST,
+        id: 77,
+        len: frame::MAX_PAYLOAD as u32 + 1,
+    };
     s.write_all(&hdr.encode()).unwrap();
     let (err, msg) = read_frame(&mut s);
     assert_eq!((err.kind, err.id), (frame::KIND_ERROR, 77));
@@ -107,6 +139,9 @@ fn echo_guest_answers_frames_of_every_size_and_refuses_oversized_ones() {
     let mut s = connect(&path);
     send_request(&mut s, 8, b"again");
     let (hdr, echoed) = read_frame(&mut s);
-    assert_eq!((hdr.kind, hdr.id, echoed.as_slice()), (frame::KIND_RESPONSE, 8, &b"again"[..]));
+    assert_eq!(
+        (hdr.kind, hdr.id, echoed.as_slice()),
+        (frame::KIND_RESPONSE, 8, &b"again"[..])
+    );
     assert!(vm.poll().unwrap().is_none(), "the echo guest keeps serving");
 }

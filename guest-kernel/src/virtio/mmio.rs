@@ -2,7 +2,7 @@
 //!
 //! Every register access is a VM exit, so the driver touches registers only at
 //! initialisation, to notify a queue, and to acknowledge an interrupt. Device windows must
-//! lie in the guest's fourth GiB, which [`map_device_windows`] maps uncached (the boot
+//! lie in the guest's fourth GiB, which `map_device_windows` maps uncached (the boot
 //! identity map covers RAM only).
 
 use core::ptr::{read_volatile, write_volatile};
@@ -111,8 +111,18 @@ pub enum MmioError {
         /// The queue index.
         queue: u16,
     },
+    /// The fourth GiB of the address space is mapped to something other than devices.
+    #[error(
+        "the page tables already map [{start:#x}, {end:#x}) to something else: virtio-mmio \
+         windows cannot be mapped there",
+        start = WINDOWS_START,
+        end = WINDOWS_END
+    )]
+    WindowsTaken,
     /// A queue is smaller than the driver needs.
-    #[error("virtio-mmio device at {addr:#x}: queue {queue} holds {max} entries, fnode needs {need}")]
+    #[error(
+        "virtio-mmio device at {addr:#x}: queue {queue} holds {max} entries, fnode needs {need}"
+    )]
     QueueTooSmall {
         /// The window's address.
         addr: u64,
@@ -125,7 +135,7 @@ pub enum MmioError {
     },
 }
 
-/// Start of the range [`map_device_windows`] maps: the fourth GiB.
+/// Start of the range `map_device_windows` maps: the fourth GiB.
 pub const WINDOWS_START: u64 = 3 << 30;
 /// End of the mapped range.
 pub const WINDOWS_END: u64 = 4 << 30;
@@ -138,12 +148,15 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     /// The transport for `dev`, after checking the window is mapped (see
-    /// [`map_device_windows`]) and big enough for the registers and a small config space.
+    /// `map_device_windows`) and big enough for the registers and a small config space.
     pub fn new(dev: &MmioDevice) -> Result<Self, MmioError> {
         let end = dev.addr.checked_add(dev.size);
         let min = (REG_CONFIG + 0x100) as u64;
         if dev.addr < WINDOWS_START || end.is_none_or(|e| e > WINDOWS_END) || dev.size < min {
-            return Err(MmioError::Unmapped { addr: dev.addr, size: dev.size });
+            return Err(MmioError::Unmapped {
+                addr: dev.addr,
+                size: dev.size,
+            });
         }
         Ok(MmioTransport { base: dev.addr })
     }
@@ -169,11 +182,17 @@ impl MmioTransport {
     pub fn probe(&self) -> Result<u32, MmioError> {
         let magic = self.read(REG_MAGIC);
         if magic != MAGIC {
-            return Err(MmioError::BadMagic { addr: self.base, magic });
+            return Err(MmioError::BadMagic {
+                addr: self.base,
+                magic,
+            });
         }
         let version = self.read(REG_VERSION);
         if version != VERSION_MODERN {
-            return Err(MmioError::Legacy { addr: self.base, version });
+            return Err(MmioError::Legacy {
+                addr: self.base,
+                version,
+            });
         }
         Ok(self.read(REG_DEVICE_ID))
     }
@@ -188,7 +207,10 @@ impl MmioTransport {
         let missing = needed & !offered;
         if missing != 0 {
             self.write(REG_STATUS, STATUS_FAILED);
-            return Err(MmioError::MissingFeatures { addr: self.base, missing });
+            return Err(MmioError::MissingFeatures {
+                addr: self.base,
+                missing,
+            });
         }
         let accepted = needed | (wanted & offered);
         self.write(REG_DRIVER_FEATURES_SEL, 0);
@@ -217,17 +239,30 @@ impl MmioTransport {
     pub fn setup_queue(&self, index: u16, want: u16, need: u16) -> Result<SplitQueue, MmioError> {
         self.write(REG_QUEUE_SEL, u32::from(index));
         if self.read(REG_QUEUE_READY) != 0 {
-            return Err(MmioError::QueueUnavailable { addr: self.base, queue: index });
+            return Err(MmioError::QueueUnavailable {
+                addr: self.base,
+                queue: index,
+            });
         }
         let max = self.read(REG_QUEUE_NUM_MAX);
         if max == 0 {
-            return Err(MmioError::QueueUnavailable { addr: self.base, queue: index });
+            return Err(MmioError::QueueUnavailable {
+                addr: self.base,
+                queue: index,
+            });
         }
         let size = u16::try_from(max).unwrap_or(u16::MAX).min(want);
-        let queue = SplitQueue::new(index, size)
-            .map_err(|_| MmioError::QueueUnavailable { addr: self.base, queue: index })?;
+        let queue = SplitQueue::new(index, size).map_err(|_| MmioError::QueueUnavailable {
+            addr: self.base,
+            queue: index,
+        })?;
         if queue.size() < need {
-            return Err(MmioError::QueueTooSmall { addr: self.base, queue: index, max, need });
+            return Err(MmioError::QueueTooSmall {
+                addr: self.base,
+                queue: index,
+                max,
+                need,
+            });
         }
         let (desc, avail, used) = queue.addresses();
         self.write(REG_QUEUE_NUM, u32::from(queue.size()));
@@ -243,7 +278,10 @@ impl MmioTransport {
 
     /// Tells the device the driver is ready (section 3.1.1 step 8).
     pub fn driver_ok(&self) {
-        self.write(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+        self.write(
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
     }
 
     /// Marks the device failed (the driver gave up on it).
@@ -276,12 +314,13 @@ impl MmioTransport {
 /// Maps the device windows ([`WINDOWS_START`], [`WINDOWS_END`]) uncached, with 2 MiB pages.
 ///
 /// The page directory is initialised data (no loop at boot): this function only links it
-/// into the boot page tables' PDPT, one store. Calling it again is harmless.
+/// into the boot page tables' PDPT, one store. Calling it again is harmless; it fails if the
+/// fourth GiB is already mapped to something else.
 #[cfg(target_os = "none")]
-pub fn map_device_windows() {
+pub fn map_device_windows() -> Result<(), MmioError> {
     use core::arch::asm;
 
-    let pd = &raw const DEVICE_PD as u64;
+    let entry = (&raw const DEVICE_PD as u64) | PTE_PRESENT | PTE_WRITABLE;
     let cr3: u64;
     // SAFETY: reading CR3 has no side effects.
     unsafe { asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
@@ -289,10 +328,17 @@ pub fn map_device_windows() {
     // SAFETY: the boot page tables are identity-mapped static data; PML4[0] maps the low
     // 512 GiB through the boot PDPT, which the kernel never frees or moves.
     let pdpt = (unsafe { pml4.read_volatile() } & ADDR_MASK) as *mut u64;
-    let slot = (WINDOWS_START >> 30) as usize;
-    // SAFETY: PDPT entry 3 (the fourth GiB) is empty in the boot tables (they map RAM below
-    // IDENTITY_MAP_END only); a not-present entry is never cached, so no TLB flush is needed.
-    unsafe { pdpt.add(slot).write_volatile(pd | PTE_PRESENT | PTE_WRITABLE) };
+    // SAFETY: `slot` < 512: an entry of the boot PDPT.
+    let slot = unsafe { pdpt.add((WINDOWS_START >> 30) as usize) };
+    // SAFETY: as above.
+    let old = unsafe { slot.read_volatile() };
+    if old & PTE_PRESENT != 0 && old & ADDR_MASK != entry & ADDR_MASK {
+        return Err(MmioError::WindowsTaken);
+    }
+    // SAFETY: the entry is empty (or already ours): the boot tables map RAM below
+    // IDENTITY_MAP_END only. A not-present entry is never cached, so no TLB flush is needed.
+    unsafe { slot.write_volatile(entry) };
+    Ok(())
 }
 
 const PTE_PRESENT: u64 = 1 << 0;
@@ -339,7 +385,11 @@ mod tests {
         let dev = |addr, size| MmioDevice { addr, size, irq: 5 };
         MmioTransport::new(&dev(MMIO_BASE, MMIO_SIZE)).unwrap();
         MmioTransport::new(&dev(0xfeb0_0000, 0x200)).unwrap();
-        for (addr, size) in [(0x1000_0000, 0x1000), (0xffff_f000, 0x2000), (MMIO_BASE, 0x100)] {
+        for (addr, size) in [
+            (0x1000_0000, 0x1000),
+            (0xffff_f000, 0x2000),
+            (MMIO_BASE, 0x100),
+        ] {
             assert_eq!(
                 MmioTransport::new(&dev(addr, size)).unwrap_err(),
                 MmioError::Unmapped { addr, size }

@@ -2,7 +2,7 @@
 //! ([`queue`]) and the socket device ([`vsock`]) that carries invocations.
 //!
 //! Devices are announced on the command line (`virtio_mmio.device=<size>@<addr>:<irq>`,
-//! parsed by [`fnode_guest::abi::virtio::devices`]); [`find_vsock`] brings up the first
+//! parsed by [`fnode_guest::abi::virtio::devices`]); `find_vsock` brings up the first
 //! socket device it finds. Memory shared with devices comes from the heap, which the kernel
 //! identity-maps, so a pointer is the guest physical address a device uses.
 
@@ -100,7 +100,11 @@ pub fn announced_devices<'a>(
     cmdline: &'a str,
     mut ignored: impl FnMut(Ignored<'a>),
 ) -> ([MmioDevice; MAX_DEVICES], usize) {
-    let mut found = [MmioDevice { size: 0, addr: 0, irq: 0 }; MAX_DEVICES];
+    let mut found = [MmioDevice {
+        size: 0,
+        addr: 0,
+        irq: 0,
+    }; MAX_DEVICES];
     let mut n = 0;
     for (word, parsed) in abi_virtio::devices(cmdline) {
         match parsed {
@@ -159,7 +163,10 @@ mod imp {
         if n == 0 {
             return None;
         }
-        mmio::map_device_windows();
+        if let Err(e) = mmio::map_device_windows() {
+            log(&e);
+            return None;
+        }
         pic::init();
         for dev in &devices[..n] {
             let transport = match MmioTransport::new(dev) {
@@ -214,19 +221,43 @@ mod tests {
 
     #[test]
     fn announced_devices_are_bounded_and_bad_words_reported() {
-        let mut line = std::string::String::from("console=ttyS0 virtio_mmio.device=4K@0xd000000x:5");
+        let mut line =
+            std::string::String::from("console=ttyS0 virtio_mmio.device=4K@0xd000000x:5");
         for i in 0..MAX_DEVICES + 2 {
-            line.push_str(&std::format!(" virtio_mmio.device=4K@{:#x}:{}", 0xd000_0000 + i * 0x1000, 5 + i));
+            line.push_str(&std::format!(
+                " virtio_mmio.device=4K@{:#x}:{}",
+                0xd000_0000 + i * 0x1000,
+                5 + i
+            ));
         }
         let mut ignored = std::vec::Vec::new();
         let (devs, n) = announced_devices(&line, |i| ignored.push(i.to_string()));
         assert_eq!(n, MAX_DEVICES);
-        assert_eq!(devs[0], MmioDevice { size: 0x1000, addr: 0xd000_0000, irq: 5 });
+        assert_eq!(
+            devs[0],
+            MmioDevice {
+                size: 0x1000,
+                addr: 0xd000_0000,
+                irq: 5
+            }
+        );
         assert_eq!(devs[MAX_DEVICES - 1].irq, 5 + MAX_DEVICES as u32 - 1);
         assert_eq!(ignored.len(), 3, "{ignored:?}");
-        assert!(ignored[0].contains("virtio_mmio.device=4K@0xd000000x:5"), "{}", ignored[0]);
-        assert!(ignored[0].contains("the address is not a number"), "{}", ignored[0]);
-        assert!(ignored[1].contains("at most 8 virtio-mmio devices"), "{}", ignored[1]);
+        assert!(
+            ignored[0].contains("virtio_mmio.device=4K@0xd000000x:5"),
+            "{}",
+            ignored[0]
+        );
+        assert!(
+            ignored[0].contains("the address is not a number"),
+            "{}",
+            ignored[0]
+        );
+        assert!(
+            ignored[1].contains("at most 8 virtio-mmio devices"),
+            "{}",
+            ignored[1]
+        );
     }
 
     #[test]

@@ -165,14 +165,23 @@ impl SplitQueue {
         let m = self.mem.as_ptr();
         // SAFETY: `size <= N`, so the field lies inside the ring (in `ring` or `used_event`);
         // only the address is computed.
-        unsafe { addr_of_mut!((*m).avail.ring).cast::<u16>().add(usize::from(self.size)) }
+        unsafe {
+            addr_of_mut!((*m).avail.ring)
+                .cast::<u16>()
+                .add(usize::from(self.size))
+        }
     }
 
     /// `avail_event`: the used ring's trailing field (after `size` entries).
     fn avail_event_ptr(&self) -> *mut u16 {
         let m = self.mem.as_ptr();
         // SAFETY: as in `used_event_ptr`.
-        unsafe { addr_of_mut!((*m).used.ring).cast::<UsedElem>().add(usize::from(self.size)).cast::<u16>() }
+        unsafe {
+            addr_of_mut!((*m).used.ring)
+                .cast::<UsedElem>()
+                .add(usize::from(self.size))
+                .cast::<u16>()
+        }
     }
 
     /// The number of entries.
@@ -202,7 +211,10 @@ impl SplitQueue {
         // addr, then len/flags/next little-endian). The device reads descriptors only after a
         // later `publish`, whose release store orders these writes before it.
         unsafe {
-            let d = addr_of_mut!((*self.mem.as_ptr()).desc).cast::<Descriptor>().add(i).cast::<u64>();
+            let d = addr_of_mut!((*self.mem.as_ptr()).desc)
+                .cast::<Descriptor>()
+                .add(i)
+                .cast::<u64>();
             d.write_volatile(desc.addr);
             d.add(1).write_volatile(meta);
         }
@@ -215,7 +227,12 @@ impl SplitQueue {
         let slot = usize::from(self.avail_idx & (self.size - 1));
         // SAFETY: `slot < size <= N`: inside the ring; the device reads it only after
         // `publish`.
-        unsafe { addr_of_mut!((*self.mem.as_ptr()).avail.ring).cast::<u16>().add(slot).write_volatile(head) };
+        unsafe {
+            addr_of_mut!((*self.mem.as_ptr()).avail.ring)
+                .cast::<u16>()
+                .add(slot)
+                .write_volatile(head)
+        };
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.in_flight += 1;
     }
@@ -249,7 +266,11 @@ impl SplitQueue {
         if self.event_idx {
             // The device interrupts when its used index moves past `used_event`: just behind
             // the driver's position means "not for 65536 chains".
-            let event = if on { self.last_used } else { self.last_used.wrapping_sub(1) };
+            let event = if on {
+                self.last_used
+            } else {
+                self.last_used.wrapping_sub(1)
+            };
             // SAFETY: the field is inside the queue memory; 16-bit stores are atomic.
             unsafe { self.used_event_ptr().write_volatile(event) };
         } else {
@@ -297,12 +318,21 @@ impl SplitQueue {
         }
         let returned = used_idx.wrapping_sub(self.last_used);
         if returned > self.in_flight {
-            return Err(QueueError::Overrun { queue: self.index, returned, in_flight: self.in_flight });
+            return Err(QueueError::Overrun {
+                queue: self.index,
+                returned,
+                in_flight: self.in_flight,
+            });
         }
         let slot = usize::from(self.last_used & (self.size - 1));
         // SAFETY: `slot < size <= N`: inside the ring; the acquire load above orders this
         // read after the device's write of the entry.
-        let elem = unsafe { addr_of!((*self.mem.as_ptr()).used.ring).cast::<UsedElem>().add(slot).read_volatile() };
+        let elem = unsafe {
+            addr_of!((*self.mem.as_ptr()).used.ring)
+                .cast::<UsedElem>()
+                .add(slot)
+                .read_volatile()
+        };
         self.last_used = self.last_used.wrapping_add(1);
         self.in_flight -= 1;
         Ok(Some(elem))
@@ -323,7 +353,12 @@ impl SplitQueue {
     /// Test support: the device's view of the rings.
     #[cfg(test)]
     pub(crate) fn device(&self) -> DeviceView {
-        DeviceView { mem: self.mem, size: self.size, next_avail: 0, used_idx: 0 }
+        DeviceView {
+            mem: self.mem,
+            size: self.size,
+            next_avail: 0,
+            used_idx: 0,
+        }
     }
 }
 
@@ -370,7 +405,9 @@ impl DeviceView {
     /// Descriptor `i`.
     pub fn desc(&self, i: u16) -> Descriptor {
         // SAFETY: as above.
-        unsafe { addr_of!((*self.mem.as_ptr()).desc[usize::from(i & (self.size - 1))]).read_volatile() }
+        unsafe {
+            addr_of!((*self.mem.as_ptr()).desc[usize::from(i & (self.size - 1))]).read_volatile()
+        }
     }
 
     /// The chain starting at `head`.
@@ -407,13 +444,20 @@ impl DeviceView {
     /// The driver's interrupt-suppression flag.
     pub fn no_interrupt(&self) -> bool {
         // SAFETY: as above.
-        unsafe { addr_of!((*self.mem.as_ptr()).avail.flags).read_volatile() & AVAIL_F_NO_INTERRUPT != 0 }
+        unsafe {
+            addr_of!((*self.mem.as_ptr()).avail.flags).read_volatile() & AVAIL_F_NO_INTERRUPT != 0
+        }
     }
 
     /// The driver's `used_event`.
     pub fn used_event(&self) -> u16 {
         // SAFETY: as above; the field follows `size` ring entries.
-        unsafe { addr_of!((*self.mem.as_ptr()).avail.ring).cast::<u16>().add(usize::from(self.size)).read_volatile() }
+        unsafe {
+            addr_of!((*self.mem.as_ptr()).avail.ring)
+                .cast::<u16>()
+                .add(usize::from(self.size))
+                .read_volatile()
+        }
     }
 
     /// Writes the device's `avail_event`.
@@ -481,8 +525,24 @@ mod tests {
         let mut q = SplitQueue::new(1, 4).unwrap();
         let mut dev = q.device();
         for round in 0..10u32 {
-            q.set_desc(0, Descriptor { addr: 0x1000, len: 8, flags: DESC_F_NEXT, next: 1 });
-            q.set_desc(1, Descriptor { addr: 0x2000, len: 16, flags: DESC_F_WRITE, next: 0 });
+            q.set_desc(
+                0,
+                Descriptor {
+                    addr: 0x1000,
+                    len: 8,
+                    flags: DESC_F_NEXT,
+                    next: 1,
+                },
+            );
+            q.set_desc(
+                1,
+                Descriptor {
+                    addr: 0x2000,
+                    len: 16,
+                    flags: DESC_F_WRITE,
+                    next: 0,
+                },
+            );
             q.push(0);
             assert!(q.publish());
             assert_eq!(dev.pop_avail(), Some(0));
@@ -546,6 +606,13 @@ mod tests {
         q.push(0);
         q.publish();
         dev.set_used_idx(3);
-        assert_eq!(q.pop_used(), Err(QueueError::Overrun { queue: 2, returned: 3, in_flight: 1 }));
+        assert_eq!(
+            q.pop_used(),
+            Err(QueueError::Overrun {
+                queue: 2,
+                returned: 3,
+                in_flight: 1
+            })
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The virtio socket device driver (virtio 1.x, section 5.10): one listening port
-//! ([`abi::vsock::INVOKE_PORT`]), one stream connection at a time, accepted from the host.
+//! ([`fnode_guest::abi::vsock::INVOKE_PORT`]), one stream connection at a time, accepted
+//! from the host.
 //!
 //! # Receiving without copies
 //! Kernel code may be emulated one instruction at a time: copying 1 MiB costs ~60 ms there.
@@ -17,11 +18,19 @@
 //! ([`Vsock::tx_zero_copy_pending`]). Transmit interrupts stay off unless the driver waits
 //! for a transmit slot or a zero-copy send; the used ring is polled instead.
 //!
+//! # Notifications and interrupts
+//! Each one is a VM exit, so the driver asks only for those it needs. With
+//! `VIRTIO_F_EVENT_IDX` (negotiated when offered) it notifies a queue only when the device
+//! asked (`avail_event`): re-arming the receive chain after a request costs no exit unless
+//! the device ran out of buffers with data waiting. Receive interrupts are always wanted;
+//! transmit interrupts only while the driver waits for a slot or a zero-copy send (otherwise
+//! completed chains are reaped when a slot is needed, eight at a time).
+//!
 //! # Flow control
 //! Every packet carries the driver's `buf_alloc` ([`BUF_ALLOC`]: room for a whole frame) and
 //! `fwd_cnt` (every byte is handed to the caller as it arrives). Data is sent within the
 //! host's advertised credit, in packets of at most [`MAX_PACKET`] bytes; when the credit is
-//! exhausted the driver asks for an update (`OP_CREDIT_REQUEST`) once.
+//! exhausted the driver asks for an update (`OP_CREDIT_REQUEST`), once per stall.
 //!
 //! Everything the device writes is untrusted: used lengths are checked against the buffers
 //! posted, chain ids against the chains in flight, packet addresses against the connection.
@@ -48,10 +57,13 @@ pub const QUEUE_EVENT: u16 = 2;
 
 /// Size of `struct virtio_vsock_hdr`.
 pub const HDR_LEN: usize = 44;
-/// Bytes of the driver's inline receive buffer: a frame header and a small payload.
-pub const RX_INLINE: usize = 256;
-/// Bytes a transmit slot holds besides the packet header (copied data).
-pub const TX_INLINE: usize = 256;
+/// Bytes of the driver's inline receive buffer: a frame header and a small payload. Data
+/// here is copied once more (by `rep movsq`, ~0.5 us per 8 bytes where kernel code is
+/// emulated); 1 KiB costs about what one more packet round trip into a window costs.
+pub const RX_INLINE: usize = 1024;
+/// Bytes a transmit slot holds besides the packet header: data up to this size is copied
+/// (and the caller need not wait for the device), larger data is sent where it lies.
+pub const TX_INLINE: usize = 1024;
 /// Transmit slots: chains the driver can have in flight.
 pub const TX_SLOTS: usize = 8;
 /// Descriptors per transmit chain: header, copied bytes, caller's bytes.
@@ -275,6 +287,17 @@ struct Conn {
 }
 
 impl Conn {
+    /// Takes the host's credit from a packet header. A change answers an outstanding credit
+    /// request (a host may answer with any packet, not only OP_CREDIT_UPDATE), so the next
+    /// stall may ask again.
+    fn update_credit(&mut self, buf_alloc: u32, fwd_cnt: u32) {
+        if (buf_alloc, fwd_cnt) != (self.peer_buf_alloc, self.peer_fwd_cnt) {
+            self.credit_requested = false;
+        }
+        self.peer_buf_alloc = buf_alloc;
+        self.peer_fwd_cnt = fwd_cnt;
+    }
+
     /// Bytes the host can take now.
     fn credit(&self) -> usize {
         let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
@@ -375,13 +398,24 @@ impl<T: Transport> Vsock<T> {
         let b = v.bufs.as_ptr();
         // SAFETY: only addresses are taken.
         let (rx_hdr, event_buf) = unsafe { (addr_of!((*b).rx.hdr), addr_of!((*b).event)) };
-        v.rx.set_desc(0, Descriptor {
-            addr: dma_addr(rx_hdr),
-            len: HDR_LEN as u32,
-            flags: DESC_F_WRITE | DESC_F_NEXT,
-            next: 1,
-        });
-        v.event.set_desc(0, Descriptor { addr: dma_addr(event_buf), len: 4, flags: DESC_F_WRITE, next: 0 });
+        v.rx.set_desc(
+            0,
+            Descriptor {
+                addr: dma_addr(rx_hdr),
+                len: HDR_LEN as u32,
+                flags: DESC_F_WRITE | DESC_F_NEXT,
+                next: 1,
+            },
+        );
+        v.event.set_desc(
+            0,
+            Descriptor {
+                addr: dma_addr(event_buf),
+                len: 4,
+                flags: DESC_F_WRITE,
+                next: 0,
+            },
+        );
         v.event.push(0);
         v.event.interrupt_next();
         if v.event.publish() {
@@ -427,7 +461,15 @@ impl<T: Transport> Vsock<T> {
             None => (self.inline_addr(), RX_INLINE as u32),
         };
         self.rx_window = (addr, len);
-        self.rx.set_desc(1, Descriptor { addr, len, flags: DESC_F_WRITE, next: 0 });
+        self.rx.set_desc(
+            1,
+            Descriptor {
+                addr,
+                len,
+                flags: DESC_F_WRITE,
+                next: 0,
+            },
+        );
         self.rx.push(RX_HEAD);
         self.rx.interrupt_next();
         self.rx_armed = true;
@@ -443,7 +485,9 @@ impl<T: Transport> Vsock<T> {
         // SAFETY: the inline buffer is RX_INLINE bytes of driver memory; the device does not
         // write it while the receive chain is not armed, which is the case after a Data event
         // until the caller re-arms it (which needs `&mut self`, ending this borrow).
-        unsafe { core::slice::from_raw_parts(addr_of!((*self.bufs.as_ptr()).rx.inline).cast::<u8>(), len) }
+        unsafe {
+            core::slice::from_raw_parts(addr_of!((*self.bufs.as_ptr()).rx.inline).cast::<u8>(), len)
+        }
     }
 
     /// Blocks until the device interrupts. Transmit interrupts are turned on first if the
@@ -493,12 +537,19 @@ impl<T: Transport> Vsock<T> {
         // SAFETY: the header buffer is driver memory the device no longer writes (the chain
         // came back); each field is read once.
         let (op, len) = unsafe {
-            (u16::from_le(addr_of!((*h).op).read_unaligned()), u32::from_le(addr_of!((*h).len).read_unaligned()))
+            (
+                u16::from_le(addr_of!((*h).op).read_unaligned()),
+                u32::from_le(addr_of!((*h).len).read_unaligned()),
+            )
         };
         if op == op::RW {
             let cap = self.rx_window.1;
             if len > cap || len > used.len - HDR_LEN as u32 {
-                return Err(VsockError::RxOverflow { len, cap, used: used.len });
+                return Err(VsockError::RxOverflow {
+                    len,
+                    cap,
+                    used: used.len,
+                });
             }
             // The usual packet, data on the open connection, is settled here in a few
             // instructions; everything else goes through `handle_packet`.
@@ -523,10 +574,13 @@ impl<T: Transport> Vsock<T> {
             };
             if let Some(c) = self.conn.as_mut().filter(|c| on_conn(c) && len != 0) {
                 // SAFETY: as above.
-                unsafe {
-                    c.peer_buf_alloc = u32::from_le(addr_of!((*h).buf_alloc).read_unaligned());
-                    c.peer_fwd_cnt = u32::from_le(addr_of!((*h).fwd_cnt).read_unaligned());
-                }
+                let (buf_alloc, fwd_cnt) = unsafe {
+                    (
+                        u32::from_le(addr_of!((*h).buf_alloc).read_unaligned()),
+                        u32::from_le(addr_of!((*h).fwd_cnt).read_unaligned()),
+                    )
+                };
+                c.update_credit(buf_alloc, fwd_cnt);
                 c.fwd_cnt = c.fwd_cnt.wrapping_add(len);
                 let inline = self.rx_window.0 == self.inline_addr();
                 return Ok(Event::Data { len, inline });
@@ -554,8 +608,7 @@ impl<T: Transport> Vsock<T> {
             Some(c) if c.peer_port == hdr.src_port => c,
             Some(_) | None => return self.handle_stranger(hdr),
         };
-        conn.peer_buf_alloc = hdr.buf_alloc;
-        conn.peer_fwd_cnt = hdr.fwd_cnt;
+        conn.update_credit(hdr.buf_alloc, hdr.fwd_cnt);
         match hdr.op {
             op::RW => {
                 conn.fwd_cnt = conn.fwd_cnt.wrapping_add(hdr.len);
@@ -563,12 +616,12 @@ impl<T: Transport> Vsock<T> {
                     return Ok(Event::Control);
                 }
                 let inline = self.rx_window.0 == self.inline_addr();
-                Ok(Event::Data { len: hdr.len, inline })
+                Ok(Event::Data {
+                    len: hdr.len,
+                    inline,
+                })
             }
-            op::CREDIT_UPDATE => {
-                conn.credit_requested = false;
-                Ok(Event::Control)
-            }
+            op::CREDIT_UPDATE => Ok(Event::Control),
             op::CREDIT_REQUEST => {
                 self.send_control(op::CREDIT_UPDATE, addr::INVOKE_PORT, hdr.src_port, 0)?;
                 Ok(Event::Control)
@@ -645,7 +698,9 @@ impl<T: Transport> Vsock<T> {
             return Err(VsockError::BadRxChain(used.id));
         }
         // SAFETY: the event buffer is driver memory the device no longer writes.
-        let id = u32::from_le(unsafe { ptr::read_volatile(addr_of!((*self.bufs.as_ptr()).event).cast::<u32>()) });
+        let id = u32::from_le(unsafe {
+            ptr::read_volatile(addr_of!((*self.bufs.as_ptr()).event).cast::<u32>())
+        });
         self.event.push(0);
         self.event.interrupt_next();
         if self.event.publish() {
@@ -736,7 +791,13 @@ impl<T: Transport> Vsock<T> {
     }
 
     /// Sends a packet without data and notifies the device.
-    fn send_control(&mut self, op: u16, src_port: u32, dst_port: u32, flags: u32) -> Result<(), VsockError> {
+    fn send_control(
+        &mut self,
+        op: u16,
+        src_port: u32,
+        dst_port: u32,
+        flags: u32,
+    ) -> Result<(), VsockError> {
         if self.tx_free == 0 && self.tx.publish() {
             // Chains queued but not yet published must reach the device before waiting on
             // one of their slots.
@@ -748,7 +809,15 @@ impl<T: Transport> Vsock<T> {
         let head = slot as u16 * TX_CHAIN;
         // SAFETY: only the address is taken.
         let hdr_addr = dma_addr(unsafe { addr_of!((*h).hdr) });
-        self.tx.set_desc(head, Descriptor { addr: hdr_addr, len: HDR_LEN as u32, flags: 0, next: 0 });
+        self.tx.set_desc(
+            head,
+            Descriptor {
+                addr: hdr_addr,
+                len: HDR_LEN as u32,
+                flags: 0,
+                next: 0,
+            },
+        );
         self.queue_tx(slot, false);
         if self.tx.publish() {
             self.transport.notify(QUEUE_TX);
@@ -772,7 +841,12 @@ impl<T: Transport> Vsock<T> {
     /// the slot, else the device reads it where it lies and the caller must keep it unchanged
     /// until [`tx_zero_copy_pending`](Self::tx_zero_copy_pending) is false. Returns the new
     /// offset; less than the total means "wait and call again".
-    pub fn send(&mut self, head: &[u8], body: &[u8], mut offset: usize) -> Result<usize, VsockError> {
+    pub fn send(
+        &mut self,
+        head: &[u8],
+        body: &[u8],
+        mut offset: usize,
+    ) -> Result<usize, VsockError> {
         let Some(peer_port) = self.conn.map(|c| c.peer_port) else {
             return Err(VsockError::NotConnected);
         };
@@ -813,7 +887,9 @@ impl<T: Transport> Vsock<T> {
             if body_len > 0 && copied + body_len <= TX_INLINE {
                 // SAFETY: the share fits the slot's data buffer after the copied head bytes;
                 // `body_start + body_len <= body.len()` since `offset + n <= total`.
-                unsafe { super::copy_bytes(data.add(copied), body.as_ptr().add(body_start), body_len) };
+                unsafe {
+                    super::copy_bytes(data.add(copied), body.as_ptr().add(body_start), body_len)
+                };
                 copied += body_len;
                 body_len = 0;
             }
@@ -822,18 +898,33 @@ impl<T: Transport> Vsock<T> {
             // SAFETY: only the address is taken.
             let hdr_addr = dma_addr(unsafe { addr_of!((*slot_ptr).hdr) });
             let mut d = first;
-            let mut desc = Descriptor { addr: hdr_addr, len: HDR_LEN as u32, flags: DESC_F_NEXT, next: d + 1 };
+            let mut desc = Descriptor {
+                addr: hdr_addr,
+                len: HDR_LEN as u32,
+                flags: DESC_F_NEXT,
+                next: d + 1,
+            };
             if copied > 0 {
                 self.tx.set_desc(d, desc);
                 d += 1;
-                desc = Descriptor { addr: dma_addr(data), len: copied as u32, flags: DESC_F_NEXT, next: d + 1 };
+                desc = Descriptor {
+                    addr: dma_addr(data),
+                    len: copied as u32,
+                    flags: DESC_F_NEXT,
+                    next: d + 1,
+                };
             }
             if body_len > 0 {
                 self.tx.set_desc(d, desc);
                 d += 1;
                 // SAFETY: in bounds, as above; only the address is taken.
                 let at = unsafe { body.as_ptr().add(body_start) };
-                desc = Descriptor { addr: dma_addr(at), len: body_len as u32, flags: 0, next: 0 };
+                desc = Descriptor {
+                    addr: dma_addr(at),
+                    len: body_len as u32,
+                    flags: 0,
+                    next: 0,
+                };
             }
             desc.flags = 0;
             desc.next = 0;
@@ -879,13 +970,24 @@ impl<T: Transport> Vsock<T> {
         }
         self.stamp(slot, op::RW, addr::INVOKE_PORT, conn.peer_port, n as u32, 0);
         let first = slot as u16 * TX_CHAIN;
-        self.tx.set_desc(first, Descriptor {
-            addr: dma_addr(hdr),
-            len: HDR_LEN as u32,
-            flags: DESC_F_NEXT,
-            next: first + 1,
-        });
-        self.tx.set_desc(first + 1, Descriptor { addr: dma_addr(data), len: n as u32, flags: 0, next: 0 });
+        self.tx.set_desc(
+            first,
+            Descriptor {
+                addr: dma_addr(hdr),
+                len: HDR_LEN as u32,
+                flags: DESC_F_NEXT,
+                next: first + 1,
+            },
+        );
+        self.tx.set_desc(
+            first + 1,
+            Descriptor {
+                addr: dma_addr(data),
+                len: n as u32,
+                flags: 0,
+                next: 0,
+            },
+        );
         self.queue_tx(slot, false);
         if let Some(c) = self.conn.as_mut() {
             c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
@@ -913,7 +1015,12 @@ impl<T: Transport> Vsock<T> {
     pub fn close(&mut self) -> Result<(), VsockError> {
         if let Some(c) = self.conn {
             // Sent while the connection is still known: the header carries its counters.
-            self.send_control(op::SHUTDOWN, addr::INVOKE_PORT, c.peer_port, SHUTDOWN_RCV | SHUTDOWN_SEND)?;
+            self.send_control(
+                op::SHUTDOWN,
+                addr::INVOKE_PORT,
+                c.peer_port,
+                SHUTDOWN_RCV | SHUTDOWN_SEND,
+            )?;
             self.conn = None;
         }
         Ok(())
@@ -924,13 +1031,17 @@ impl<T: Transport> Vsock<T> {
 /// negotiates `VIRTIO_F_VERSION_1` (needed) and `VIRTIO_F_EVENT_IDX` (if offered: it spares
 /// notifications), reads the guest CID, sets up the three queues, says DRIVER_OK.
 #[cfg(target_os = "none")]
-pub fn init(transport: super::mmio::MmioTransport) -> Result<Vsock<super::mmio::MmioTransport>, VsockError> {
+pub fn init(
+    transport: super::mmio::MmioTransport,
+) -> Result<Vsock<super::mmio::MmioTransport>, VsockError> {
     use super::{
         mmio::{F_EVENT_IDX, F_VERSION_1},
         queue::MAX_SIZE,
     };
 
-    let features = transport.negotiate(F_VERSION_1, F_EVENT_IDX).map_err(VsockError::Transport)?;
+    let features = transport
+        .negotiate(F_VERSION_1, F_EVENT_IDX)
+        .map_err(VsockError::Transport)?;
     let event_idx = features & F_EVENT_IDX != 0;
     let guest_cid = transport.config_u64(CONFIG_GUEST_CID);
     let setup = |index, want, need| {
@@ -1006,9 +1117,17 @@ pub(crate) mod tests {
                     assert_eq!(data.len(), hdr.len as usize, "header len matches the chain");
                     // Like fnode-vmm: fwd_cnt only acknowledges bytes sent on that connection.
                     let sent = self.delivered.get(&hdr.dst_port).copied().unwrap_or(0);
-                    assert!(hdr.fwd_cnt as usize <= sent, "fwd_cnt {} beyond the {sent} bytes sent to port {}: {hdr:?}", hdr.fwd_cnt, hdr.dst_port);
+                    assert!(
+                        hdr.fwd_cnt as usize <= sent,
+                        "fwd_cnt {} beyond the {sent} bytes sent to port {}: {hdr:?}",
+                        hdr.fwd_cnt,
+                        hdr.dst_port
+                    );
                     let last = self.fwd_seen.insert(hdr.dst_port, hdr.fwd_cnt).unwrap_or(0);
-                    assert!(hdr.fwd_cnt >= last, "fwd_cnt went back from {last}: {hdr:?}");
+                    assert!(
+                        hdr.fwd_cnt >= last,
+                        "fwd_cnt went back from {last}: {hdr:?}"
+                    );
                     self.from_guest.push((hdr, data));
                     tx.push_used(u32::from(head), 0);
                     moved = true;
@@ -1177,7 +1296,13 @@ pub(crate) mod tests {
         assert_eq!(next_event(&mut v), Event::Connected);
         v.transport_mut().send(op::REQUEST, 5001, &[]);
         v.transport_mut().send(op::RW, 5000, b"hi");
-        assert_eq!(next_event(&mut v), Event::Data { len: 2, inline: true });
+        assert_eq!(
+            next_event(&mut v),
+            Event::Data {
+                len: 2,
+                inline: true
+            }
+        );
         assert_eq!(v.inline_data(2), b"hi");
         let host = v.transport_mut();
         assert_eq!(host.ops(), [op::RESPONSE, op::RST]);
@@ -1285,7 +1410,13 @@ pub(crate) mod tests {
         let stream = v.transport_mut().stream_from_guest(1);
         assert_eq!(&stream[..24], &head);
         assert_eq!(&stream[24..], &body[..]);
-        let rw: Vec<_> = v.transport_mut().from_guest.iter().filter(|(h, _)| h.op == op::RW).map(|(h, _)| h.len).collect();
+        let rw: Vec<_> = v
+            .transport_mut()
+            .from_guest
+            .iter()
+            .filter(|(h, _)| h.op == op::RW)
+            .map(|(h, _)| h.len)
+            .collect();
         assert!(rw.iter().all(|&n| n as usize <= MAX_PACKET), "{rw:?}");
         assert!(!v.tx_zero_copy_pending().unwrap());
     }

@@ -24,6 +24,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::devices::control::{ControlDevice, ControlState};
 use crate::devices::exit::{ExitDevice, ExitState};
 use crate::devices::serial::SerialState;
+use crate::devices::virtio::setup::VirtioState;
 use crate::kvm::KvmContext;
 use crate::microvm::{MicroVm, MicroVmError, VmState as RunState};
 use crate::vstate::vcpu_persist::{self, VcpuPersistError, VcpuState};
@@ -31,7 +32,7 @@ use crate::vstate::vm_persist::{VmPersistError, VmState};
 
 /// The snapshot format this fnode writes and reads. Bump `major` whenever a saved state type
 /// changes (the state file's payload is not self-describing: see `fnode_snapshot::state_file`).
-pub const FORMAT: FormatVersion = FormatVersion { major: 1, minor: 0 };
+pub const FORMAT: FormatVersion = FormatVersion { major: 2, minor: 0 };
 
 /// Everything a snapshot keeps besides guest memory.
 #[derive(Debug, Serialize, Deserialize)]
@@ -55,6 +56,8 @@ pub struct DevicesState {
     pub exit: ExitState,
     /// The control port.
     pub control: ControlState,
+    /// The virtio devices (the vsock device with its established connection).
+    pub virtio: VirtioState,
 }
 
 /// Errors taking a snapshot.
@@ -63,11 +66,9 @@ pub enum SnapshotError {
     /// The VM already finished: there is nothing left to snapshot.
     #[error("the VM already finished; snapshot a VM that is running or paused")]
     Finished,
-    /// The VM has devices whose state cannot be saved yet.
-    #[error(
-        "the VM has virtio devices, whose state fnode cannot save yet: snapshot a VM without them"
-    )]
-    UnsupportedDevices,
+    /// A device is broken (the guest broke its contract): its state is not worth keeping.
+    #[error("a virtio device of the VM is broken (the guest broke its contract): snapshot a healthy VM")]
+    BrokenDevice,
     /// Pausing or reaching the vCPU threads failed.
     #[error("cannot pause the VM")]
     Control(#[source] MicroVmError),
@@ -182,9 +183,6 @@ pub fn snapshot(
 
     vcpu_persist::check_capabilities(kvm.kvm()).map_err(SnapshotError::Capabilities)?;
     let msrs = vcpu_persist::msrs_to_save(kvm.kvm()).map_err(SnapshotError::Capabilities)?;
-    if vm.virtio().vsock().is_some() {
-        return Err(SnapshotError::UnsupportedDevices);
-    }
     if vm.state() == RunState::Finished {
         return Err(SnapshotError::Finished);
     }
@@ -198,10 +196,17 @@ pub fn snapshot(
     t.vcpus = lap();
     let vm_state = vm.vm().save_state().map_err(SnapshotError::Vm)?;
     t.vm = lap();
+    // From here until the memory file is written the virtio devices are held still: no
+    // device writes guest memory or moves a ring while it is saved.
+    let quiesced = vm.virtio().quiesce();
+    if quiesced.any_broken() {
+        return Err(SnapshotError::BrokenDevice);
+    }
     let devices = DevicesState {
         serial: vm.serial_state(),
         exit: ExitDevice::new(vm.exit_signal().clone()).save(),
         control: ControlDevice::new(vm.control().clone()).save(),
+        virtio: quiesced.save(),
     };
     t.devices = lap();
 
@@ -228,12 +233,13 @@ pub fn snapshot(
     };
     // SAFETY: the region is a live mapping of `len()` bytes that `vm` keeps mapped while the
     // slice is used (it is borrowed from `vm`). Nothing writes it meanwhile: every vCPU is
-    // paused and the VM has no device that writes guest memory (virtio devices were refused
-    // above), so reading it as a `&[u8]` is sound.
+    // paused and the virtio devices, the only other writers, are held by `quiesced` until
+    // the slice is dropped, so reading it as a `&[u8]` is sound.
     let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) };
     let memory_path = snap.memory_path();
     let memory_info =
         memory_file::write(&memory_path, bytes, scan).map_err(SnapshotError::Memory)?;
+    drop(quiesced);
     t.memory = lap();
 
     let state = MicroVmState {

@@ -376,6 +376,15 @@ impl Vcpu {
                         let _ = events.send(VcpuEvent::Saved { id, result });
                         VcpuState::Paused
                     }
+                    Ok(VcpuCommand::Restore(saved)) => {
+                        // An exit the guest is still in completes first, or KVM would
+                        // finish it on top of the restored registers.
+                        let result = self
+                            .complete_pending_io(&io.buses)
+                            .and_then(|()| self.load_state(&saved.0));
+                        let _ = events.send(VcpuEvent::Restored { id, result });
+                        VcpuState::Paused
+                    }
                     Ok(VcpuCommand::Exit) | Err(_) => break,
                 },
                 VcpuState::Running => match commands.try_recv() {
@@ -383,10 +392,15 @@ impl Vcpu {
                         let _ = events.send(VcpuEvent::Paused { id });
                         VcpuState::Paused
                     }
-                    // Only a paused vCPU is saved (the controller pauses first).
+                    // Only a paused vCPU is saved or restored (the controller pauses first).
                     Ok(VcpuCommand::Save(_)) => {
                         let result = Err(VcpuPersistError::NotPaused { id });
                         let _ = events.send(VcpuEvent::Saved { id, result });
+                        VcpuState::Running
+                    }
+                    Ok(VcpuCommand::Restore(_)) => {
+                        let result = Err(VcpuPersistError::NotPaused { id });
+                        let _ = events.send(VcpuEvent::Restored { id, result });
                         VcpuState::Running
                     }
                     Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => break,
@@ -415,6 +429,11 @@ impl Vcpu {
                     Ok(VcpuCommand::Save(_)) => {
                         let result = Err(VcpuPersistError::NotPaused { id });
                         let _ = events.send(VcpuEvent::Saved { id, result });
+                        VcpuState::Finished
+                    }
+                    Ok(VcpuCommand::Restore(_)) => {
+                        let result = Err(VcpuPersistError::NotPaused { id });
+                        let _ = events.send(VcpuEvent::Restored { id, result });
                         VcpuState::Finished
                     }
                 },
@@ -490,19 +509,42 @@ pub struct VcpuIo {
 }
 
 /// When a vCPU of a VM first entered `KVM_RUN` (how long a restore took to reach the
-/// guest is measured up to here). Shared by the VM's vCPU threads; set once.
+/// guest is measured up to here), and when one next entered it after [`FirstRun::arm_next`]
+/// (the same for an in-place reset). Shared by the VM's vCPU threads.
 #[derive(Clone, Debug, Default)]
-pub struct FirstRun(Arc<OnceLock<Instant>>);
+pub struct FirstRun(Arc<RunClocks>);
+
+#[derive(Debug, Default)]
+struct RunClocks {
+    first: OnceLock<Instant>,
+    next_armed: std::sync::atomic::AtomicBool,
+    next: std::sync::Mutex<Option<Instant>>,
+}
 
 impl FirstRun {
-    /// Records now, if nothing is recorded yet (an atomic load once it is).
+    /// Records now, if nothing is recorded yet (two atomic loads once it is).
     pub fn mark(&self) {
-        self.0.get_or_init(Instant::now);
+        self.0.first.get_or_init(Instant::now);
+        if self.0.next_armed.load(Ordering::Relaxed) && self.0.next_armed.swap(false, Ordering::AcqRel) {
+            let now = Instant::now();
+            *self.0.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
+        }
     }
 
     /// When the first `KVM_RUN` started, if one did.
     pub fn get(&self) -> Option<Instant> {
-        self.0.get().copied()
+        self.0.first.get().copied()
+    }
+
+    /// Forgets the last "next run" and records the next `KVM_RUN` from now on.
+    pub fn arm_next(&self) {
+        *self.0.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.0.next_armed.store(true, Ordering::Release);
+    }
+
+    /// When the first `KVM_RUN` after the last [`arm_next`](Self::arm_next) started.
+    pub fn next(&self) -> Option<Instant> {
+        *self.0.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -526,9 +568,24 @@ pub enum VcpuCommand {
     Pause,
     /// A paused vCPU reads its state (with these MSRs) and reports [`VcpuEvent::Saved`].
     Save(Arc<[u32]>),
+    /// A paused vCPU takes this saved state back (an in-place reset) and reports
+    /// [`VcpuEvent::Restored`].
+    Restore(SharedVcpuState),
     /// End the thread.
     Exit,
 }
+
+/// A saved vCPU state shared with a vCPU thread (equal when it is the same state).
+#[derive(Clone, Debug)]
+pub struct SharedVcpuState(pub Arc<SavedVcpu>);
+
+impl PartialEq for SharedVcpuState {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SharedVcpuState {}
 
 /// Why a vCPU finished.
 #[derive(Debug)]
@@ -566,6 +623,13 @@ pub enum VcpuEvent {
         id: u8,
         /// The state, or why it could not be read.
         result: Result<Box<SavedVcpu>, VcpuPersistError>,
+    },
+    /// vCPU `id` took a saved state back after [`VcpuCommand::Restore`].
+    Restored {
+        /// vCPU index.
+        id: u8,
+        /// Whether every part of the state was set.
+        result: Result<(), VcpuPersistError>,
     },
     /// Not from a vCPU: a device found the guest breaking its contract and stopped working;
     /// it reports on this channel so the VM's control loop wakes up and stops the VM.

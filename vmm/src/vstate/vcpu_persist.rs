@@ -356,6 +356,21 @@ impl Vcpu {
             len: state.cpuid.len(),
         })?;
         fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
+        self.load_state(state)
+    }
+
+    /// Sets every part of `state` but the CPUID (which a vCPU that has run cannot change):
+    /// [`Vcpu::restore_state`]'s second half, and an in-place reset's whole.
+    pub fn load_state(&self, state: &VcpuState) -> Result<(), VcpuPersistError> {
+        let id = self.id();
+        if state.id != id {
+            return Err(VcpuPersistError::WrongVcpu {
+                expected: id,
+                found: state.id,
+            });
+        }
+        let err = |ioctl| move |source| VcpuPersistError::Ioctl { ioctl, id, source };
+        let fd = self.fd();
         fd.set_mp_state(state.mp_state)
             .map_err(err("KVM_SET_MP_STATE"))?;
         fd.set_regs(&state.regs).map_err(err("KVM_SET_REGS"))?;

@@ -1,7 +1,9 @@
 //! The KVM VM: `KVM_CREATE_VM`, the TSS address, the in-kernel irqchip, guest memory slots
 //! and irqfds. Each step is its own call so the builder can time them separately.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -39,6 +41,15 @@ pub enum VmError {
         source: kvm_ioctls::Error,
     },
     /// Guest memory was registered twice.
+    /// `KVM_GET_DIRTY_LOG` failed.
+    #[error("KVM_GET_DIRTY_LOG failed for slot {slot}")]
+    DirtyLog {
+        /// The slot.
+        slot: u32,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     #[error("guest memory is already registered with this VM")]
     MemoryAlreadyRegistered,
     /// `KVM_IRQFD` failed.
@@ -98,13 +109,24 @@ impl Vm {
     /// Registers every region of `memory` as a KVM memory slot (slot `i` for region `i`) and
     /// keeps a handle on the memory so it outlives the slots.
     pub fn register_memory(&mut self, memory: &GuestMemory) -> Result<(), VmError> {
+        self.register_memory_logged(memory, false)
+    }
+
+    /// [`Vm::register_memory`], with KVM's dirty page logging on every slot if `log_dirty`
+    /// (`KVM_MEM_LOG_DIRTY_PAGES`: [`Vm::take_dirty_log`] then says which pages the guest
+    /// wrote; an in-place reset puts back only those).
+    pub fn register_memory_logged(
+        &mut self,
+        memory: &GuestMemory,
+        log_dirty: bool,
+    ) -> Result<(), VmError> {
         if self.memory.is_some() {
             return Err(VmError::MemoryAlreadyRegistered);
         }
         for (slot, region) in (0u32..).zip(memory.iter()) {
             let slot_def = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
@@ -122,6 +144,15 @@ impl Vm {
 
     /// Routes `evt` to guest IRQ line `irq` (`KVM_IRQFD`): writing the eventfd raises the IRQ
     /// without a trip through the VMM.
+    /// The dirty page bitmap of memory slot `slot` (`size` bytes long) since the last call:
+    /// bit `i` of word `i / 64` set if the guest wrote page `i` (`KVM_GET_DIRTY_LOG`, which
+    /// clears the log). The slot must have been registered with dirty logging.
+    pub fn take_dirty_log(&self, slot: u32, size: usize) -> Result<Vec<u64>, VmError> {
+        self.fd
+            .get_dirty_log(slot, size)
+            .map_err(|source| VmError::DirtyLog { slot, source })
+    }
+
     pub fn register_irqfd(&self, evt: &EventFd, irq: u32) -> Result<(), VmError> {
         self.fd
             .register_irqfd(evt, irq)

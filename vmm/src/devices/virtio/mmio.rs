@@ -208,6 +208,9 @@ pub enum MmioError {
     /// The device's activation failed.
     #[error("activating the device failed")]
     Activate(#[source] ActivateError),
+    /// A saved transport state (from a snapshot: untrusted) is not one this device can be in.
+    #[error("the saved virtio-mmio transport state is invalid: {0}")]
+    BadState(String),
 }
 
 /// Where a device window lives: its base address and GSI.
@@ -639,6 +642,99 @@ impl MmioTransport {
     }
 }
 
+/// The live resources a transport restored from a snapshot is built with.
+#[derive(Clone)]
+pub struct TransportArgs {
+    /// Guest memory (the restored VM's).
+    pub mem: GuestMemoryMmap,
+    /// The device behind the transport, restored first.
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
+    /// The window.
+    pub slot: MmioSlot,
+    /// Where faults go.
+    pub faults: FaultSink,
+}
+
+impl std::fmt::Debug for TransportArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransportArgs").field("slot", &self.slot).finish_non_exhaustive()
+    }
+}
+
+impl MmioTransport {
+    /// Puts the registers back to `saved`, checking it first (it comes from a file). The
+    /// device is left alone.
+    fn load_state(&mut self, saved: &TransportState) -> Result<(), MmioError> {
+        let bad = |what: String| MmioError::BadState(what);
+        if saved.broken {
+            return Err(bad("the device was broken when it was saved".into()));
+        }
+        if saved.status & !DRIVER_STATUS_BITS != 0 || saved.status & status::FAILED != 0 {
+            return Err(bad(format!("device status {:#x}", saved.status)));
+        }
+        if saved.acked_features & !self.avail_features != 0 {
+            return Err(bad(format!(
+                "features {:#x} the device does not offer",
+                saved.acked_features & !self.avail_features
+            )));
+        }
+        if saved.interrupt_status & !3 != 0 {
+            return Err(bad(format!("interrupt status {:#x}", saved.interrupt_status)));
+        }
+        if saved.queues.len() != self.max_sizes.len() {
+            return Err(bad(format!(
+                "{} queues, the device has {}",
+                saved.queues.len(),
+                self.max_sizes.len()
+            )));
+        }
+        let mut queues = Vec::with_capacity(saved.queues.len());
+        for (i, (q, &max)) in saved.queues.iter().zip(&self.max_sizes).enumerate() {
+            if q.max_size != max {
+                return Err(bad(format!("queue {i} max size {}, the device's is {max}", q.max_size)));
+            }
+            let queue = Queue::try_from(*q).map_err(|e| bad(format!("queue {i}: {e}")))?;
+            if queue.ready() && !queue.is_valid(&self.mem) {
+                return Err(bad(format!("queue {i} is not inside guest memory")));
+            }
+            queues.push(queue);
+        }
+        self.queues = queues;
+        self.state = TransportState { queues: Vec::new(), ..saved.clone() };
+        self.refused = None;
+        self.interrupt.set_status(saved.interrupt_status);
+        Ok(())
+    }
+
+    /// In-place reset: the registers go back to `saved` (a state this transport saved
+    /// earlier). The device is reset separately; it is not activated again.
+    pub fn reset_to(&mut self, saved: &TransportState) -> Result<(), MmioError> {
+        self.load_state(saved)
+    }
+}
+
+impl<'a> fnode_snapshot::Persist<'a> for MmioTransport {
+    type State = TransportState;
+    type ConstructorArgs = TransportArgs;
+    type Error = MmioError;
+
+    fn save(&self) -> TransportState {
+        self.state()
+    }
+
+    /// A transport for `args.device` with the registers of `state`; a device the driver had
+    /// set up (DRIVER_OK) is activated with the restored queues. The device's own state is
+    /// restored first, by the caller.
+    fn restore(args: TransportArgs, state: &TransportState) -> Result<Self, MmioError> {
+        let mut t = MmioTransport::new(args.mem, args.device, args.slot, args.faults)?;
+        t.load_state(state)?;
+        if state.status & status::DRIVER_OK != 0 {
+            t.activate()?;
+        }
+        Ok(t)
+    }
+}
+
 /// Puts the offending address into an alignment error.
 fn with_addr(e: MmioError, addr: u64) -> MmioError {
     match e {
@@ -869,6 +965,62 @@ pub(crate) mod tests {
         assert_eq!(r(&mut h.t, reg::VIRTIO_MMIO_QUEUE_READY), 0);
         assert!(h.faults.try_recv().is_none());
         assert!(!h.t.is_broken());
+    }
+
+    #[test]
+    fn transport_state_round_trip() {
+        use fnode_snapshot::Persist;
+        let mut h = harness();
+        let (q0, q1) = queues();
+        assert!(negotiate(&mut h.t, features::VERSION_1 | features::RING_EVENT_IDX));
+        setup_queue(&mut h.t, 0, &q0);
+        setup_queue(&mut h.t, 1, &q1);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        w(&mut h.t, reg::VIRTIO_MMIO_STATUS, s);
+        h.dev.lock().unwrap().activated.as_ref().unwrap().interrupt.trigger(InterruptKind::Vring).unwrap();
+        let saved = h.t.save();
+        assert_eq!(saved.status, s);
+        assert_eq!(saved.interrupt_status, 1);
+
+        // Restored onto a new device: same registers, and the device is activated.
+        let dev = Arc::new(Mutex::new(DummyDevice::default()));
+        let (sink, faults) = fault_channel().unwrap();
+        let args = TransportArgs { mem: test_mem(), device: dev.clone(), slot: MmioSlot::nth(0).unwrap(), faults: sink };
+        let mut t = MmioTransport::restore(args.clone(), &saved).unwrap();
+        assert_eq!(t.save(), saved);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), s);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), 1);
+        {
+            let d = dev.lock().unwrap();
+            let ctx = d.activated.as_ref().unwrap();
+            assert_eq!(ctx.queues[1].desc_table(), q1.desc);
+            assert!(ctx.queues[0].event_idx_enabled());
+        }
+        // In-place reset back to the saved registers.
+        w(&mut t, reg::VIRTIO_MMIO_INTERRUPT_ACK, 1);
+        t.reset_to(&saved).unwrap();
+        assert_eq!(t.save(), saved);
+        assert!(faults.try_recv().is_none());
+
+        // Garbage is refused, not trusted.
+        let cases: Vec<TransportState> = vec![
+            TransportState { broken: true, ..saved.clone() },
+            TransportState { status: 0x80, ..saved.clone() },
+            TransportState { acked_features: 1 << 40, ..saved.clone() },
+            TransportState { queues: saved.queues[..1].to_vec(), ..saved.clone() },
+            TransportState {
+                queues: vec![QueueStateData { size: 3, ..saved.queues[0] }, saved.queues[1]],
+                ..saved.clone()
+            },
+            TransportState {
+                queues: vec![QueueStateData { used_ring: 1 << 40, ..saved.queues[0] }, saved.queues[1]],
+                ..saved.clone()
+            },
+        ];
+        for bad in cases {
+            let err = MmioTransport::restore(args.clone(), &bad).unwrap_err();
+            assert!(matches!(err, MmioError::BadState(_)), "{err:?}");
+        }
     }
 
     #[test]

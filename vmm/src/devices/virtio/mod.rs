@@ -126,6 +126,12 @@ impl Interrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
+
+    /// Sets the InterruptStatus register (a restore or reset; the irqchip's own state says
+    /// whether the line is pending, so the irqfd is not signalled).
+    pub(crate) fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
@@ -158,6 +164,9 @@ pub enum ActivateError {
     /// The device is broken and cannot be activated.
     #[error("the device is broken")]
     Broken,
+    /// A queue restored from a snapshot does not lie inside guest memory.
+    #[error("restored queue {0} is not inside guest memory")]
+    RestoredQueue(usize),
 }
 
 /// A virtio device behind the [`mmio::MmioTransport`].

@@ -9,15 +9,21 @@
 //! [`VirtioDevices`] owns the loop; dropping it stops the loop.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use fnode_snapshot::Persist;
+
+use super::VirtioDevice as _;
+use serde::{Deserialize, Serialize};
 
 use fnode_guest::abi;
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
 use super::event_loop::{EventLoop, EventLoopError, Subscriber};
-use super::mmio::{MmioError, MmioSlot, MmioTransport};
-use super::vsock::{VsockDevice, VsockError};
+use super::mmio::{MmioError, MmioSlot, MmioTransport, TransportArgs, TransportState};
+use super::vsock::device::VsockArgs;
+use super::vsock::{VsockDevice, VsockError, VsockState};
 use super::FaultSink;
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 
@@ -39,6 +45,12 @@ pub enum SetupError {
     /// The event loop thread could not start.
     #[error("cannot start the device event loop")]
     EventLoop(#[source] EventLoopError),
+    /// A snapshot with a vsock device restored without a socket path for it.
+    #[error("the snapshot has a vsock device: give the restored VM a Unix socket path for it")]
+    NoVsockPath,
+    /// The saved devices are not the ones the VM has.
+    #[error("the saved virtio devices do not match the VM's")]
+    Mismatch,
 }
 
 /// Which virtio devices a VM gets.
@@ -80,12 +92,89 @@ impl DeviceSet<'_> {
 pub struct VirtioDevices {
     event_loop: Option<EventLoop>,
     vsock: Option<Arc<Mutex<VsockDevice>>>,
+    vsock_transport: Option<Arc<Mutex<MmioTransport>>>,
+}
+
+/// The virtio devices' saved state (a snapshot's part of `DevicesState`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioState {
+    /// The vsock device and its transport, if the VM has one.
+    pub vsock: Option<VsockSnapshot>,
+}
+
+/// The vsock device's two halves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockSnapshot {
+    /// The virtio-mmio transport's registers.
+    pub transport: TransportState,
+    /// The device: live queues, established connections.
+    pub device: VsockState,
+}
+
+/// The virtio devices held still: while it lives, no device processes a queue or writes
+/// guest memory (the event loop waits for the device locks). Taken with the vCPUs paused.
+#[derive(Debug)]
+pub struct Quiesced<'a> {
+    // Lock order: transport, then device (a vCPU's MMIO exit holds the transport and takes
+    // the device).
+    vsock: Option<(MutexGuard<'a, MmioTransport>, MutexGuard<'a, VsockDevice>)>,
+}
+
+impl Quiesced<'_> {
+    /// The devices' state.
+    pub fn save(&self) -> VirtioState {
+        VirtioState {
+            vsock: self.vsock.as_ref().map(|(t, d)| VsockSnapshot { transport: t.save(), device: d.save() }),
+        }
+    }
+
+    /// Whether a device is broken (a broken device is not saved).
+    pub fn any_broken(&self) -> bool {
+        // Not `MmioTransport::is_broken`: it locks the device, which this guard holds.
+        self.vsock.as_ref().is_some_and(|(t, d)| t.save().broken || d.is_broken())
+    }
+
+    /// In-place reset: every device back to `saved` (which they saved earlier).
+    pub fn reset_to(&mut self, saved: &VirtioState) -> Result<(), SetupError> {
+        match (&mut self.vsock, &saved.vsock) {
+            (Some((t, d)), Some(s)) => {
+                d.reset_to(&s.device).map_err(SetupError::Vsock)?;
+                t.reset_to(&s.transport).map_err(SetupError::Transport)
+            }
+            (None, None) => Ok(()),
+            _ => Err(SetupError::Mismatch),
+        }
+    }
+
+    /// The guest page frames the devices wrote since the last call (packets and used
+    /// rings), sorted, without duplicates.
+    pub fn take_written_pages(&mut self) -> Vec<u64> {
+        let Some((_t, d)) = &mut self.vsock else { return Vec::new() };
+        let mut pages = d.take_written_pages();
+        pages.extend(d.ring_pages());
+        pages.sort_unstable();
+        pages.dedup();
+        pages
+    }
 }
 
 impl VirtioDevices {
     /// The vsock device, if the VM has one.
     pub fn vsock(&self) -> Option<&Arc<Mutex<VsockDevice>>> {
         self.vsock.as_ref()
+    }
+
+    /// Holds every device still (see [`Quiesced`]).
+    pub fn quiesce(&self) -> Quiesced<'_> {
+        // A poisoned lock means the event loop panicked; the state is still readable.
+        let vsock = match (&self.vsock_transport, &self.vsock) {
+            (Some(t), Some(d)) => Some((
+                t.lock().unwrap_or_else(|p| p.into_inner()),
+                d.lock().unwrap_or_else(|p| p.into_inner()),
+            )),
+            _ => None,
+        };
+        Quiesced { vsock }
     }
 
     /// Stops the event loop and waits for its thread (dropping does the same, ignoring
@@ -114,10 +203,47 @@ pub fn attach(
         let transport = MmioTransport::new(mem.clone(), dev.clone(), slot, faults.clone())
             .map_err(SetupError::Transport)?;
         transport.register_with_vm(vm).map_err(SetupError::Transport)?;
-        let shared: SharedDevice = Arc::new(Mutex::new(transport));
+        let transport = Arc::new(Mutex::new(transport));
+        let shared: SharedDevice = transport.clone();
         mmio.insert(shared, slot.base, abi::virtio::MMIO_SIZE).map_err(SetupError::Bus)?;
         subscribers.push(dev.clone());
         devices.vsock = Some(dev);
+        devices.vsock_transport = Some(transport);
+    }
+    if !subscribers.is_empty() {
+        devices.event_loop = Some(EventLoop::spawn(subscribers).map_err(SetupError::EventLoop)?);
+    }
+    Ok(devices)
+}
+
+/// Builds a restored VM's virtio devices from `saved`, the way [`attach`] builds new ones:
+/// the vsock device listens at `vsock_uds` (the caller's fresh path) with its established
+/// connection parked, its transport has the saved registers and fresh irqfd/ioeventfds
+/// registered with `vm`, the event loop runs.
+pub fn restore(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    saved: &VirtioState,
+    vsock_uds: Option<&Path>,
+    faults: FaultSink,
+) -> Result<VirtioDevices, SetupError> {
+    let mut devices = VirtioDevices::default();
+    let mut subscribers: Vec<Subscriber> = Vec::new();
+    if let Some(vs) = &saved.vsock {
+        let uds = vsock_uds.ok_or(SetupError::NoVsockPath)?;
+        let slot = MmioSlot::nth(VSOCK_SLOT).ok_or(SetupError::Mismatch)?;
+        let args = VsockArgs { uds_path: uds.to_path_buf(), faults: faults.clone() };
+        let dev = Arc::new(Mutex::new(VsockDevice::restore(args, &vs.device).map_err(SetupError::Vsock)?));
+        let targs = TransportArgs { mem: mem.clone(), device: dev.clone(), slot, faults: faults.clone() };
+        let transport = MmioTransport::restore(targs, &vs.transport).map_err(SetupError::Transport)?;
+        transport.register_with_vm(vm).map_err(SetupError::Transport)?;
+        let transport = Arc::new(Mutex::new(transport));
+        let shared: SharedDevice = transport.clone();
+        mmio.insert(shared, slot.base, abi::virtio::MMIO_SIZE).map_err(SetupError::Bus)?;
+        subscribers.push(dev.clone());
+        devices.vsock = Some(dev);
+        devices.vsock_transport = Some(transport);
     }
     if !subscribers.is_empty() {
         devices.event_loop = Some(EventLoop::spawn(subscribers).map_err(SetupError::EventLoop)?);

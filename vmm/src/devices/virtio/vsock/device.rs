@@ -120,6 +120,9 @@ pub enum VsockError {
     /// The event loop refused an fd.
     #[error("registering with the event loop failed")]
     EventLoop(#[source] event_manager::Error),
+    /// A saved device state (from a snapshot: untrusted) is not one this device can be in.
+    #[error("the saved vsock device state is invalid: {0}")]
+    BadState(String),
 }
 
 fn ring_err(queue: &'static str) -> impl Fn(virtio_queue::Error) -> VsockError {
@@ -237,7 +240,19 @@ pub struct VsockDevice {
     faults: FaultSink,
     rr: usize,
     completions: Vec<Completion>,
+    /// Queues restored from a snapshot, used by the next activation instead of the
+    /// transport's (they carry the live ring positions).
+    restored_queues: Option<Vec<Queue>>,
+    /// Guest page frames the device wrote packets into since the last
+    /// [`take_written_pages`](Self::take_written_pages) (KVM's dirty log does not see the
+    /// VMM's writes). The used rings are not in it: [`ring_pages`](Self::ring_pages).
+    written_pages: Vec<u64>,
 }
+
+/// Most page frames [`VsockDevice::take_written_pages`] collects before it dedups them.
+const WRITTEN_PAGES_COMPACT: usize = 1 << 16;
+/// Guest page size.
+const PAGE_SIZE: u64 = abi::layout::PAGE_SIZE;
 
 impl VsockDevice {
     /// A device for a guest with cid [`abi::vsock::GUEST_CID`], listening for host clients at
@@ -274,7 +289,126 @@ impl VsockDevice {
             faults,
             rr: 0,
             completions: Vec::new(),
+            restored_queues: None,
+            written_pages: Vec::new(),
         })
+    }
+
+    /// Puts the saved device-level state back on a new device (before activation) and parks
+    /// the saved connections. `saved` comes from a file: checked first.
+    fn load_state(&mut self, saved: &VsockState) -> Result<(), VsockError> {
+        let bad = VsockError::BadState;
+        if saved.broken {
+            return Err(bad("the device was broken when it was saved".into()));
+        }
+        if saved.cid != abi::vsock::GUEST_CID {
+            return Err(bad(format!("guest cid {}, fnode guests have {}", saved.cid, abi::vsock::GUEST_CID)));
+        }
+        if saved.acked_features & !self.avail_features() != 0 {
+            return Err(bad(format!("features {:#x} the device does not offer", saved.acked_features)));
+        }
+        self.restored_queues = match &saved.queues {
+            None => None,
+            Some(qs) => Some(restored_queues(qs)?),
+        };
+        check_connections(&saved.connections)?;
+        for c in &saved.connections {
+            self.park_connection(c.clone());
+        }
+        self.acked_features = saved.acked_features;
+        self.next_local_port = saved.next_local_port.max(FIRST_LOCAL_PORT);
+        Ok(())
+    }
+
+    /// In-place reset: the device goes back to `saved` (a state it saved earlier) while the
+    /// vCPUs are paused and guest memory is being put back. The live queues take the saved
+    /// positions; a saved connection that is still live keeps its host client and takes the
+    /// saved counters (the client's stream goes on: the guest is back at the same point of
+    /// the same connection); live connections the snapshot does not know are closed, saved
+    /// ones that are gone are parked again.
+    pub fn reset_to(&mut self, saved: &VsockState) -> Result<(), VsockError> {
+        let queues = match &saved.queues {
+            Some(qs) => Some(restored_queues(qs)?),
+            None => None,
+        };
+        check_connections(&saved.connections)?;
+        match (self.active.as_mut(), queues) {
+            (Some(a), Some(queues)) => {
+                if let Some(i) = queues.iter().position(|q| !q.is_valid(&a.mem)) {
+                    return Err(VsockError::BadState(format!("queue {i} is not inside guest memory")));
+                }
+                a.queues = queues;
+            }
+            (None, None) => {}
+            _ => return Err(VsockError::BadState("the device's activation differs from the saved one".into())),
+        }
+        for i in 0..self.conns.len() {
+            let Some(c) = self.conns[i].as_mut() else { continue };
+            let same = saved
+                .connections
+                .iter()
+                .find(|s| s.local_port == c.st.local_port && s.peer_port == c.st.peer_port);
+            match same {
+                Some(s) if c.st.phase == Phase::Established => {
+                    c.st = s.clone();
+                    c.to_guest_off = c.to_guest.len();
+                    c.host_eof = false;
+                    c.host_write_shut = false;
+                }
+                _ => self.drop_conn(i, false),
+            }
+        }
+        for s in &saved.connections {
+            let live = self.conns.iter().flatten().any(|c| c.st.local_port == s.local_port && c.st.peer_port == s.peer_port);
+            if !live {
+                self.park_connection(s.clone());
+            }
+        }
+        self.rst_queue.clear();
+        self.next_local_port = saved.next_local_port.max(FIRST_LOCAL_PORT);
+        self.written_pages.clear();
+        Ok(())
+    }
+
+    /// The guest page frames the device wrote packets into since the last call, sorted and
+    /// without duplicates (then forgotten).
+    pub fn take_written_pages(&mut self) -> Vec<u64> {
+        let mut pages = std::mem::take(&mut self.written_pages);
+        pages.sort_unstable();
+        pages.dedup();
+        pages
+    }
+
+    /// The guest page frames of the active queues' used rings (which the device writes).
+    pub fn ring_pages(&self) -> Vec<u64> {
+        let Some(a) = &self.active else { return Vec::new() };
+        let mut pages = Vec::new();
+        for q in &a.queues {
+            // flags, idx, ring[size] (8 bytes each), avail_event.
+            let len = 6 + 8 * u64::from(q.size());
+            let start = q.used_ring();
+            pages.extend(start / PAGE_SIZE..=(start.saturating_add(len) - 1) / PAGE_SIZE);
+        }
+        pages
+    }
+
+    fn note_written(&mut self, chain: &Chain, len: usize) {
+        let mut left = len as u64;
+        for seg in &chain.writable {
+            if left == 0 {
+                break;
+            }
+            let n = u64::from(seg.len).min(left);
+            left -= n;
+            let start = seg.addr.0;
+            if n > 0 {
+                self.written_pages.extend(start / PAGE_SIZE..=(start.saturating_add(n) - 1) / PAGE_SIZE);
+            }
+        }
+        if self.written_pages.len() > WRITTEN_PAGES_COMPACT {
+            self.written_pages.sort_unstable();
+            self.written_pages.dedup();
+        }
     }
 
     /// The Unix socket host clients connect to.
@@ -556,6 +690,7 @@ impl VsockDevice {
                     len += bytes.len();
                 }
             }
+            self.note_written(&chain, len);
             a.queues[RXQ].add_used(&a.mem, head, len as u32).map_err(ring_err("rx"))?;
             used = true;
         }
@@ -883,7 +1018,17 @@ impl VirtioDevice for VsockDevice {
             return Err(ActivateError::QueueCount { expected: QUEUE_SIZES.len(), got: ctx.queues.len() });
         }
         self.acked_features = ctx.acked_features;
-        self.active = Some(Active { mem: ctx.mem, queues: ctx.queues, interrupt: ctx.interrupt });
+        // A restored device continues from its saved ring positions.
+        let queues = match self.restored_queues.take() {
+            Some(queues) => {
+                if let Some(i) = queues.iter().position(|q| !q.is_valid(&ctx.mem)) {
+                    return Err(ActivateError::RestoredQueue(i));
+                }
+                queues
+            }
+            None => ctx.queues,
+        };
+        self.active = Some(Active { mem: ctx.mem, queues, interrupt: ctx.interrupt });
         // The event loop thread does the work.
         self.activate_evt.write(1).map_err(ActivateError::EventFd)
     }
@@ -910,6 +1055,66 @@ impl VirtioDevice for VsockDevice {
 
     fn is_broken(&self) -> bool {
         self.broken
+    }
+}
+
+/// Queues from a saved state, checked (`Queue::try_from` validates each).
+fn restored_queues(saved: &[QueueStateData]) -> Result<Vec<Queue>, VsockError> {
+    if saved.len() != QUEUE_SIZES.len() {
+        return Err(VsockError::BadState(format!("{} queues, the device has {}", saved.len(), QUEUE_SIZES.len())));
+    }
+    saved
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            if q.max_size != QUEUE_SIZE {
+                return Err(VsockError::BadState(format!("queue {i} max size {}", q.max_size)));
+            }
+            Queue::try_from(*q).map_err(|e| VsockError::BadState(format!("queue {i}: {e}")))
+        })
+        .collect()
+}
+
+/// Saved connections: established, within the connection cap, no two with the same ports.
+fn check_connections(saved: &[ConnectionState]) -> Result<(), VsockError> {
+    if saved.len() > MAX_CONNECTIONS {
+        return Err(VsockError::BadState(format!("{} connections, at most {MAX_CONNECTIONS}", saved.len())));
+    }
+    for (i, c) in saved.iter().enumerate() {
+        if c.phase != Phase::Established {
+            return Err(VsockError::BadState(format!("connection {i} is {:?}, not established", c.phase)));
+        }
+        if saved[..i].iter().any(|o| o.local_port == c.local_port || o.peer_port == c.peer_port) {
+            return Err(VsockError::BadState(format!("connection {i} shares a port with another")));
+        }
+    }
+    Ok(())
+}
+
+/// What a vsock device restored from a snapshot is built with.
+#[derive(Clone, Debug)]
+pub struct VsockArgs {
+    /// The Unix socket host clients connect to (a fresh path: the restored VM's own).
+    pub uds_path: PathBuf,
+    /// Where faults go.
+    pub faults: FaultSink,
+}
+
+impl<'a> fnode_snapshot::Persist<'a> for VsockDevice {
+    type State = VsockState;
+    type ConstructorArgs = VsockArgs;
+    type Error = VsockError;
+
+    fn save(&self) -> VsockState {
+        self.state()
+    }
+
+    /// A device listening at `args.uds_path` with the saved features and queues (used at its
+    /// activation, which the restored transport does) and the saved connections parked.
+    fn restore(args: VsockArgs, state: &VsockState) -> Result<Self, VsockError> {
+        let mut dev = VsockDevice::new(&args.uds_path, args.faults)?;
+        dev.load_state(state)?;
+        Ok(dev)
     }
 }
 

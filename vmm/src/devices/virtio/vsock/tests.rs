@@ -14,7 +14,7 @@ use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::connection::{ConnectionState, Phase, BUF_ALLOC};
-use super::device::VsockDevice;
+use super::device::{VsockDevice, VsockState};
 use super::packet::{op, PacketHeader, HDR_LEN, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM};
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::event_loop::{EventLoop, Subscriber};
@@ -621,4 +621,87 @@ fn wrong_queue_size_breaks_the_device() {
     let f = faults.try_recv().unwrap();
     assert_eq!(f.to_string(), "virtio-vsock@0xd0000000: queue 0 size 512 is not a power of two in 1..=256");
     assert!(dev.lock().unwrap().is_broken());
+}
+
+// ----- snapshots -----
+
+#[test]
+fn vsock_state_round_trip_parks_the_connection_and_resumes_the_rings() {
+    use crate::devices::virtio::mmio::TransportArgs;
+    use crate::devices::virtio::vsock::device::VsockArgs;
+    use fnode_snapshot::Persist;
+
+    let mut g = Guest::new("persist-a", 4096, 8);
+    let mut c = g.connect(abi::vsock::INVOKE_PORT);
+    c.write_all(b"one").unwrap();
+    assert_eq!(g.read_bytes(3), b"one");
+    g.fwd_cnt = g.rx_total;
+    g.send(g.hdr(op::RW, LOCAL_PORT, 3, 0), b"two");
+    let mut buf = [0u8; 3];
+    c.read_exact(&mut buf).unwrap();
+    // Quiescent (as at READY): save both halves, the device under its lock.
+    let (saved_dev, saved_t) = {
+        let d = g.dev.lock().unwrap();
+        (d.save(), g.t.save())
+    };
+    assert_eq!(saved_dev.connections.len(), 1);
+    assert_eq!(saved_dev.connections[0].rx_cnt, 3);
+    assert_eq!(saved_dev.connections[0].tx_cnt, 3);
+    let pages = g.dev.lock().unwrap().take_written_pages();
+    assert!(pages.contains(&(RX_BUF_BASE / 4096)), "{pages:?}");
+    assert!(!g.dev.lock().unwrap().ring_pages().is_empty());
+
+    drop(c);
+    g.el.take().unwrap().stop().unwrap();
+
+    // Restore on a new device and transport over the same memory (the guest's rings).
+    let path = sock_path("persist-b");
+    let (sink, faults) = fault_channel().unwrap();
+    let args = VsockArgs { uds_path: path.clone(), faults: sink.clone() };
+    let dev = Arc::new(Mutex::new(VsockDevice::restore(args, &saved_dev).unwrap()));
+    let targs = TransportArgs { mem: g.mem.clone(), device: dev.clone(), slot: MmioSlot::nth(0).unwrap(), faults: sink };
+    let t = MmioTransport::restore(targs, &saved_t).unwrap();
+    assert_eq!(t.save(), saved_t);
+    assert_eq!(dev.lock().unwrap().save(), saved_dev);
+    let el = EventLoop::spawn(vec![dev.clone() as Subscriber]).unwrap();
+    // The parked connection: OK at once, no OP_REQUEST; data goes on from the saved rings.
+    let mut c = UnixStream::connect(&path).unwrap();
+    c.set_read_timeout(Some(TIMEOUT)).unwrap();
+    c.write_all(b"CONNECT 1024\nfour").unwrap();
+    assert_eq!(read_line(&mut c), format!("OK {LOCAL_PORT}\n"));
+    let (h, d) = g.expect(op::RW);
+    assert_eq!((h.src_port, &d[..]), (LOCAL_PORT, &b"four"[..]));
+    assert_eq!(h.fwd_cnt, 3, "the saved counters go on");
+
+    // In-place reset: back to the saved state, the client stays attached.
+    assert_ne!(dev.lock().unwrap().save(), saved_dev);
+    {
+        let mut d = dev.lock().unwrap();
+        d.reset_to(&saved_dev).unwrap();
+        assert_eq!(d.save(), saved_dev);
+        assert_eq!(d.connection_count(), 1);
+    }
+    let mut t = t;
+    t.reset_to(&saved_t).unwrap();
+    assert_eq!(t.save(), saved_t);
+    assert!(faults.try_recv().is_none());
+    el.stop().unwrap();
+
+    // Garbage is refused.
+    let bad_states = [
+        VsockState { broken: true, ..saved_dev.clone() },
+        VsockState { cid: 9, ..saved_dev.clone() },
+        VsockState { queues: Some(vec![]), ..saved_dev.clone() },
+        VsockState {
+            connections: vec![ConnectionState { phase: Phase::Connecting, ..saved_dev.connections[0].clone() }],
+            ..saved_dev.clone()
+        },
+        VsockState { connections: vec![saved_dev.connections[0].clone(); 2], ..saved_dev.clone() },
+    ];
+    for bad in bad_states {
+        let (sink, _f) = fault_channel().unwrap();
+        let args = VsockArgs { uds_path: sock_path("persist-c"), faults: sink };
+        let err = VsockDevice::restore(args, &bad).unwrap_err();
+        assert!(matches!(err, super::device::VsockError::BadState(_)), "{err:?}");
+    }
 }

@@ -1,0 +1,406 @@
+//! `fnode bench TARGET`: cold start, restore, in-place reset and the raw-KVM floor of one
+//! function, measured interleaved in one run, with a table, JSON and an SVG of the CDFs; and
+//! with `--density N`, N restored VMs kept alive at once.
+//!
+//! TARGET is a function image (the benchmark then takes a snapshot of it into a temporary
+//! folder itself) or a snapshot directory (cold starts then need `--image`). Every iteration
+//! runs one operation of each mode, in an order that rotates, so host noise hits all modes
+//! alike; VMs are torn down after the timer stopped. Progress goes to stderr, the table to
+//! stdout.
+//!
+//! What each mode times:
+//! - `cold`: build the VM, boot, init, connect, first response.
+//! - `restore`: a fresh VM from the snapshot, first response. Host share: restore requested
+//!   to the first `KVM_RUN`.
+//! - `reset`: in-place reset of a used VM, then a response. Host share: response received
+//!   to the next `KVM_RUN`.
+//! - `floor`: `fnode_vmm::bench::raw_floor` over the snapshot's memory file mapped
+//!   `MAP_PRIVATE`. Host share: everything up to `KVM_RUN`.
+
+mod density;
+mod ops;
+mod plot;
+mod probe;
+mod stats;
+
+use std::{
+    io::Write as _,
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use fnode_guest::abi::frame::MAX_PAYLOAD;
+use fnode_vmm::{builder::DEFAULT_MEM_MIB, KvmContext};
+use serde_json::{json, Map, Value};
+
+use fnode_vmm::ResetMode;
+use ops::{Cold, FloorMemory};
+use probe::PageMap;
+use stats::{ModeKind, ModeStats};
+
+use crate::restored::RestoredFunction;
+
+/// `fnode bench` options.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// A function image (`fnode build` writes it) or a snapshot directory (`fnode snapshot`
+    /// writes it).
+    pub target: PathBuf,
+    /// Measured operations per mode.
+    #[arg(long, short = 'n', value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub iterations: u32,
+    /// Unmeasured operations per mode first (page cache, lazy host setup).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub warmup: u32,
+    /// Write the results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write the latency CDFs as an SVG to FILE.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// Also restore N VMs of the snapshot, keep them all alive and idle, and report the time
+    /// and the host memory per VM.
+    #[arg(long, value_name = "N")]
+    pub density: Option<u32>,
+    /// Guest memory in MiB (cold starts and the snapshot taken of an image).
+    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEM_MIB)]
+    pub mem: u64,
+    /// The request every invocation sends (text).
+    #[arg(long, value_name = "TEXT", default_value = "ping")]
+    pub payload: String,
+    /// The function image, when TARGET is a snapshot directory (for cold starts).
+    #[arg(long, value_name = "IMAGE")]
+    pub image: Option<PathBuf>,
+    /// Give up on an operation after this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: u64,
+    /// How the reset mode puts guest memory back: `copy` (copy the snapshot's bytes over
+    /// the dirtied pages) or `dontneed` (drop them; the next access faults them in again).
+    #[arg(long, value_name = "copy|dontneed", default_value = "copy")]
+    pub reset_mode: ResetMode,
+    /// Leave modes out (comma-separated: cold,restore,reset,floor).
+    #[arg(long, value_name = "MODES", value_delimiter = ',')]
+    pub skip: Vec<String>,
+}
+
+/// A folder only this user can enter, removed with everything in it on drop.
+#[derive(Debug)]
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create() -> anyhow::Result<Self> {
+        let base = std::env::temp_dir();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = base.join(format!("fnode-bench-{}-{nanos:08x}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("cannot create a private folder in {}", base.display()))?;
+        Ok(WorkDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Progress on stderr, at most about once a second.
+struct Progress {
+    last: Instant,
+    start: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let now = Instant::now();
+        Progress {
+            last: now,
+            start: now,
+        }
+    }
+
+    fn tick(&mut self, what: &str, done: u64, of: u64) {
+        if self.last.elapsed() >= Duration::from_secs(1) || done == of {
+            self.last = Instant::now();
+            eprintln!(
+                "fnode bench: {what} {done}/{of} ({:.1} s)",
+                self.start.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+/// Why a mode was left out.
+#[derive(Debug, Default)]
+struct Notes(Vec<(String, String)>);
+
+impl Notes {
+    fn add(&mut self, mode: &str, why: impl Into<String>) {
+        let why = why.into();
+        eprintln!("fnode bench: no {mode}: {why}");
+        self.0.push((mode.to_owned(), why));
+    }
+}
+
+/// Runs `fnode bench`.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.payload.len() > MAX_PAYLOAD {
+        anyhow::bail!(
+            "the payload is {} bytes, over the {MAX_PAYLOAD}-byte limit: send a smaller one",
+            args.payload.len()
+        );
+    }
+    let skip = |m: ModeKind| args.skip.iter().any(|s| s == m.name());
+    for s in &args.skip {
+        if !ModeKind::ALL.iter().any(|m| m.name() == s) {
+            anyhow::bail!("--skip {s}: no such mode; modes are cold, restore, reset, floor");
+        }
+    }
+    let kvm = KvmContext::new().context("cannot use KVM")?;
+    let work = WorkDir::create()?;
+    let timeout = Duration::from_millis(args.timeout_ms);
+    let payload = args.payload.as_bytes();
+    let mut notes = Notes::default();
+
+    let meta = std::fs::metadata(&args.target)
+        .with_context(|| format!("cannot read {}", args.target.display()))?;
+    let (image, snapshot) = if meta.is_dir() {
+        if args.image.is_none() && !skip(ModeKind::Cold) {
+            notes.add(
+                "cold",
+                "TARGET is a snapshot directory: pass --image IMAGE to time cold starts",
+            );
+        }
+        (args.image.clone(), Some(args.target.clone()))
+    } else {
+        let snap = snapshot_of(&kvm, &args.target, args.mem, work.path(), timeout)?;
+        (Some(args.target.clone()), Some(snap))
+    };
+
+    let floor_memory = match &snapshot {
+        Some(dir) => {
+            let path = fnode_snapshot::SnapshotDir::new(dir).memory_path();
+            let size = std::fs::metadata(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?
+                .len();
+            FloorMemory::File {
+                path,
+                size: usize::try_from(size).context("memory file too large")?,
+            }
+        }
+        None => {
+            notes.add(
+                "floor over a memory file",
+                "no snapshot: the floor maps anonymous memory of --mem",
+            );
+            FloorMemory::Anonymous(usize::try_from(args.mem << 20).context("--mem too large")?)
+        }
+    };
+
+    let restore = snapshot.as_deref().map(|dir| ops::Restore {
+        kvm: &kvm,
+        dir,
+        payload,
+        timeout,
+    });
+    // The VM the reset mode resets: restored with reset, and used once.
+    let mut used = match &restore {
+        Some(r) if !skip(ModeKind::Reset) => {
+            let mut f = r.vm(Some(args.reset_mode))?;
+            match f.call(payload, Instant::now() + timeout) {
+                Ok(crate::client::Reply::Response(_)) => Some(f),
+                Ok(crate::client::Reply::Error(m)) => anyhow::bail!(
+                    "the function answered with an error: {}",
+                    String::from_utf8_lossy(&m)
+                ),
+                Err(e) => {
+                    return Err(e).context("the first invocation of the VM to reset failed")
+                }
+            }
+        }
+        _ => None,
+    };
+
+    let cold = image.as_deref().filter(|_| !skip(ModeKind::Cold)).map(|image| Cold {
+        kvm: &kvm,
+        image,
+        mem_mib: args.mem,
+        payload,
+        timeout,
+    });
+
+    let mut pages = PageMap::open()?;
+    let mut stats: Vec<ModeStats> = ModeKind::ALL.iter().map(|&k| ModeStats::new(k)).collect();
+    let mut progress = Progress::new();
+    let rounds = args.warmup + args.iterations;
+    for i in 0..rounds {
+        let measured = i >= args.warmup;
+        for j in 0..ModeKind::ALL.len() {
+            // Rotate the order: no mode always runs right after another's teardown.
+            let kind = ModeKind::ALL[(i as usize + j) % ModeKind::ALL.len()];
+            if skip(kind) {
+                continue;
+            }
+            let sample = match kind {
+                ModeKind::Cold => match &cold {
+                    Some(c) => {
+                        let socket = work.path().join(format!("cold-{i}.sock"));
+                        let (s, vm) = c
+                            .sample(&socket, &mut pages)
+                            .with_context(|| format!("cold start {i} failed"))?;
+                        drop(vm);
+                        Some(s)
+                    }
+                    None => None,
+                },
+                ModeKind::Restore => match &restore {
+                    Some(r) => {
+                        let (s, vm) = r
+                            .sample(&mut pages)
+                            .with_context(|| format!("restore {i} failed"))?;
+                        drop(vm);
+                        Some(s)
+                    }
+                    None => None,
+                },
+                ModeKind::Reset => match (&restore, &mut used) {
+                    (Some(r), Some(f)) => Some(
+                        r.reset_sample(f, &mut pages)
+                            .with_context(|| format!("reset {i} failed"))?,
+                    ),
+                    _ => None,
+                },
+                ModeKind::Floor => Some(
+                    ops::floor_sample(&kvm, &floor_memory)
+                        .with_context(|| format!("floor run {i} failed"))?,
+                ),
+            };
+            if let (true, Some(s)) = (measured, sample) {
+                stats[ModeKind::ALL.iter().position(|&k| k == kind).unwrap_or(0)].record(&s);
+            }
+        }
+        if measured {
+            progress.tick("iteration", u64::from(i - args.warmup + 1), u64::from(args.iterations));
+        }
+    }
+
+    let refs: Vec<&ModeStats> = stats.iter().collect();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "fnode bench {} ({} iterations, payload {} bytes, floor over {})",
+        args.target.display(),
+        args.iterations,
+        payload.len(),
+        match &floor_memory {
+            FloorMemory::File { .. } => "the snapshot's memory file, MAP_PRIVATE",
+            FloorMemory::Anonymous(_) => "anonymous memory",
+        }
+    )?;
+    write!(out, "{}", stats::table(&refs))?;
+    for (mode, why) in &notes.0 {
+        writeln!(out, "no {mode}: {why}")?;
+    }
+
+    let density: Option<density::DensityReport> = match (args.density, &snapshot) {
+        (None, _) => None,
+        (Some(n), Some(dir)) => {
+            let r = ops::Restore {
+                kvm: &kvm,
+                dir,
+                payload,
+                timeout,
+            };
+            let d = density::run(n, |_| Ok(Idle(r.vm(None)?)))?;
+            writeln!(out, "{d}")?;
+            Some(d)
+        }
+        (Some(_), None) => {
+            notes.add("density", "needs a snapshot to restore from");
+            None
+        }
+    };
+    drop(out);
+
+    if let Some(path) = &args.json {
+        let floor_p50 = stats
+            .iter()
+            .find(|m| m.kind == ModeKind::Floor && m.len() > 0)
+            .map(|m| m.quantile(0.5));
+        let mut doc = Map::new();
+        for m in stats.iter().filter(|m| m.len() > 0) {
+            doc.insert(m.kind.name().into(), m.to_json(floor_p50));
+        }
+        if let Some(d) = &density {
+            doc.insert("density".into(), d.to_json());
+        }
+        if !notes.0.is_empty() {
+            let skipped: Map<String, Value> = notes
+                .0
+                .iter()
+                .map(|(m, why)| (m.clone(), json!(why)))
+                .collect();
+            doc.insert("notes".into(), Value::Object(skipped));
+        }
+        doc.insert("iterations".into(), json!(args.iterations));
+        doc.insert("payload_bytes".into(), json!(payload.len()));
+        let text = serde_json::to_string_pretty(&Value::Object(doc))?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let title = format!(
+            "fnode bench {}: latency CDF ({} iterations)",
+            args.target
+                .file_name()
+                .map_or_else(|| args.target.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            args.iterations
+        );
+        std::fs::write(path, plot::cdf_svg(&title, &refs))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Takes a snapshot of `image` into `work/snapshot` for the restore and reset modes (and
+/// the floor's memory file).
+fn snapshot_of(
+    kvm: &KvmContext,
+    image: &Path,
+    mem_mib: u64,
+    work: &Path,
+    timeout: Duration,
+) -> anyhow::Result<PathBuf> {
+    let dir = work.join("snapshot");
+    let console = crate::snapshot::ConsoleBuf::new(false);
+    let t = crate::snapshot::take(kvm, image, &dir, mem_mib, timeout, console)
+        .with_context(|| format!("cannot snapshot {} to benchmark it", image.display()))?;
+    eprintln!(
+        "fnode bench: snapshot of {} taken (init {:.1} ms, {} data pages)",
+        image.display(),
+        t.init.as_secs_f64() * 1e3,
+        t.report.memory.data_pages
+    );
+    Ok(dir)
+}
+
+/// A VM kept alive by the density run.
+struct Idle(RestoredFunction);
+
+impl density::IdleVm for Idle {
+    fn running(&mut self) -> bool {
+        self.0.vm().first_run().is_some()
+    }
+}

@@ -1,0 +1,401 @@
+//! One timed operation of each benchmark mode, and the invocation they share.
+//!
+//! Each operation returns its [`OpSample`] and hands back whatever must be torn down, so the
+//! caller drops VMs after the timer stopped (tearing a VM down costs milliseconds and is no
+//! part of any mode's latency).
+
+use std::{
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use fnode_guest::abi::vsock::INVOKE_PORT;
+use fnode_vmm::{
+    bench::{raw_floor, BenchError},
+    builder::{self, VmConfig},
+    devices::serial::SharedBuffer,
+    vstate::memory::MemoryBacking,
+    BuildError, KvmContext, MicroVm, MicroVmError, Outcome, ResetMode,
+};
+
+use super::probe::{PageMap, ProbeError};
+use super::stats::OpSample;
+use crate::client::{ClientError, Connection, Reply};
+use crate::restored::RestoredFunction;
+use crate::snapshot::ConsoleBuf;
+
+/// Console bytes shown when an operation fails.
+const CONSOLE_TAIL: usize = 2048;
+
+/// Errors of one benchmark operation.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// The VM could not be built.
+    #[error("cannot build a VM for {}", image.display())]
+    Build {
+        /// The image.
+        image: PathBuf,
+        /// Why.
+        #[source]
+        source: BuildError,
+    },
+    /// The VM could not be controlled.
+    #[error("cannot run the VM")]
+    Control(#[source] MicroVmError),
+    /// The invocation failed on the host's side or the guest broke the protocol.
+    #[error("invocation failed{}", console_note(.console))]
+    Invoke {
+        /// Why.
+        #[source]
+        source: ClientError,
+        /// The end of the guest's console.
+        console: String,
+    },
+    /// The VM ended while the host waited for its answer.
+    #[error("the guest ended before it answered: {outcome}{}", console_note(.console))]
+    Ended {
+        /// How it ended.
+        outcome: Outcome,
+        /// The end of the guest's console.
+        console: String,
+    },
+    /// The function answered with an error.
+    #[error(
+        "the function answered with an error: {0}; benchmark a function that answers the payload"
+    )]
+    FunctionError(String),
+    /// The raw-KVM floor failed.
+    #[error("the raw-KVM floor failed")]
+    Floor(#[source] BenchError),
+    /// The floor's memory file could not be opened.
+    #[error("cannot open the memory file {} for the floor", path.display())]
+    FloorMemory {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The page count could not be read.
+    #[error("cannot count the guest's pages")]
+    Probe(#[source] ProbeError),
+    /// The snapshot could not be restored (the cause says why).
+    #[error("cannot restore the snapshot {}: {cause}", dir.display())]
+    Restore {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Why, with its causes.
+        cause: String,
+    },
+    /// The restored VM's invocation failed.
+    #[error("the restored VM's invocation failed; its console ended with:\n{console}")]
+    RestoredInvoke {
+        /// Why.
+        #[source]
+        source: ClientError,
+        /// The end of the guest's console.
+        console: String,
+    },
+    /// The in-place reset failed.
+    #[error("the in-place reset failed")]
+    Reset(#[source] fnode_vmm::ResetError),
+    /// The VM did not report the host time asked for.
+    #[error("the VM did not record when it {0}")]
+    NoHostTime(&'static str),
+}
+
+fn console_note(console: &str) -> String {
+    if console.is_empty() {
+        String::new()
+    } else {
+        format!("; the guest's console ended with:\n{console}")
+    }
+}
+
+/// The last [`CONSOLE_TAIL`] bytes of a console.
+fn tail(console: &SharedBuffer) -> String {
+    let bytes = console.contents();
+    let start = bytes.len().saturating_sub(CONSOLE_TAIL);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+/// Keeps an eye on a running VM while the host waits on its socket: `false` (stop waiting)
+/// once it ended, with the outcome kept.
+struct Watch<'a> {
+    vm: &'a mut MicroVm,
+    ended: Option<Outcome>,
+    error: Option<MicroVmError>,
+}
+
+impl Watch<'_> {
+    fn keep_waiting(&mut self) -> bool {
+        if self.ended.is_some() || self.error.is_some() {
+            return false;
+        }
+        match self.vm.poll() {
+            Ok(None) => true,
+            Ok(Some(o)) => {
+                self.ended = Some(o);
+                false
+            }
+            Err(e) => {
+                self.error = Some(e);
+                false
+            }
+        }
+    }
+
+    /// The error for a failed client call: the VM's end if it ended, else the client's.
+    fn fail(self, source: ClientError, console: &SharedBuffer) -> OpError {
+        if let Some(e) = self.error {
+            return OpError::Control(e);
+        }
+        match self.ended {
+            Some(outcome) => OpError::Ended {
+                outcome,
+                console: tail(console),
+            },
+            None => OpError::Invoke {
+                source,
+                console: tail(console),
+            },
+        }
+    }
+}
+
+/// Sends `payload` on `conn` and reads the reply, watching `vm`; an ERROR reply is an error.
+pub fn call(
+    vm: &mut MicroVm,
+    conn: &mut Connection,
+    payload: &[u8],
+    deadline: Instant,
+    console: &SharedBuffer,
+) -> Result<(), OpError> {
+    let mut watch = Watch {
+        vm,
+        ended: None,
+        error: None,
+    };
+    match conn.call(payload, deadline, &mut || watch.keep_waiting()) {
+        Ok(Reply::Response(_)) => Ok(()),
+        Ok(Reply::Error(m)) => Err(OpError::FunctionError(
+            String::from_utf8_lossy(&m).into_owned(),
+        )),
+        Err(e) => Err(watch.fail(e, console)),
+    }
+}
+
+/// Connects to the invocation port of the running `vm` through `socket`, retrying while
+/// the guest does not listen yet (it listens once its init is done).
+pub fn connect(
+    vm: &mut MicroVm,
+    socket: &Path,
+    deadline: Instant,
+    console: &SharedBuffer,
+) -> Result<Connection, OpError> {
+    let mut watch = Watch {
+        vm,
+        ended: None,
+        error: None,
+    };
+    Connection::connect_retrying(socket, INVOKE_PORT, deadline, &mut || watch.keep_waiting())
+        .map_err(|e| watch.fail(e, console))
+}
+
+/// A cold start, timed from "build the VM" to the first response.
+pub struct Cold<'a> {
+    /// KVM.
+    pub kvm: &'a KvmContext,
+    /// The function image.
+    pub image: &'a Path,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// The request.
+    pub payload: &'a [u8],
+    /// The longest an operation may take.
+    pub timeout: Duration,
+}
+
+impl Cold<'_> {
+    /// Builds and boots a VM whose vsock socket is `socket`, waits for its init and invokes
+    /// it once. Returns the sample and the VM (still running, idle) to tear down.
+    pub fn sample(
+        &self,
+        socket: &Path,
+        pages: &mut PageMap,
+    ) -> Result<(OpSample, MicroVm), OpError> {
+        let console = SharedBuffer::new();
+        let config = VmConfig {
+            mem_mib: self.mem_mib,
+            vsock_uds: Some(socket.to_owned()),
+            ..VmConfig::new(self.image)
+        };
+        let start = Instant::now();
+        let deadline = start + self.timeout;
+        let mut vm = builder::build(self.kvm, &config, Box::new(console.clone())).map_err(
+            |source| OpError::Build {
+                image: self.image.to_owned(),
+                source,
+            },
+        )?;
+        vm.resume().map_err(OpError::Control)?;
+        let mut conn = connect(&mut vm, socket, deadline, &console)?;
+        call(&mut vm, &mut conn, self.payload, deadline, &console)?;
+        let total = start.elapsed();
+        let sample = OpSample {
+            total,
+            host: None,
+            exits: Some(vm.exit_count()),
+            pages: Some(pages.guest_pages(&vm).map_err(OpError::Probe)?),
+            dirtied: None,
+        };
+        drop(conn);
+        Ok((sample, vm))
+    }
+}
+
+/// What the floor maps as guest memory.
+#[derive(Clone, Debug)]
+pub enum FloorMemory {
+    /// A snapshot's memory file, `MAP_PRIVATE` (as a restore maps it).
+    File {
+        /// The memory file.
+        path: PathBuf,
+        /// Its length.
+        size: usize,
+    },
+    /// Anonymous memory of this many bytes (no snapshot to map).
+    Anonymous(usize),
+}
+
+/// One run of the raw-KVM floor: fresh VM + vCPU + memory + registers, then `KVM_RUN` of a
+/// few instructions to `hlt`. The host share is everything before `KVM_RUN`.
+pub fn floor_sample(kvm: &KvmContext, memory: &FloorMemory) -> Result<OpSample, OpError> {
+    let (size, backing) = match memory {
+        FloorMemory::File { path, size } => {
+            let file = File::open(path).map_err(|source| OpError::FloorMemory {
+                path: path.clone(),
+                source,
+            })?;
+            (*size, MemoryBacking::PrivateFile(file))
+        }
+        FloorMemory::Anonymous(size) => (*size, MemoryBacking::Anonymous),
+    };
+    let t = raw_floor(kvm, size, backing).map_err(OpError::Floor)?;
+    Ok(OpSample {
+        total: t.total,
+        host: Some(t.total.saturating_sub(t.run_to_hlt)),
+        // The floor's one exit is its `hlt`.
+        exits: Some(1),
+        pages: None,
+        dirtied: None,
+    })
+}
+
+/// Guest pages of `f`'s VM the host has backed, and of those the private copies (pages the
+/// guest or a device wrote).
+fn restored_pages(f: &mut RestoredFunction, pages: &mut PageMap) -> Result<(u64, u64), OpError> {
+    pages.guest_pages_split(f.vm()).map_err(OpError::Probe)
+}
+
+/// Invokes `f` once; an ERROR reply is an error.
+fn call_restored(
+    f: &mut RestoredFunction,
+    payload: &[u8],
+    deadline: Instant,
+) -> Result<(), OpError> {
+    match f.call(payload, deadline) {
+        Ok(Reply::Response(_)) => Ok(()),
+        Ok(Reply::Error(m)) => Err(OpError::FunctionError(
+            String::from_utf8_lossy(&m).into_owned(),
+        )),
+        Err(source) => Err(OpError::RestoredInvoke {
+            source,
+            console: f.console_tail(),
+        }),
+    }
+}
+
+/// Restores of one snapshot.
+pub struct Restore<'a> {
+    /// KVM.
+    pub kvm: &'a KvmContext,
+    /// The snapshot directory.
+    pub dir: &'a Path,
+    /// The request.
+    pub payload: &'a [u8],
+    /// The longest an operation may take.
+    pub timeout: Duration,
+}
+
+impl Restore<'_> {
+    /// A fresh VM from the snapshot (resumed, attached to its invocation connection), with
+    /// `reset` kept for in-place resets; not timed.
+    pub fn vm(&self, reset: Option<ResetMode>) -> Result<RestoredFunction, OpError> {
+        RestoredFunction::restore(
+            self.kvm,
+            self.dir,
+            reset,
+            ConsoleBuf::new(false),
+            Instant::now() + self.timeout,
+        )
+        .map_err(|e| OpError::Restore {
+            dir: self.dir.to_owned(),
+            cause: format!("{e:#}"),
+        })
+    }
+
+    /// Restores a fresh VM and invokes it once, timed from "restore" to the response.
+    /// Returns the sample and the VM to tear down.
+    pub fn sample(&self, pages: &mut PageMap) -> Result<(OpSample, RestoredFunction), OpError> {
+        let start = Instant::now();
+        let mut f = self.vm(None)?;
+        call_restored(&mut f, self.payload, start + self.timeout)?;
+        let total = start.elapsed();
+        let host = f
+            .stats()
+            .restore_to_first_run
+            .ok_or(OpError::NoHostTime("first ran after its restore"))?;
+        let exits = f.vm().exit_count();
+        let (touched, written) = restored_pages(&mut f, pages)?;
+        Ok((
+            OpSample {
+                total,
+                host: Some(host),
+                exits: Some(exits),
+                pages: Some(touched),
+                dirtied: Some(written),
+            },
+            f,
+        ))
+    }
+
+    /// Resets `f` (a VM restored with reset that has answered a request) in place and
+    /// invokes it again, timed from the reset to the response.
+    pub fn reset_sample(
+        &self,
+        f: &mut RestoredFunction,
+        pages: &mut PageMap,
+    ) -> Result<OpSample, OpError> {
+        let (before, _) = restored_pages(f, pages)?;
+        let start = Instant::now();
+        f.reset().map_err(OpError::Reset)?;
+        call_restored(f, self.payload, start + self.timeout)?;
+        let total = start.elapsed();
+        let stats = f.stats();
+        let host = stats
+            .reset_to_first_run
+            .ok_or(OpError::NoHostTime("first ran after its reset"))?;
+        let (after, _) = restored_pages(f, pages)?;
+        let run = stats.run.unwrap_or_default();
+        Ok(OpSample {
+            total,
+            host: Some(host),
+            exits: stats.run.map(|r| r.exits),
+            pages: Some(after.saturating_sub(before)),
+            dirtied: stats.run.map(|_| run.dirtied_pages + run.device_pages),
+        })
+    }
+}

@@ -1,0 +1,249 @@
+//! A function served from its snapshot: [`RestoredFunction`] restores a snapshot directory
+//! (`fnode snapshot` writes it) into a new VM, attaches to the invocation connection the
+//! snapshot holds (parked on the VM's fresh socket: `CONNECT` gets `OK` at once, no
+//! handshake with the guest), invokes, and optionally puts the VM back to its snapshot
+//! state in place between invocations ([`RestoredFunction::reset`]).
+//!
+//! `fnode invoke DIR` ([`run`]) uses it; so can benchmarks: every operation's host time and
+//! counts are in [`RestoredFunction::stats`] after it.
+
+use std::{
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use fnode_guest::abi::vsock::INVOKE_PORT;
+use fnode_vmm::{
+    outcome::exit_code, restore_with, KvmContext, MicroVm, OpStats, ResetError, ResetMode,
+    RestoreOptions,
+};
+
+use crate::client::{ClientError, Connection, Reply};
+use crate::snapshot::ConsoleBuf;
+
+/// A folder only this user can enter, removed with what it holds when dropped (the VM's
+/// Unix socket lives there).
+#[derive(Debug)]
+pub struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    /// Creates `fnode-<pid>-<n>` in the runtime or temporary directory.
+    pub fn create() -> anyhow::Result<Self> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let path = base.join(format!(
+            "fnode-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .with_context(|| format!("cannot create the private folder {}", path.display()))?;
+        Ok(PrivateDir(path))
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Host-side cost of the last operation (a restore or a reset, and the invocation after
+/// it), for benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    /// Restore requested -> the guest's first `KVM_RUN` (a restored VM that has run).
+    pub restore_to_first_run: Option<Duration>,
+    /// [`RestoredFunction::reset`] called -> the guest's first `KVM_RUN` after it (after a
+    /// reset, once the guest has run).
+    pub reset_to_first_run: Option<Duration>,
+    /// The last invocation: request sent -> response read.
+    pub invoke: Option<Duration>,
+    /// Userspace exits and pages dirtied by the last invocation (guest pages from KVM's
+    /// dirty log; `None` for a VM restored without reset, which logs no dirty pages).
+    pub run: Option<OpStats>,
+}
+
+/// A restored function VM with its invocation connection.
+#[derive(Debug)]
+pub struct RestoredFunction {
+    // Drop order: the VM first, then the client (closing the client earlier would reach
+    // the guest), then the socket's folder.
+    vm: MicroVm,
+    conn: Connection,
+    _dir: PrivateDir,
+    console: ConsoleBuf,
+    stats: Stats,
+}
+
+impl RestoredFunction {
+    /// Restores the snapshot in `dir` (memory mapped `MAP_PRIVATE`), resumes it and attaches
+    /// to its parked invocation connection. `reset`: keep what [`reset`](Self::reset) needs.
+    pub fn restore(
+        kvm: &KvmContext,
+        dir: &Path,
+        reset: Option<ResetMode>,
+        console: ConsoleBuf,
+        deadline: Instant,
+    ) -> anyhow::Result<Self> {
+        let tmp = PrivateDir::create()?;
+        let socket = tmp.path().join("vsock.sock");
+        let options = RestoreOptions {
+            vsock_uds: Some(socket.clone()),
+            reset,
+        };
+        let mut vm = restore_with(kvm, dir, Box::new(console.clone()), &options)
+            .with_context(|| format!("cannot restore the snapshot {}", dir.display()))?;
+        vm.resume().context("cannot start the restored VM")?;
+        let mut watch = || matches!(vm.poll(), Ok(None));
+        let conn = Connection::connect(&socket, INVOKE_PORT, deadline, &mut watch)
+            .context("cannot attach to the restored VM's invocation connection")?;
+        Ok(RestoredFunction {
+            vm,
+            conn,
+            _dir: tmp,
+            console,
+            stats: Stats::default(),
+        })
+    }
+
+    /// Invokes the function once.
+    pub fn call(&mut self, payload: &[u8], deadline: Instant) -> Result<Reply, ClientError> {
+        let vm = &mut self.vm;
+        let mut watch = || matches!(vm.poll(), Ok(None));
+        let sent = Instant::now();
+        let reply = self.conn.call(payload, deadline, &mut watch);
+        self.stats.invoke = Some(sent.elapsed());
+        self.stats.restore_to_first_run = self.vm.restore_to_first_run();
+        self.stats.reset_to_first_run = self.vm.reset_to_first_run();
+        self.stats.run = self.vm.run_stats();
+        reply
+    }
+
+    /// Puts the VM back to its snapshot state (it must have been restored with reset).
+    /// Returns what the invocation before it cost.
+    pub fn reset(&mut self) -> Result<OpStats, ResetError> {
+        self.vm.reset()
+    }
+
+    /// The last operation's host-side cost.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// The VM.
+    pub fn vm(&mut self) -> &mut MicroVm {
+        &mut self.vm
+    }
+
+    /// The last bytes the guest printed.
+    pub fn console_tail(&self) -> String {
+        self.vm.flush_console();
+        self.console.tail(4096)
+    }
+}
+
+/// `fnode invoke DIR`: restores the snapshot, invokes `repeat` times (resetting the VM in
+/// place between invocations with `reset`, else serving them on the same VM), writes the
+/// responses to stdout (one per line when there are several) and returns the exit code.
+pub fn run(
+    dir: &Path,
+    payload: &[u8],
+    timeout: Duration,
+    repeat: u64,
+    reset: Option<ResetMode>,
+    timings: bool,
+    console: bool,
+) -> u8 {
+    use std::io::Write;
+
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let kvm = match KvmContext::new() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("fnode: cannot use KVM: {e}");
+            return exit_code::SETUP;
+        }
+    };
+    let console = ConsoleBuf::new(console);
+    let mut f = match RestoredFunction::restore(&kvm, dir, reset, console, deadline) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("fnode: {e:#}");
+            return exit_code::SETUP;
+        }
+    };
+    let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    let mut out = std::io::stdout().lock();
+    for i in 0..repeat.max(1) {
+        if i > 0 {
+            if let Some(mode) = reset {
+                if let Err(e) = f.reset() {
+                    eprintln!("fnode: cannot reset the VM ({mode:?}): {e}");
+                    return exit_code::VM_ERROR;
+                }
+            }
+        }
+        let reply = f.call(payload, deadline);
+        let s = f.stats();
+        if timings {
+            let run = s.run.unwrap_or_default();
+            let (op, host) = if i == 0 {
+                ("restore", s.restore_to_first_run)
+            } else {
+                ("reset", s.reset_to_first_run)
+            };
+            eprintln!(
+                "fnode: timings: {op} {:.3} ms to first KVM_RUN, invoke {:.3} ms, total {:.3} ms; \
+                 {} exits, {} pages dirtied",
+                ms(host),
+                ms(s.invoke),
+                start.elapsed().as_secs_f64() * 1e3,
+                run.exits,
+                run.dirtied_pages
+            );
+        }
+        match reply {
+            Ok(Reply::Response(bytes)) => {
+                let r = out.write_all(&bytes).and_then(|()| {
+                    if repeat > 1 {
+                        out.write_all(b"\n")?;
+                    }
+                    out.flush()
+                });
+                if let Err(e) = r {
+                    eprintln!("fnode: cannot write the response to stdout: {e}");
+                    return exit_code::GUEST_FAILURE;
+                }
+            }
+            Ok(Reply::Error(message)) => {
+                eprintln!("fnode: the function failed: {}", String::from_utf8_lossy(&message));
+                return exit_code::GUEST_FAILURE;
+            }
+            Err(e) => {
+                let code = match e {
+                    ClientError::TimedOut => exit_code::TIMEOUT,
+                    ClientError::BadFrame(_) => exit_code::GUEST_FAULT,
+                    _ => exit_code::GUEST_FAILURE,
+                };
+                eprintln!("fnode: {e}\nconsole:\n{}", f.console_tail());
+                return code;
+            }
+        }
+    }
+    exit_code::SUCCESS
+}

@@ -1,0 +1,152 @@
+//! `fnode bench` end to end on KVM: the echo function's image is benchmarked with a few
+//! iterations; the JSON has every mode with consistent numbers, the SVG is a plot of them,
+//! and `--density` brings VMs up. Nothing here looks at how long anything took.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use fnode_vmm::kvm::test_support::require_kvm;
+use serde_json::Value;
+
+const ITERATIONS: u64 = 4;
+
+fn tmp() -> &'static Path {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+}
+
+/// Builds `functions/echo` with `fnode build`.
+fn echo_image() -> PathBuf {
+    let out = tmp().join("bench-images").join("echo.elf");
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/echo");
+    let result = Command::new(env!("CARGO_BIN_EXE_fnode"))
+        // A target dir of the tests' own: the outer cargo may hold the workspace's lock.
+        .env("CARGO_TARGET_DIR", tmp().join("fnode-build"))
+        .arg("build")
+        .arg(&crate_dir)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "fnode build echo failed:\n{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    out
+}
+
+/// Runs `fnode bench <args>`; returns stdout, failing the test with stderr if it failed.
+fn bench(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_fnode"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fnode bench failed:\n{stderr}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn num(mode: &Value, key: &str) -> f64 {
+    mode[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no number {key} in {mode}"))
+}
+
+/// The percentiles of a mode are present and ordered, and `n` is the iteration count.
+fn check_latencies(doc: &Value, name: &str) {
+    let m = &doc[name];
+    assert!(m.is_object(), "no {name} in {doc}");
+    assert_eq!(m["n"].as_u64(), Some(ITERATIONS), "{name}: {m}");
+    let (p50, p90, p99, max) = (
+        num(m, "p50_us"),
+        num(m, "p90_us"),
+        num(m, "p99_us"),
+        num(m, "max_us"),
+    );
+    assert!(p50 > 0.0, "{name}: {m}");
+    assert!(p50 <= p90 && p90 <= p99 && p99 <= max, "{name}: {m}");
+}
+
+#[test]
+fn bench_echo_writes_json_svg_and_density() {
+    if !require_kvm() {
+        return;
+    }
+    let image = echo_image();
+    let dir = tmp().join("bench-out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("bench.json");
+    let svg = dir.join("bench.svg");
+    let _ = std::fs::remove_file(&json);
+    let _ = std::fs::remove_file(&svg);
+    let n = ITERATIONS.to_string();
+    let table = bench(&[
+        image.as_os_str(),
+        "--iterations".as_ref(),
+        n.as_ref(),
+        "--warmup".as_ref(),
+        "1".as_ref(),
+        "--json".as_ref(),
+        json.as_os_str(),
+        "--plot".as_ref(),
+        svg.as_os_str(),
+        "--density".as_ref(),
+        "4".as_ref(),
+    ]);
+
+    let doc: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for mode in ["cold", "restore", "reset", "floor"] {
+        check_latencies(&doc, mode);
+        assert!(table.contains(mode), "{mode} missing from the table:\n{table}");
+    }
+    for mode in ["restore", "reset"] {
+        let m = &doc[mode];
+        assert!(num(m, "host_p50_us") > 0.0, "{mode}: {m}");
+        assert!(num(m, "host_p50_us") <= num(m, "max_us"), "{mode}: {m}");
+        // A response takes at least the request's exit and the response's.
+        assert!(num(m, "exits_per_op") >= 1.0, "{mode}: {m}");
+        assert!(num(m, "pages_touched_per_op") >= 0.0, "{mode}: {m}");
+    }
+    // A restore maps the snapshot afresh: its first response touches pages.
+    assert!(num(&doc["restore"], "pages_touched_per_op") >= 1.0);
+    let floor = &doc["floor"];
+    assert!(num(floor, "host_p50_us") > 0.0, "{floor}");
+    assert!(num(floor, "host_p50_us") <= num(floor, "max_us"), "{floor}");
+
+    let d = &doc["density"];
+    assert_eq!(d["vms"].as_u64(), Some(4), "{d}");
+    assert!(num(d, "seconds") > 0.0, "{d}");
+    assert!(num(d, "host_kib_per_vm") >= 0.0, "{d}");
+    assert!(d.get("stopped_by").is_none(), "{d}");
+    assert!(table.contains("density: 4 VMs"), "{table}");
+
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg"), "{plot}");
+    assert!(plot.trim_end().ends_with("</svg>"));
+    assert_eq!(plot.matches("<polyline").count(), 4, "one line per mode");
+    for mode in ["cold", "restore", "reset", "floor"] {
+        assert!(plot.contains(&format!(">{mode} (p50")), "no legend for {mode}");
+    }
+    assert!(plot.contains("latency (µs, log scale)"));
+}
+
+#[test]
+fn bench_refuses_an_unknown_mode_and_a_missing_target() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fnode"))
+        .args(["bench", "/nonexistent/image.elf", "--skip", "warm"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("warm") && stderr.contains("modes are"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_fnode"))
+        .args(["bench", "/nonexistent/image.elf"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/image.elf"), "{stderr}");
+}

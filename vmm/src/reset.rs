@@ -1,0 +1,414 @@
+//! In-place reset: putting a restored VM back to its snapshot state after an invocation,
+//! instead of building a new one ([`MicroVm::reset`]).
+//!
+//! A VM restored with [`crate::restore::RestoreOptions::reset`] keeps the decoded snapshot
+//! ([`ResetState`]) and has KVM log the pages the guest writes (`KVM_MEM_LOG_DIRTY_PAGES`).
+//! A reset pauses the vCPUs, holds the virtio devices still, and then:
+//! 1. memory: the pages the guest dirtied (`KVM_GET_DIRTY_LOG`) and the pages the devices
+//!    wrote (which the dirty log does not see: packets in receive buffers, the used rings)
+//!    go back to the snapshot's bytes, by [`ResetMode`];
+//! 2. the irqchip and clock, then the devices (transport registers, vsock queues and the
+//!    connection's counters: the host client stays connected, the guest is back at the same
+//!    point of the same connection, so no new handshake is needed) and every vCPU (in its
+//!    thread) take their saved state back;
+//! 3. a fresh seed is written for the guest's random source (`abi::entropy`), and the VM
+//!    resumes.
+//!
+//! [`OpStats`] counts what the run before the reset cost (userspace exits, pages dirtied)
+//! and the reset's host time up to the guest running again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fnode_guest::abi;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
+
+use crate::devices::virtio::setup::{SetupError, VirtioState};
+use crate::microvm::{MicroVm, MicroVmError, VmState as RunState};
+use crate::vstate::vcpu::{SharedVcpuState, VcpuCommand, VcpuEvent};
+use crate::vstate::vcpu_persist::{VcpuPersistError, VcpuState as SavedVcpu};
+use crate::vstate::vm::VmError;
+use crate::vstate::vm_persist::{VmPersistError, VmState};
+
+/// Guest page size.
+const PAGE: usize = abi::layout::PAGE_SIZE as usize;
+
+/// How a reset puts guest memory back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResetMode {
+    /// Copy the snapshot's bytes over each dirtied page from a read-only shared mapping of
+    /// the memory file: the VM keeps its private copies (no new faults next time).
+    #[default]
+    CopyBack,
+    /// `MADV_DONTNEED` each dirtied page of the `MAP_PRIVATE` mapping: the private copy is
+    /// dropped and the next access maps the file's page again (a fault per page).
+    DropPages,
+}
+
+impl std::str::FromStr for ResetMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "copy" => Ok(ResetMode::CopyBack),
+            "dontneed" => Ok(ResetMode::DropPages),
+            other => Err(format!("unknown reset mode {other:?}: expected copy or dontneed")),
+        }
+    }
+}
+
+/// Errors of an in-place reset. After one, the VM is in no known state: drop it.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    /// The VM was not restored with reset enabled.
+    #[error("the VM keeps no snapshot state to reset to: restore it with reset enabled")]
+    NotResettable,
+    /// The VM finished (its guest exited or failed): it is not reset.
+    #[error("the VM finished; a finished VM is dropped, not reset")]
+    Finished,
+    /// Pausing or reaching the vCPU threads failed.
+    #[error("cannot pause the VM")]
+    Control(#[source] MicroVmError),
+    /// The dirty log could not be read.
+    #[error("cannot read the guest's dirty pages")]
+    DirtyLog(#[source] VmError),
+    /// Guest memory could not be put back.
+    #[error("cannot put guest memory back ({what})")]
+    Memory {
+        /// What failed.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The irqchip or clock could not be set.
+    #[error("cannot reset the irqchip and clock")]
+    Vm(#[source] VmPersistError),
+    /// A device could not take its state back.
+    #[error("cannot reset the virtio devices")]
+    Devices(#[source] SetupError),
+    /// A vCPU could not take its state back.
+    #[error("cannot reset vCPU {id}")]
+    Vcpu {
+        /// vCPU index.
+        id: u8,
+        /// Why.
+        #[source]
+        source: VcpuPersistError,
+    },
+}
+
+/// What a resettable VM keeps of its snapshot.
+#[derive(Debug)]
+pub(crate) struct ResetState {
+    vcpus: Vec<Arc<SavedVcpu>>,
+    vm: VmState,
+    virtio: VirtioState,
+    mode: ResetMode,
+    /// The memory file mapped shared and read-only (copy-back's source).
+    original: Option<MmapRegion>,
+    /// Exit count at the last restore or reset.
+    exits_at_start: u64,
+    /// When the last reset was asked for.
+    requested_at: Option<Instant>,
+    /// Dirty pages read from the log before the reset (by [`MicroVm::run_stats`]).
+    pending_dirty: Vec<u64>,
+}
+
+impl ResetState {
+    pub(crate) fn new(
+        vcpus: Vec<SavedVcpu>,
+        vm: VmState,
+        virtio: VirtioState,
+        mode: ResetMode,
+        original: Option<MmapRegion>,
+    ) -> Self {
+        ResetState {
+            vcpus: vcpus.into_iter().map(Arc::new).collect(),
+            vm,
+            virtio,
+            mode,
+            original,
+            exits_at_start: 0,
+            requested_at: None,
+            pending_dirty: Vec::new(),
+        }
+    }
+}
+
+/// What one invocation (the run between a restore or reset and the next reset) cost, and
+/// what the reset after it took. For benchmarks: read it after each operation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpStats {
+    /// Userspace exits (`KVM_RUN` returns other than kicks) during the run.
+    pub exits: u64,
+    /// Guest pages the guest wrote during the run (KVM's dirty log).
+    pub dirtied_pages: u64,
+    /// Guest pages the devices wrote (packets, used rings; counted conservatively).
+    pub device_pages: u64,
+    /// The reset's host time from [`MicroVm::reset`] being called to the VM resumed
+    /// (the time to the guest's first `KVM_RUN` is [`MicroVm::reset_to_first_run`]).
+    pub reset_time: Duration,
+    /// How memory was put back.
+    pub mode: ResetMode,
+}
+
+/// A fresh seed for the guest's random source.
+pub(crate) fn fresh_seed() -> abi::entropy::Seed {
+    let mut words = [0u64; 5];
+    let mut bytes = [0u8; 40];
+    fill_random(&mut bytes);
+    for (i, w) in words.iter_mut().enumerate() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+        *w = u64::from_le_bytes(b);
+    }
+    abi::entropy::Seed {
+        magic: abi::entropy::MAGIC,
+        generation: words[0],
+        seed: [words[1], words[2], words[3], words[4]],
+    }
+}
+
+/// Fills `buf` from the kernel's generator (`getrandom(2)`, which blocks only before the
+/// host's pool is initialised, long past at any VM's start).
+fn fill_random(buf: &mut [u8]) {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: the pointer and length describe `rest`, writable memory we own.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n > 0 {
+            done += n as usize;
+        } else if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // getrandom cannot fail on Linux >= 3.17 with a valid buffer; if it does, the
+            // time and the address of this frame are what is left (restores still differ).
+            let t = Instant::now().elapsed().as_nanos() as u64 ^ (rest.as_ptr() as u64);
+            for (i, b) in rest.iter_mut().enumerate() {
+                *b = (t >> ((i % 8) * 8)) as u8 ^ i as u8;
+            }
+            return;
+        }
+    }
+}
+
+/// Writes a fresh seed into guest memory at `abi::entropy::ADDR`.
+pub(crate) fn write_seed(memory: &crate::vstate::memory::GuestMemory) {
+    // The address is inside the smallest guest memory fnode builds (the abi's layout).
+    let _ = memory.write_slice(&fresh_seed().encode(), GuestAddress(abi::entropy::ADDR));
+}
+
+/// Runs of consecutive page frames in `pages` (sorted): (first, count).
+fn runs(pages: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &p in pages {
+        match out.last_mut() {
+            Some((start, n)) if *start + *n == p => *n += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
+}
+
+/// The page frames whose bits are set in a dirty bitmap.
+fn dirty_pages(bitmap: &[u64]) -> Vec<u64> {
+    let mut pages = Vec::new();
+    for (i, &word) in bitmap.iter().enumerate() {
+        let mut w = word;
+        while w != 0 {
+            let bit = w.trailing_zeros();
+            pages.push(i as u64 * 64 + u64::from(bit));
+            w &= w - 1;
+        }
+    }
+    pages
+}
+
+/// Merges two sorted page lists without duplicates.
+fn merge(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    out.extend_from_slice(a);
+    out.extend_from_slice(b);
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+impl MicroVm {
+    /// Whether the VM can be reset in place.
+    pub fn is_resettable(&self) -> bool {
+        self.reset.is_some()
+    }
+
+    /// Puts the VM back to its snapshot state (see the module doc) and resumes it: the
+    /// guest serves its next request as if freshly restored. Call it once the host has read
+    /// the response (the guest then waits for the next request). Returns what the run
+    /// before it cost.
+    pub fn reset(&mut self) -> Result<OpStats, ResetError> {
+        let requested_at = Instant::now();
+        if self.reset.is_none() {
+            return Err(ResetError::NotResettable);
+        }
+        if self.state == RunState::Finished {
+            return Err(ResetError::Finished);
+        }
+        if self.pause().map_err(ResetError::Control)?.is_some() {
+            return Err(ResetError::Finished);
+        }
+        let exits = self.exit_count();
+        let Some(mut rs) = self.reset.take() else {
+            return Err(ResetError::NotResettable);
+        };
+        let result = self.reset_with(&mut rs, exits);
+        self.reset = Some(rs);
+        let mut stats = result?;
+        if let Some(rs) = &mut self.reset {
+            rs.exits_at_start = exits;
+            rs.requested_at = Some(requested_at);
+        }
+        self.first_run.arm_next();
+        self.resume().map_err(ResetError::Control)?;
+        stats.reset_time = requested_at.elapsed();
+        Ok(stats)
+    }
+
+    fn reset_with(&mut self, rs: &mut ResetState, exits: u64) -> Result<OpStats, ResetError> {
+        let mut quiesced = self.virtio.quiesce();
+        let memory = self.memory();
+        let region = memory
+            .iter()
+            .next()
+            .ok_or(ResetError::Memory { what: "no guest memory region", source: std::io::ErrorKind::NotFound.into() })?;
+        let size = region.len() as usize;
+        let bitmap = self.vm.take_dirty_log(0, size).map_err(ResetError::DirtyLog)?;
+        let guest_pages = merge(&std::mem::take(&mut rs.pending_dirty), &dirty_pages(&bitmap));
+        let device_pages = quiesced.take_written_pages();
+        let pages = merge(&guest_pages, &device_pages);
+        let total_pages = (size / PAGE) as u64;
+        for (first, count) in runs(&pages) {
+            if first >= total_pages {
+                break;
+            }
+            let count = count.min(total_pages - first) as usize;
+            let offset = first as usize * PAGE;
+            let len = count * PAGE;
+            match (rs.mode, &rs.original) {
+                (ResetMode::CopyBack, Some(original)) if original.size() >= offset + len => {
+                    // SAFETY: both mappings are live for the call (the region is borrowed
+                    // from `self`, the original from `rs`) and `offset + len` lies inside
+                    // both (checked against the region's size and the original's length).
+                    // They are distinct mappings. Nothing else writes the guest's pages
+                    // now: the vCPUs are paused and the devices are held by `quiesced`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            original.as_ptr().add(offset),
+                            region.as_ptr().add(offset),
+                            len,
+                        )
+                    };
+                }
+                _ => {
+                    // SAFETY: `offset + len` lies inside the guest's MAP_PRIVATE file
+                    // mapping; MADV_DONTNEED drops the private copies, and the next access
+                    // maps the snapshot's page again. No Rust reference into these pages
+                    // is live (the guest is paused, the devices are held).
+                    let r = unsafe {
+                        libc::madvise(region.as_ptr().add(offset).cast(), len, libc::MADV_DONTNEED)
+                    };
+                    if r != 0 {
+                        return Err(ResetError::Memory {
+                            what: "madvise(MADV_DONTNEED)",
+                            source: std::io::Error::last_os_error(),
+                        });
+                    }
+                }
+            }
+        }
+        write_seed(memory);
+        self.vm.restore_state(&rs.vm).map_err(ResetError::Vm)?;
+        quiesced.reset_to(&rs.virtio).map_err(ResetError::Devices)?;
+        drop(quiesced);
+        self.restore_vcpus(&rs.vcpus)?;
+        Ok(OpStats {
+            exits: exits.saturating_sub(rs.exits_at_start),
+            dirtied_pages: guest_pages.len() as u64,
+            device_pages: device_pages.len() as u64,
+            reset_time: Duration::ZERO,
+            mode: rs.mode,
+        })
+    }
+
+    /// Has every (paused) vCPU take its saved state back, in its thread.
+    fn restore_vcpus(&mut self, saved: &[Arc<SavedVcpu>]) -> Result<(), ResetError> {
+        for (vcpu, state) in self.vcpus.iter().zip(saved) {
+            if !vcpu.send(VcpuCommand::Restore(SharedVcpuState(state.clone()))) {
+                return Err(ResetError::Control(MicroVmError::VcpuThreadGone { id: vcpu.id() }));
+            }
+        }
+        let mut left = self.vcpus.len().min(saved.len());
+        let mut first_error = None;
+        while left > 0 {
+            match self.events.recv() {
+                Ok(VcpuEvent::Restored { id, result }) => {
+                    left -= 1;
+                    if let Err(source) = result {
+                        first_error.get_or_insert(ResetError::Vcpu { id, source });
+                    }
+                }
+                Ok(other) => {
+                    self.record(other);
+                }
+                Err(_) => return Err(ResetError::Control(MicroVmError::AllVcpuThreadsGone)),
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// For a VM that was reset and has run since: the host time from [`MicroVm::reset`]
+    /// being called to the guest's first `KVM_RUN` after it.
+    pub fn reset_to_first_run(&self) -> Option<Duration> {
+        let requested = self.reset.as_ref()?.requested_at?;
+        Some(self.first_run.next()?.saturating_duration_since(requested))
+    }
+
+    /// What the run since the restore (or the last reset) has cost so far: exits, and the
+    /// pages the guest dirtied (from KVM's dirty log; the pages read are kept for the next
+    /// reset, which puts them back too). `None` for a VM without reset.
+    pub fn run_stats(&mut self) -> Option<OpStats> {
+        let exits = self.exit_count();
+        let size = self.memory().iter().next()?.len() as usize;
+        let bitmap = self.vm.take_dirty_log(0, size).ok()?;
+        let rs = self.reset.as_mut()?;
+        rs.pending_dirty = merge(&rs.pending_dirty, &dirty_pages(&bitmap));
+        Some(OpStats {
+            exits: exits.saturating_sub(rs.exits_at_start),
+            dirtied_pages: rs.pending_dirty.len() as u64,
+            device_pages: 0,
+            reset_time: Duration::ZERO,
+            mode: rs.mode,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_runs_and_bitmaps() {
+        assert_eq!(runs(&[1, 2, 3, 7, 9, 10]), vec![(1, 3), (7, 1), (9, 2)]);
+        assert_eq!(runs(&[]), vec![]);
+        assert_eq!(dirty_pages(&[0b1011, 1 << 63]), vec![0, 1, 3, 127]);
+        assert_eq!(merge(&[1, 5], &[2, 5, 9]), vec![1, 2, 5, 9]);
+    }
+
+    #[test]
+    fn seeds_differ() {
+        let (a, b) = (fresh_seed(), fresh_seed());
+        assert_eq!(a.magic, abi::entropy::MAGIC);
+        assert_ne!(a, b);
+        assert_eq!("dontneed".parse::<ResetMode>(), Ok(ResetMode::DropPages));
+        assert_eq!("copy".parse::<ResetMode>(), Ok(ResetMode::CopyBack));
+        assert!("x".parse::<ResetMode>().is_err());
+    }
+}

@@ -402,7 +402,7 @@ pub(crate) mod tests {
         let mut out = [0u8; 3];
         mem.read_slice(&mut out, GuestAddress(0xa002)).unwrap();
         assert_eq!(&out, b"xyz");
-        assert!(c.read_at(&mem, 7, &mut buf).is_err());
+        c.read_at(&mem, 7, &mut buf).unwrap_err();
         assert_eq!(pop_head(&mut q, &mem).unwrap(), None);
         // No EVENT_IDX: the avail ring's NO_INTERRUPT flag decides.
         assert!(needs_interrupt(&mut q, &mem).unwrap());

@@ -15,6 +15,10 @@
 //! `--timings` prints the phases on stderr (VM build, boot to the function's entry, init,
 //! invoke) and what the invocation cost the host in userspace exits and guest pages first
 //! touched.
+//!
+//! Given a snapshot directory (`fnode snapshot` writes it) instead of an image, the VM is
+//! restored from it rather than booted ([`crate::restored`]); `--repeat` then invokes
+//! several times, resetting the VM to its snapshot state in place in between (`--reset`).
 
 use std::{
     fmt,
@@ -62,7 +66,8 @@ const CONSOLE_TAIL: usize = 16 * 1024;
 /// `fnode invoke` options.
 #[derive(Debug, clap::Args)]
 pub struct InvokeArgs {
-    /// The function image (`fnode build` writes it).
+    /// The function image (`fnode build` writes it), or a snapshot directory
+    /// (`fnode snapshot` writes it) to restore the function from.
     pub image: PathBuf,
     /// The request: `@FILE` (a file's bytes), `-` (stdin) or the text itself. Empty if not
     /// given. At most 6 MiB.
@@ -86,6 +91,15 @@ pub struct InvokeArgs {
     /// Kernel command line words to add (test switches such as `fnode.hostile=vsock`).
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
+    /// With a snapshot directory: invoke this many times (responses one per line).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub repeat: u64,
+    /// With a snapshot directory: between invocations, reset the VM to its snapshot state by
+    /// copying the snapshot's bytes back over the pages it dirtied (`copy`) or by dropping
+    /// them (`dontneed`); `none` serves them on the same VM.
+    #[arg(long, value_name = "copy|dontneed|none", default_value = "copy")]
+    pub reset: String,
 }
 
 /// Runs `fnode invoke`; every failure is reported on stderr and becomes the exit code.
@@ -112,6 +126,25 @@ enum Failure {
 fn invoke(args: &InvokeArgs) -> Result<u8, Failure> {
     let payload = read_payload(args.payload.as_deref()).map_err(Failure::Usage)?;
     let timeout = Duration::from_millis(args.timeout_ms);
+    if args.image.is_dir() {
+        let reset = match args.reset.as_str() {
+            "none" => None,
+            mode => Some(
+                mode.parse()
+                    .map_err(|e: String| Failure::Usage(anyhow::anyhow!(e)))?,
+            ),
+        };
+        let (repeat, timings, console) = (args.repeat, args.timings, args.console);
+        return Ok(crate::restored::run(
+            &args.image,
+            &payload,
+            timeout,
+            repeat,
+            reset,
+            timings,
+            console,
+        ));
+    }
     let start = Instant::now();
     let deadline = start + timeout;
 

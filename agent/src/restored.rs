@@ -202,10 +202,10 @@ pub fn run(
         let s = f.stats();
         if timings {
             let run = s.run.unwrap_or_default();
-            let (op, host) = if i == 0 {
-                ("restore", s.restore_to_first_run)
-            } else {
-                ("reset", s.reset_to_first_run)
+            let (op, host) = match (i, reset) {
+                (0, _) => ("restore", s.restore_to_first_run),
+                (_, Some(_)) => ("reset", s.reset_to_first_run),
+                (_, None) => ("same VM", None),
             };
             eprintln!(
                 "fnode: timings: {op} {:.3} ms to first KVM_RUN, invoke {:.3} ms, total {:.3} ms; \
@@ -231,7 +231,10 @@ pub fn run(
                 }
             }
             Ok(Reply::Error(message)) => {
-                eprintln!("fnode: the function failed: {}", String::from_utf8_lossy(&message));
+                eprintln!(
+                    "fnode: the function failed: {}",
+                    String::from_utf8_lossy(&message)
+                );
                 return exit_code::GUEST_FAILURE;
             }
             Err(e) => {

@@ -69,7 +69,10 @@ pub struct ConsoleBuf {
 impl ConsoleBuf {
     /// A console; `stream`: copy the guest's output to stderr as it comes.
     pub fn new(stream: bool) -> Self {
-        ConsoleBuf { bytes: Arc::default(), stream }
+        ConsoleBuf {
+            bytes: Arc::default(),
+            stream,
+        }
     }
 
     /// The last `n` bytes the guest printed, as text.

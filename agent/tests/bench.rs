@@ -100,14 +100,18 @@ fn bench_echo_writes_json_svg_and_density() {
     let doc: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     for mode in ["cold", "restore", "reset", "floor"] {
         check_latencies(&doc, mode);
-        assert!(table.contains(mode), "{mode} missing from the table:\n{table}");
+        assert!(
+            table.contains(mode),
+            "{mode} missing from the table:\n{table}"
+        );
     }
     for mode in ["restore", "reset"] {
         let m = &doc[mode];
         assert!(num(m, "host_p50_us") > 0.0, "{mode}: {m}");
         assert!(num(m, "host_p50_us") <= num(m, "max_us"), "{mode}: {m}");
-        // A response takes at least the request's exit and the response's.
-        assert!(num(m, "exits_per_op") >= 1.0, "{mode}: {m}");
+        // Counts, not times: present. (Queue notifications go to ioeventfds in KVM, so an
+        // invocation may cost no userspace exit at all.)
+        assert!(num(m, "exits_per_op") >= 0.0, "{mode}: {m}");
         assert!(num(m, "pages_touched_per_op") >= 0.0, "{mode}: {m}");
     }
     // A restore maps the snapshot afresh: its first response touches pages.
@@ -128,7 +132,10 @@ fn bench_echo_writes_json_svg_and_density() {
     assert!(plot.trim_end().ends_with("</svg>"));
     assert_eq!(plot.matches("<polyline").count(), 4, "one line per mode");
     for mode in ["cold", "restore", "reset", "floor"] {
-        assert!(plot.contains(&format!(">{mode} (p50")), "no legend for {mode}");
+        assert!(
+            plot.contains(&format!(">{mode} (p50")),
+            "no legend for {mode}"
+        );
     }
     assert!(plot.contains("latency (µs, log scale)"));
 }
@@ -141,7 +148,10 @@ fn bench_refuses_an_unknown_mode_and_a_missing_target() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("warm") && stderr.contains("modes are"), "{stderr}");
+    assert!(
+        stderr.contains("warm") && stderr.contains("modes are"),
+        "{stderr}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_fnode"))
         .args(["bench", "/nonexistent/image.elf"])
         .output()

@@ -942,8 +942,10 @@ mod tests {
         assert_ne!(s.word(0, 0), s.word(1, 0));
         assert_ne!(s.word(0, 0), s.word(0, 1));
         // The seed page is boot data below the kernel, clear of the other boot data.
-        assert!(entropy::ADDR >= layout::REPORT_ADDR + layout::PAGE_SIZE);
-        assert!(entropy::ADDR + entropy::LEN as u64 <= layout::CMDLINE_ADDR);
+        const {
+            assert!(entropy::ADDR >= layout::REPORT_ADDR + layout::PAGE_SIZE);
+            assert!(entropy::ADDR + entropy::LEN as u64 <= layout::CMDLINE_ADDR);
+        }
     }
 
     #[test]

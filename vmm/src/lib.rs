@@ -37,5 +37,5 @@ pub use kvm::{KvmContext, KvmError};
 pub use microvm::{MicroVm, MicroVmError};
 pub use outcome::Outcome;
 pub use persist::snapshot;
-pub use reset::{OpStats, ResetError, ResetMode};
+pub use reset::{OpStats, ResetError, ResetMode, ResetPhases};
 pub use restore::{restore, restore_with, RestoreError, RestoreOptions};

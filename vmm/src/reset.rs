@@ -30,6 +30,10 @@ use crate::vstate::vcpu_persist::{VcpuPersistError, VcpuState as SavedVcpu};
 use crate::vstate::vm::VmError;
 use crate::vstate::vm_persist::{VmPersistError, VmState};
 
+/// Longest wait for the host I/O of the last exchange to finish before a reset (a send to
+/// the client whose completion the device has not seen yet; normally microseconds).
+const SETTLE_LIMIT: Duration = Duration::from_millis(100);
+
 /// Guest page size.
 const PAGE: usize = abi::layout::PAGE_SIZE as usize;
 
@@ -52,7 +56,9 @@ impl std::str::FromStr for ResetMode {
         match s {
             "copy" => Ok(ResetMode::CopyBack),
             "dontneed" => Ok(ResetMode::DropPages),
-            other => Err(format!("unknown reset mode {other:?}: expected copy or dontneed")),
+            other => Err(format!(
+                "unknown reset mode {other:?}: expected copy or dontneed"
+            )),
         }
     }
 }
@@ -151,6 +157,21 @@ pub struct OpStats {
     pub reset_time: Duration,
     /// How memory was put back.
     pub mode: ResetMode,
+    /// Where the reset's host time went.
+    pub phases: ResetPhases,
+}
+
+/// The host time of each phase of a reset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetPhases {
+    /// Pausing the vCPUs and letting the last exchange's host I/O finish.
+    pub pause: Duration,
+    /// Reading the dirty log and putting the pages back.
+    pub memory: Duration,
+    /// Irqchip, clock and devices.
+    pub vm_and_devices: Duration,
+    /// Every vCPU's state, set in its thread.
+    pub vcpus: Duration,
 }
 
 /// A fresh seed for the guest's random source.
@@ -259,9 +280,11 @@ impl MicroVm {
         let Some(mut rs) = self.reset.take() else {
             return Err(ResetError::NotResettable);
         };
+        let paused = requested_at.elapsed();
         let result = self.reset_with(&mut rs, exits);
         self.reset = Some(rs);
         let mut stats = result?;
+        stats.phases.pause = paused;
         if let Some(rs) = &mut self.reset {
             rs.exits_at_start = exits;
             rs.requested_at = Some(requested_at);
@@ -274,14 +297,29 @@ impl MicroVm {
 
     fn reset_with(&mut self, rs: &mut ResetState, exits: u64) -> Result<OpStats, ResetError> {
         let mut quiesced = self.virtio.quiesce();
+        quiesced.settle_host_io(Instant::now() + SETTLE_LIMIT);
+        let mut phases = ResetPhases::default();
+        let mut last = Instant::now();
+        let mut lap = move || {
+            let now = Instant::now();
+            let d = now - last;
+            last = now;
+            d
+        };
         let memory = self.memory();
-        let region = memory
-            .iter()
-            .next()
-            .ok_or(ResetError::Memory { what: "no guest memory region", source: std::io::ErrorKind::NotFound.into() })?;
+        let region = memory.iter().next().ok_or(ResetError::Memory {
+            what: "no guest memory region",
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
         let size = region.len() as usize;
-        let bitmap = self.vm.take_dirty_log(0, size).map_err(ResetError::DirtyLog)?;
-        let guest_pages = merge(&std::mem::take(&mut rs.pending_dirty), &dirty_pages(&bitmap));
+        let bitmap = self
+            .vm
+            .take_dirty_log(0, size)
+            .map_err(ResetError::DirtyLog)?;
+        let guest_pages = merge(
+            &std::mem::take(&mut rs.pending_dirty),
+            &dirty_pages(&bitmap),
+        );
         let device_pages = quiesced.take_written_pages();
         let pages = merge(&guest_pages, &device_pages);
         let total_pages = (size / PAGE) as u64;
@@ -325,11 +363,15 @@ impl MicroVm {
             }
         }
         write_seed(memory);
+        phases.memory = lap();
         self.vm.restore_state(&rs.vm).map_err(ResetError::Vm)?;
         quiesced.reset_to(&rs.virtio).map_err(ResetError::Devices)?;
         drop(quiesced);
+        phases.vm_and_devices = lap();
         self.restore_vcpus(&rs.vcpus)?;
+        phases.vcpus = lap();
         Ok(OpStats {
+            phases,
             exits: exits.saturating_sub(rs.exits_at_start),
             dirtied_pages: guest_pages.len() as u64,
             device_pages: device_pages.len() as u64,
@@ -342,7 +384,9 @@ impl MicroVm {
     fn restore_vcpus(&mut self, saved: &[Arc<SavedVcpu>]) -> Result<(), ResetError> {
         for (vcpu, state) in self.vcpus.iter().zip(saved) {
             if !vcpu.send(VcpuCommand::Restore(SharedVcpuState(state.clone()))) {
-                return Err(ResetError::Control(MicroVmError::VcpuThreadGone { id: vcpu.id() }));
+                return Err(ResetError::Control(MicroVmError::VcpuThreadGone {
+                    id: vcpu.id(),
+                }));
             }
         }
         let mut left = self.vcpus.len().min(saved.len());
@@ -386,6 +430,7 @@ impl MicroVm {
             device_pages: 0,
             reset_time: Duration::ZERO,
             mode: rs.mode,
+            phases: ResetPhases::default(),
         })
     }
 }
@@ -409,6 +454,7 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!("dontneed".parse::<ResetMode>(), Ok(ResetMode::DropPages));
         assert_eq!("copy".parse::<ResetMode>(), Ok(ResetMode::CopyBack));
-        assert!("x".parse::<ResetMode>().is_err());
+        let err = "x".parse::<ResetMode>().unwrap_err();
+        assert!(err.contains("copy or dontneed"), "{err}");
     }
 }

@@ -17,10 +17,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fnode_guest::abi;
-use vm_memory::{FileOffset, MmapRegion};
 use fnode_snapshot::{
     memory_file, state_file, MemoryFileError, Persist, SnapshotDir, StateFileError,
 };
+use vm_memory::{FileOffset, MmapRegion};
 
 use crate::devices::bus::{BusError, Buses, SharedDevice};
 use crate::devices::control::{ControlDevice, ControlSignal};
@@ -28,11 +28,11 @@ use crate::devices::exit::{ExitDevice, ExitSignal};
 use crate::devices::serial::{SerialDevice, SerialError};
 use crate::devices::virtio::setup::{self as virtio_setup, SetupError};
 use crate::devices::virtio::FaultSink;
-use crate::reset::{ResetMode, ResetState};
 use crate::kvm::KvmContext;
 use crate::microvm::MicroVm;
 use crate::persist::cpu::{self, CpuCompatError};
 use crate::persist::{MicroVmState, FORMAT};
+use crate::reset::{ResetMode, ResetState};
 use crate::vstate::memory::{self, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{FirstRun, Vcpu, VcpuError, VcpuEvent, VcpuIo};
 use crate::vstate::vcpu_persist::{self, VcpuPersistError};
@@ -315,7 +315,13 @@ pub fn restore_with(
     microvm.set_restore_timings(timings);
     if let Some(mode) = options.reset {
         let vcpus = std::mem::take(&mut state.vcpus);
-        microvm.reset = Some(ResetState::new(vcpus, state.vm, state.devices.virtio, mode, original));
+        microvm.reset = Some(ResetState::new(
+            vcpus,
+            state.vm,
+            state.devices.virtio,
+            mode,
+            original,
+        ));
     }
     Ok(microvm)
 }

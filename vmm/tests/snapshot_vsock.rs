@@ -19,26 +19,38 @@ use fnode_vmm::microvm::UntilReady;
 use fnode_vmm::{persist, restore_with, KvmContext, ResetMode, RestoreOptions};
 
 fn tmp(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("snapshot-vsock-{}-{name}", std::process::id()))
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("snapshot-vsock-{}-{name}", std::process::id()))
 }
 
 /// `CONNECT <port>` and the `OK` line; `None` if the device closed the connection.
 fn try_connect(path: &Path) -> Option<UnixStream> {
     let mut s = UnixStream::connect(path).unwrap();
     s.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
-    s.write_all(format!("CONNECT {}\n", vsock::INVOKE_PORT).as_bytes()).unwrap();
+    s.write_all(format!("CONNECT {}\n", vsock::INVOKE_PORT).as_bytes())
+        .unwrap();
     let mut line = Vec::new();
     // Byte by byte: nothing past the line may be consumed.
-    BufReader::with_capacity(1, &mut s).read_until(b'\n', &mut line).unwrap();
+    BufReader::with_capacity(1, &mut s)
+        .read_until(b'\n', &mut line)
+        .unwrap();
     if line.is_empty() {
         return None;
     }
-    assert!(line.starts_with(b"OK "), "the device answered {:?}", String::from_utf8_lossy(&line));
+    assert!(
+        line.starts_with(b"OK "),
+        "the device answered {:?}",
+        String::from_utf8_lossy(&line)
+    );
     Some(s)
 }
 
 fn call(s: &mut UnixStream, id: u64, payload: &[u8]) -> Vec<u8> {
-    let hdr = frame::Header { kind: frame::KIND_REQUEST, id, len: payload.len() as u32 };
+    let hdr = frame::Header {
+        kind: frame::KIND_REQUEST,
+        id,
+        len: payload.len() as u32,
+    };
     s.write_all(&hdr.encode()).unwrap();
     s.write_all(payload).unwrap();
     let mut raw = [0u8; frame::HEADER_LEN];
@@ -66,7 +78,10 @@ fn snapshot_echo_guest(kvm: &KvmContext, dir: &Path) {
             if let Some(s) = try_connect(&sock) {
                 return s;
             }
-            assert!(Instant::now() < deadline, "the echo guest never accepted a connection");
+            assert!(
+                Instant::now() < deadline,
+                "the echo guest never accepted a connection"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     });
@@ -90,12 +105,21 @@ fn restored_vm_answers_on_the_parked_connection_and_resets_in_place() {
     snapshot_echo_guest(&kvm, &dir);
 
     // Without a socket path, a snapshot with a vsock device is refused.
-    let err = restore_with(&kvm, &dir, Box::new(std::io::sink()), &RestoreOptions::default()).unwrap_err();
+    let err = restore_with(
+        &kvm,
+        &dir,
+        Box::new(std::io::sink()),
+        &RestoreOptions::default(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("virtio"), "{err}");
 
     for mode in [ResetMode::CopyBack, ResetMode::DropPages] {
         let sock = tmp(&format!("restored-{mode:?}.sock"));
-        let options = RestoreOptions { vsock_uds: Some(sock.clone()), reset: Some(mode) };
+        let options = RestoreOptions {
+            vsock_uds: Some(sock.clone()),
+            reset: Some(mode),
+        };
         let mut vm = restore_with(&kvm, &dir, Box::new(std::io::sink()), &options).unwrap();
         vm.resume().unwrap();
         // The parked connection: OK at once.
@@ -106,12 +130,18 @@ fn restored_vm_answers_on_the_parked_connection_and_resets_in_place() {
         assert!(run.dirtied_pages > 0, "{run:?}");
         for i in 2..6u64 {
             let stats = vm.reset().unwrap();
-            assert!(stats.dirtied_pages > 0 && stats.device_pages > 0, "{stats:?}");
+            assert!(
+                stats.dirtied_pages > 0 && stats.device_pages > 0,
+                "{stats:?}"
+            );
             // The same host connection goes on after the reset.
             let payload = vec![i as u8; 1000 * i as usize];
             assert_eq!(call(&mut s, i, &payload), payload);
             assert!(vm.reset_to_first_run().is_some());
         }
-        assert!(vm.poll().unwrap().is_none(), "the restored guest keeps serving");
+        assert!(
+            vm.poll().unwrap().is_none(),
+            "the restored guest keeps serving"
+        );
     }
 }

@@ -14,8 +14,9 @@ use serde_json::{json, Value};
 
 use super::probe::{self, ProbeError};
 
-/// File descriptors a VM holds (VM, vCPU, eventfds, sockets, io_uring, epoll), with margin.
-pub const FDS_PER_VM: u64 = 24;
+/// File descriptors a VM may hold (VM, vCPU, eventfds, sockets, io_uring, epoll: about 20
+/// for a restored function VM), with room to spare: the limit is only a number.
+pub const FDS_PER_VM: u64 = 64;
 /// File descriptors the process keeps besides its VMs.
 const FDS_BASE: u64 = 256;
 /// How long to wait for every VM to have entered the guest.
@@ -36,6 +37,15 @@ pub struct DensityReport {
     pub rss_kib_per_vm: f64,
     /// Drop of the host's `MemAvailable` per VM, KiB (kernel memory included).
     pub system_kib_per_vm: Option<f64>,
+    /// Open file descriptors per VM.
+    pub fds_per_vm: Option<f64>,
+    /// Threads per VM.
+    pub threads_per_vm: Option<f64>,
+    /// Mean time to bring up one VM, among the first and the last tenth of the VMs (at most
+    /// 100 each): how bringing up one more VM grows with the VMs already there.
+    pub spawn_first_last: Option<(Duration, Duration)>,
+    /// The open-file limit in force (raised as far as the hard limit allows).
+    pub fd_limit: u64,
     /// Why fewer than `wanted` VMs came up.
     pub stopped_by: Option<String>,
 }
@@ -53,6 +63,17 @@ impl DensityReport {
         });
         if let Some(s) = self.system_kib_per_vm {
             v["system_kib_per_vm"] = json!(r1(s));
+        }
+        if let Some(n) = self.fds_per_vm {
+            v["fds_per_vm"] = json!(r1(n));
+        }
+        if let Some(n) = self.threads_per_vm {
+            v["threads_per_vm"] = json!(r1(n));
+        }
+        v["fd_limit"] = json!(self.fd_limit);
+        if let Some((first, last)) = self.spawn_first_last {
+            v["first_tenth_us_per_vm"] = json!(r1(first.as_secs_f64() * 1e6));
+            v["last_tenth_us_per_vm"] = json!(r1(last.as_secs_f64() * 1e6));
         }
         if let Some(why) = &self.stopped_by {
             v["stopped_by"] = json!(why);
@@ -76,8 +97,23 @@ impl fmt::Display for DensityReport {
         if let Some(s) = self.system_kib_per_vm {
             write!(f, ", {s:.1} KiB of MemAvailable")?;
         }
+        if let (Some(fds), Some(threads)) = (self.fds_per_vm, self.threads_per_vm) {
+            write!(f, "; {fds:.1} fds and {threads:.1} threads per VM")?;
+        }
+        if let Some((first, last)) = self.spawn_first_last {
+            write!(
+                f,
+                "\ndensity: one VM takes {:.0} us among the first tenth, {:.0} us among the last",
+                first.as_secs_f64() * 1e6,
+                last.as_secs_f64() * 1e6
+            )?;
+        }
         if let Some(why) = &self.stopped_by {
-            write!(f, "\ndensity: stopped at {} of {} VMs: {why}", self.vms, self.wanted)?;
+            write!(
+                f,
+                "\ndensity: stopped at {} of {} VMs (open-file limit {}): {why}",
+                self.vms, self.wanted, self.fd_limit
+            )?;
         }
         Ok(())
     }
@@ -95,6 +131,11 @@ fn mem_available_kib() -> Option<u64> {
     })
 }
 
+/// Entries of a `/proc/self` folder (open files, threads).
+fn entries(path: &str) -> Option<u64> {
+    Some(std::fs::read_dir(path).ok()?.count() as u64)
+}
+
 /// One VM brought up by [`run`]'s `spawn`: something that keeps it alive until dropped and
 /// says whether its vCPU has entered the guest.
 pub trait IdleVm: Send {
@@ -109,16 +150,23 @@ pub fn run<V: IdleVm + 'static>(
     n: u32,
     mut spawn: impl FnMut(u32) -> anyhow::Result<V>,
 ) -> Result<DensityReport, ProbeError> {
-    probe::raise_open_files(FDS_BASE + FDS_PER_VM * u64::from(n))?;
+    let fd_limit = probe::raise_open_files(FDS_BASE + FDS_PER_VM * u64::from(n))?;
     let before = probe::memory_use()?;
     let avail_before = mem_available_kib();
+    let fds_before = entries("/proc/self/fd");
+    let threads_before = entries("/proc/self/task");
     let mut vms = Vec::with_capacity(n as usize);
     let mut stopped_by = None;
     let start = Instant::now();
     let mut last_report = start;
+    let mut spawn_times = Vec::with_capacity(n as usize);
     for i in 0..n {
+        let t = Instant::now();
         match spawn(i) {
-            Ok(vm) => vms.push(vm),
+            Ok(vm) => {
+                spawn_times.push(t.elapsed());
+                vms.push(vm);
+            }
             Err(e) => {
                 stopped_by = Some(format!("{e:#}"));
                 break;
@@ -139,6 +187,8 @@ pub fn run<V: IdleVm + 'static>(
     }
     let after = probe::memory_use()?;
     let avail_after = mem_available_kib();
+    let fds_after = entries("/proc/self/fd");
+    let threads_after = entries("/proc/self/task");
     let count = vms.len() as u32;
     let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / f64::from(count.max(1));
     let report = DensityReport {
@@ -147,14 +197,27 @@ pub fn run<V: IdleVm + 'static>(
         elapsed,
         pss_kib_per_vm: per(after.pss_kib, before.pss_kib),
         rss_kib_per_vm: per(after.rss_kib, before.rss_kib),
-        system_kib_per_vm: avail_before
-            .zip(avail_after)
-            .map(|(b, a)| per(b, a)),
+        system_kib_per_vm: avail_before.zip(avail_after).map(|(b, a)| per(b, a)),
+        fds_per_vm: fds_before.zip(fds_after).map(|(b, a)| per(a, b)),
+        threads_per_vm: threads_before.zip(threads_after).map(|(b, a)| per(a, b)),
+        spawn_first_last: first_and_last_tenth(&spawn_times),
+        fd_limit,
         stopped_by,
     };
     eprintln!("fnode bench: density: tearing down {count} VMs");
     let _ = std::thread::spawn(move || drop(vms)).join();
     Ok(report)
+}
+
+/// Mean of the first and of the last tenth of `times` (at most 100 each; `None` for fewer
+/// than 10).
+fn first_and_last_tenth(times: &[Duration]) -> Option<(Duration, Duration)> {
+    let k = (times.len() / 10).min(100);
+    if k == 0 {
+        return None;
+    }
+    let mean = |s: &[Duration]| s.iter().sum::<Duration>() / s.len() as u32;
+    Some((mean(&times[..k]), mean(&times[times.len() - k..])))
 }
 
 #[cfg(test)]
@@ -185,6 +248,17 @@ mod tests {
         assert_eq!(j["vms"].as_u64(), Some(7));
         assert!(j["seconds"].as_f64().is_some());
         assert!(j["host_kib_per_vm"].as_f64().is_some());
-        assert!(r.to_string().contains("stopped at 7 of 10"));
+        assert!(r.to_string().contains("stopped at 7 of 10"), "{r}");
+        assert!(r.spawn_first_last.is_none());
+    }
+
+    #[test]
+    fn tenths() {
+        let t: Vec<Duration> = (1..=20).map(Duration::from_micros).collect();
+        assert_eq!(
+            first_and_last_tenth(&t),
+            Some((Duration::from_nanos(1500), Duration::from_nanos(19500)))
+        );
+        assert_eq!(first_and_last_tenth(&t[..9]), None);
     }
 }

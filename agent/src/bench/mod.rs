@@ -3,25 +3,35 @@
 //! with `--density N`, N restored VMs kept alive at once.
 //!
 //! TARGET is a function image (the benchmark then takes a snapshot of it into a temporary
-//! folder itself) or a snapshot directory (cold starts then need `--image`). Every iteration
-//! runs one operation of each mode, in an order that rotates, so host noise hits all modes
-//! alike; VMs are torn down after the timer stopped. Progress goes to stderr, the table to
-//! stdout.
+//! folder itself, as `fnode snapshot` does) or a snapshot directory (cold starts then need
+//! `--image`). Every iteration runs one operation of each mode, in an order that rotates, so
+//! host noise hits all modes alike; VMs are torn down after the timer stopped
+//! (`--teardown`). Progress goes to stderr, the table to stdout.
 //!
-//! What each mode times:
+//! What each mode times, and its host share (the VMM's own work before the guest runs):
 //! - `cold`: build the VM, boot, init, connect, first response.
-//! - `restore`: a fresh VM from the snapshot, first response. Host share: restore requested
-//!   to the first `KVM_RUN`.
-//! - `reset`: in-place reset of a used VM, then a response. Host share: response received
-//!   to the next `KVM_RUN`.
+//! - `restore`: a fresh VM from the snapshot (memory mapped `MAP_PRIVATE`), attached to the
+//!   invocation connection the snapshot holds, first response. Host share: restore
+//!   requested to the first `KVM_RUN`.
+//! - `reset`: in-place reset of a used VM (`fnode_vmm::MicroVm::reset`), then a response.
+//!   Host share: the reset called (right after the previous response was read) to the next
+//!   `KVM_RUN`.
 //! - `floor`: `fnode_vmm::bench::raw_floor` over the snapshot's memory file mapped
-//!   `MAP_PRIVATE`. Host share: everything up to `KVM_RUN`.
+//!   `MAP_PRIVATE`: a fresh VM and vCPU, registers set, a few instructions to `hlt`. Host
+//!   share: everything up to `KVM_RUN`.
+//!
+//! Counts per operation: userspace exits (`KVM_RUN` returns other than kicks); guest pages
+//! first touched (pages the host had to back during the operation, from
+//! `/proc/self/pagemap`: for a restore, all it mapped; for a reset, those not mapped before
+//! it, the ones the reset dropped included); pages dirtied (restore: private copies made of
+//! the snapshot's pages; reset: KVM's dirty log plus the pages devices wrote).
 
 mod density;
 mod ops;
 mod plot;
 mod probe;
 mod stats;
+mod teardown;
 
 use std::{
     io::Write as _,
@@ -39,6 +49,7 @@ use fnode_vmm::ResetMode;
 use ops::{Cold, FloorMemory};
 use probe::PageMap;
 use stats::{ModeKind, ModeStats};
+use teardown::{Teardown, TeardownMode};
 
 use crate::restored::RestoredFunction;
 
@@ -82,6 +93,11 @@ pub struct BenchArgs {
     /// the dirtied pages) or `dontneed` (drop them; the next access faults them in again).
     #[arg(long, value_name = "copy|dontneed", default_value = "copy")]
     pub reset_mode: ResetMode,
+    /// Where used VMs are torn down (never inside a timed operation): `inline` right after
+    /// each operation, `batch` every 32 VMs between iterations, `background` on a thread
+    /// of its own while the benchmark goes on.
+    #[arg(long, value_enum, default_value_t = TeardownMode::Batch)]
+    pub teardown: TeardownMode,
     /// Leave modes out (comma-separated: cold,restore,reset,floor).
     #[arg(long, value_name = "MODES", value_delimiter = ',')]
     pub skip: Vec<String>,
@@ -183,67 +199,60 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 "TARGET is a snapshot directory: pass --image IMAGE to time cold starts",
             );
         }
-        (args.image.clone(), Some(args.target.clone()))
+        (args.image.clone(), args.target.clone())
     } else {
         let snap = snapshot_of(&kvm, &args.target, args.mem, work.path(), timeout)?;
-        (Some(args.target.clone()), Some(snap))
+        (Some(args.target.clone()), snap)
     };
 
-    let floor_memory = match &snapshot {
-        Some(dir) => {
-            let path = fnode_snapshot::SnapshotDir::new(dir).memory_path();
-            let size = std::fs::metadata(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?
-                .len();
-            FloorMemory::File {
-                path,
-                size: usize::try_from(size).context("memory file too large")?,
-            }
-        }
-        None => {
-            notes.add(
-                "floor over a memory file",
-                "no snapshot: the floor maps anonymous memory of --mem",
-            );
-            FloorMemory::Anonymous(usize::try_from(args.mem << 20).context("--mem too large")?)
+    let floor_memory = {
+        let path = fnode_snapshot::SnapshotDir::new(&snapshot).memory_path();
+        let size = std::fs::metadata(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
+        FloorMemory {
+            path,
+            size: usize::try_from(size).context("memory file too large")?,
         }
     };
 
-    let restore = snapshot.as_deref().map(|dir| ops::Restore {
+    let restore = ops::Restore {
         kvm: &kvm,
-        dir,
+        dir: &snapshot,
         payload,
         timeout,
-    });
+    };
     // The VM the reset mode resets: restored with reset, and used once.
-    let mut used = match &restore {
-        Some(r) if !skip(ModeKind::Reset) => {
-            let mut f = r.vm(Some(args.reset_mode))?;
+    let mut used = match skip(ModeKind::Reset) {
+        false => {
+            let mut f = restore.vm(Some(args.reset_mode))?;
             match f.call(payload, Instant::now() + timeout) {
                 Ok(crate::client::Reply::Response(_)) => Some(f),
                 Ok(crate::client::Reply::Error(m)) => anyhow::bail!(
                     "the function answered with an error: {}",
                     String::from_utf8_lossy(&m)
                 ),
-                Err(e) => {
-                    return Err(e).context("the first invocation of the VM to reset failed")
-                }
+                Err(e) => return Err(e).context("the first invocation of the VM to reset failed"),
             }
         }
-        _ => None,
+        true => None,
     };
 
-    let cold = image.as_deref().filter(|_| !skip(ModeKind::Cold)).map(|image| Cold {
-        kvm: &kvm,
-        image,
-        mem_mib: args.mem,
-        payload,
-        timeout,
-    });
+    let cold = image
+        .as_deref()
+        .filter(|_| !skip(ModeKind::Cold))
+        .map(|image| Cold {
+            kvm: &kvm,
+            image,
+            mem_mib: args.mem,
+            payload,
+            timeout,
+        });
 
     let mut pages = PageMap::open()?;
     let mut stats: Vec<ModeStats> = ModeKind::ALL.iter().map(|&k| ModeStats::new(k)).collect();
     let mut progress = Progress::new();
+    let mut graves = Teardown::new(args.teardown);
     let rounds = args.warmup + args.iterations;
     for i in 0..rounds {
         let measured = i >= args.warmup;
@@ -260,27 +269,25 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                         let (s, vm) = c
                             .sample(&socket, &mut pages)
                             .with_context(|| format!("cold start {i} failed"))?;
-                        drop(vm);
+                        graves.bury(Box::new(vm));
                         Some(s)
                     }
                     None => None,
                 },
-                ModeKind::Restore => match &restore {
-                    Some(r) => {
-                        let (s, vm) = r
-                            .sample(&mut pages)
-                            .with_context(|| format!("restore {i} failed"))?;
-                        drop(vm);
-                        Some(s)
-                    }
-                    None => None,
-                },
-                ModeKind::Reset => match (&restore, &mut used) {
-                    (Some(r), Some(f)) => Some(
-                        r.reset_sample(f, &mut pages)
+                ModeKind::Restore => {
+                    let (s, vm) = restore
+                        .sample(&mut pages)
+                        .with_context(|| format!("restore {i} failed"))?;
+                    graves.bury(Box::new(vm));
+                    Some(s)
+                }
+                ModeKind::Reset => match &mut used {
+                    Some(f) => Some(
+                        restore
+                            .reset_sample(f, &mut pages)
                             .with_context(|| format!("reset {i} failed"))?,
                     ),
-                    _ => None,
+                    None => None,
                 },
                 ModeKind::Floor => Some(
                     ops::floor_sample(&kvm, &floor_memory)
@@ -288,48 +295,44 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 ),
             };
             if let (true, Some(s)) = (measured, sample) {
-                stats[ModeKind::ALL.iter().position(|&k| k == kind).unwrap_or(0)].record(&s);
+                if let Some(m) = stats.iter_mut().find(|m| m.kind == kind) {
+                    m.record(&s);
+                }
             }
         }
+        graves.between_iterations();
         if measured {
-            progress.tick("iteration", u64::from(i - args.warmup + 1), u64::from(args.iterations));
+            progress.tick(
+                "iteration",
+                u64::from(i - args.warmup + 1),
+                u64::from(args.iterations),
+            );
         }
     }
 
+    graves.finish();
+    drop(used);
     let refs: Vec<&ModeStats> = stats.iter().collect();
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "fnode bench {} ({} iterations, payload {} bytes, floor over {})",
+        "fnode bench {} ({} iterations, payload {} bytes, floor over the snapshot's memory \
+         file mapped MAP_PRIVATE)",
         args.target.display(),
         args.iterations,
         payload.len(),
-        match &floor_memory {
-            FloorMemory::File { .. } => "the snapshot's memory file, MAP_PRIVATE",
-            FloorMemory::Anonymous(_) => "anonymous memory",
-        }
     )?;
     write!(out, "{}", stats::table(&refs))?;
     for (mode, why) in &notes.0 {
         writeln!(out, "no {mode}: {why}")?;
     }
 
-    let density: Option<density::DensityReport> = match (args.density, &snapshot) {
-        (None, _) => None,
-        (Some(n), Some(dir)) => {
-            let r = ops::Restore {
-                kvm: &kvm,
-                dir,
-                payload,
-                timeout,
-            };
-            let d = density::run(n, |_| Ok(Idle(r.vm(None)?)))?;
+    let density = match args.density {
+        None => None,
+        Some(n) => {
+            let d = density::run(n, |_| Ok(Idle(restore.vm(None)?)))?;
             writeln!(out, "{d}")?;
             Some(d)
-        }
-        (Some(_), None) => {
-            notes.add("density", "needs a snapshot to restore from");
-            None
         }
     };
     drop(out);
@@ -363,9 +366,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.plot {
         let title = format!(
             "fnode bench {}: latency CDF ({} iterations)",
-            args.target
-                .file_name()
-                .map_or_else(|| args.target.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            args.target.file_name().map_or_else(
+                || args.target.display().to_string(),
+                |n| n.to_string_lossy().into_owned()
+            ),
             args.iterations
         );
         std::fs::write(path, plot::cdf_svg(&title, &refs))

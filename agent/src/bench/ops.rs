@@ -81,14 +81,9 @@ pub enum OpError {
     /// The page count could not be read.
     #[error("cannot count the guest's pages")]
     Probe(#[source] ProbeError),
-    /// The snapshot could not be restored (the cause says why).
-    #[error("cannot restore the snapshot {}: {cause}", dir.display())]
-    Restore {
-        /// The snapshot directory.
-        dir: PathBuf,
-        /// Why, with its causes.
-        cause: String,
-    },
+    /// The snapshot could not be restored.
+    #[error("cannot restore a VM to benchmark")]
+    Restore(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The restored VM's invocation failed.
     #[error("the restored VM's invocation failed; its console ended with:\n{console}")]
     RestoredInvoke {
@@ -234,12 +229,13 @@ impl Cold<'_> {
         };
         let start = Instant::now();
         let deadline = start + self.timeout;
-        let mut vm = builder::build(self.kvm, &config, Box::new(console.clone())).map_err(
-            |source| OpError::Build {
-                image: self.image.to_owned(),
-                source,
-            },
-        )?;
+        let mut vm =
+            builder::build(self.kvm, &config, Box::new(console.clone())).map_err(|source| {
+                OpError::Build {
+                    image: self.image.to_owned(),
+                    source,
+                }
+            })?;
         vm.resume().map_err(OpError::Control)?;
         let mut conn = connect(&mut vm, socket, deadline, &console)?;
         call(&mut vm, &mut conn, self.payload, deadline, &console)?;
@@ -256,34 +252,25 @@ impl Cold<'_> {
     }
 }
 
-/// What the floor maps as guest memory.
+/// The floor's guest memory: a snapshot's memory file, mapped `MAP_PRIVATE` as a restore
+/// maps it.
 #[derive(Clone, Debug)]
-pub enum FloorMemory {
-    /// A snapshot's memory file, `MAP_PRIVATE` (as a restore maps it).
-    File {
-        /// The memory file.
-        path: PathBuf,
-        /// Its length.
-        size: usize,
-    },
-    /// Anonymous memory of this many bytes (no snapshot to map).
-    Anonymous(usize),
+pub struct FloorMemory {
+    /// The memory file.
+    pub path: PathBuf,
+    /// Its length.
+    pub size: usize,
 }
 
 /// One run of the raw-KVM floor: fresh VM + vCPU + memory + registers, then `KVM_RUN` of a
 /// few instructions to `hlt`. The host share is everything before `KVM_RUN`.
 pub fn floor_sample(kvm: &KvmContext, memory: &FloorMemory) -> Result<OpSample, OpError> {
-    let (size, backing) = match memory {
-        FloorMemory::File { path, size } => {
-            let file = File::open(path).map_err(|source| OpError::FloorMemory {
-                path: path.clone(),
-                source,
-            })?;
-            (*size, MemoryBacking::PrivateFile(file))
-        }
-        FloorMemory::Anonymous(size) => (*size, MemoryBacking::Anonymous),
-    };
-    let t = raw_floor(kvm, size, backing).map_err(OpError::Floor)?;
+    let file = File::open(&memory.path).map_err(|source| OpError::FloorMemory {
+        path: memory.path.clone(),
+        source,
+    })?;
+    let t =
+        raw_floor(kvm, memory.size, MemoryBacking::PrivateFile(file)).map_err(OpError::Floor)?;
     Ok(OpSample {
         total: t.total,
         host: Some(t.total.saturating_sub(t.run_to_hlt)),
@@ -341,10 +328,7 @@ impl Restore<'_> {
             ConsoleBuf::new(false),
             Instant::now() + self.timeout,
         )
-        .map_err(|e| OpError::Restore {
-            dir: self.dir.to_owned(),
-            cause: format!("{e:#}"),
-        })
+        .map_err(|e| OpError::Restore(e.into()))
     }
 
     /// Restores a fresh VM and invokes it once, timed from "restore" to the response.
@@ -381,7 +365,7 @@ impl Restore<'_> {
     ) -> Result<OpSample, OpError> {
         let (before, _) = restored_pages(f, pages)?;
         let start = Instant::now();
-        f.reset().map_err(OpError::Reset)?;
+        let put_back = f.reset().map_err(OpError::Reset)?;
         call_restored(f, self.payload, start + self.timeout)?;
         let total = start.elapsed();
         let stats = f.stats();
@@ -389,12 +373,18 @@ impl Restore<'_> {
             .reset_to_first_run
             .ok_or(OpError::NoHostTime("first ran after its reset"))?;
         let (after, _) = restored_pages(f, pages)?;
+        let dropped = match put_back.mode {
+            ResetMode::DropPages => put_back.dirtied_pages + put_back.device_pages,
+            ResetMode::CopyBack => 0,
+        };
         let run = stats.run.unwrap_or_default();
         Ok(OpSample {
             total,
             host: Some(host),
             exits: stats.run.map(|r| r.exits),
-            pages: Some(after.saturating_sub(before)),
+            // Pages first touched in this operation: those mapped now and not before the
+            // reset, where the reset unmapped the ones it dropped (they fault in again).
+            pages: Some((after + dropped).saturating_sub(before)),
             dirtied: stats.run.map(|_| run.dirtied_pages + run.device_pages),
         })
     }

@@ -220,7 +220,10 @@ mod tests {
         assert!(svg.contains("floor (p50"));
         assert!(!svg.contains("reset (p50"));
         assert!(svg.contains("t &lt;echo&gt;"));
-        assert!(svg.contains(">100<") && svg.contains(">1\u{2009}000<"), "{svg}");
+        assert!(
+            svg.contains(">100<") && svg.contains(">1\u{2009}000<"),
+            "{svg}"
+        );
     }
 
     #[test]

@@ -143,8 +143,7 @@ pub struct MemoryUse {
 /// Reads [`MemoryUse`] of this process.
 pub fn memory_use() -> Result<MemoryUse, ProbeError> {
     let path = "/proc/self/smaps_rollup";
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ProbeError::Proc { path, source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ProbeError::Proc { path, source })?;
     parse_rollup(&text)
 }
 
@@ -212,7 +211,8 @@ mod tests {
 
     #[test]
     fn rollup_fields_parse() {
-        let text = "55586-7fff [rollup]\nRss:                1740 kB\nPss:                 343 kB\n\
+        let text =
+            "55586-7fff [rollup]\nRss:                1740 kB\nPss:                 343 kB\n\
                     Pss_Dirty:           112 kB\n";
         assert_eq!(
             parse_rollup(text).unwrap(),

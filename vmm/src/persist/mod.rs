@@ -67,7 +67,9 @@ pub enum SnapshotError {
     #[error("the VM already finished; snapshot a VM that is running or paused")]
     Finished,
     /// A device is broken (the guest broke its contract): its state is not worth keeping.
-    #[error("a virtio device of the VM is broken (the guest broke its contract): snapshot a healthy VM")]
+    #[error(
+        "a virtio device of the VM is broken (the guest broke its contract): snapshot a healthy VM"
+    )]
     BrokenDevice,
     /// Pausing or reaching the vCPU threads failed.
     #[error("cannot pause the VM")]

@@ -363,6 +363,9 @@ impl Vcpu {
         let _kick_target = KickTarget::set(self.fd.get_kvm_run());
         let id = self.id;
         let mut state = VcpuState::Paused;
+        // Whether the last KVM_RUN ended in an exit KVM completes only at the next KVM_RUN
+        // (an I/O or MMIO access): a kick (EINTR) leaves none, nor does a vCPU that never ran.
+        let mut io_may_be_pending = false;
         loop {
             state = match state {
                 VcpuState::Paused => match commands.recv() {
@@ -379,9 +382,13 @@ impl Vcpu {
                     Ok(VcpuCommand::Restore(saved)) => {
                         // An exit the guest is still in completes first, or KVM would
                         // finish it on top of the restored registers.
-                        let result = self
-                            .complete_pending_io(&io.buses)
-                            .and_then(|()| self.load_state(&saved.0));
+                        let completed = if io_may_be_pending {
+                            self.complete_pending_io(&io.buses)
+                        } else {
+                            Ok(())
+                        };
+                        io_may_be_pending = false;
+                        let result = completed.and_then(|()| self.load_state(&saved.0));
                         let _ = events.send(VcpuEvent::Restored { id, result });
                         VcpuState::Paused
                     }
@@ -404,23 +411,33 @@ impl Vcpu {
                         VcpuState::Running
                     }
                     Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => break,
-                    Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => match self.run_counted(io, exits) {
-                        Ok(RunStep::Continue | RunStep::Interrupted) => VcpuState::Running,
-                        Ok(RunStep::Ready) => {
-                            let _ = events.send(VcpuEvent::Ready { id });
-                            VcpuState::Paused
+                    Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => {
+                        match self.run_counted(io, exits) {
+                            Ok(RunStep::Interrupted) => {
+                                io_may_be_pending = false;
+                                VcpuState::Running
+                            }
+                            Ok(RunStep::Continue) => {
+                                io_may_be_pending = true;
+                                VcpuState::Running
+                            }
+                            Ok(RunStep::Ready) => {
+                                io_may_be_pending = true;
+                                let _ = events.send(VcpuEvent::Ready { id });
+                                VcpuState::Paused
+                            }
+                            Ok(RunStep::Exited(status)) => {
+                                let stop = VcpuStop::Exited(status);
+                                let _ = events.send(VcpuEvent::Finished { id, stop });
+                                VcpuState::Finished
+                            }
+                            Err(e) => {
+                                let stop = VcpuStop::Error(e);
+                                let _ = events.send(VcpuEvent::Finished { id, stop });
+                                VcpuState::Finished
+                            }
                         }
-                        Ok(RunStep::Exited(status)) => {
-                            let stop = VcpuStop::Exited(status);
-                            let _ = events.send(VcpuEvent::Finished { id, stop });
-                            VcpuState::Finished
-                        }
-                        Err(e) => {
-                            let stop = VcpuStop::Error(e);
-                            let _ = events.send(VcpuEvent::Finished { id, stop });
-                            VcpuState::Finished
-                        }
-                    },
+                    }
                 },
                 // A finished vCPU never enters the guest again; it waits to be told to go.
                 VcpuState::Finished => match commands.recv() {
@@ -525,9 +542,15 @@ impl FirstRun {
     /// Records now, if nothing is recorded yet (two atomic loads once it is).
     pub fn mark(&self) {
         self.0.first.get_or_init(Instant::now);
-        if self.0.next_armed.load(Ordering::Relaxed) && self.0.next_armed.swap(false, Ordering::AcqRel) {
+        if self.0.next_armed.load(Ordering::Relaxed)
+            && self.0.next_armed.swap(false, Ordering::AcqRel)
+        {
             let now = Instant::now();
-            *self.0.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
+            *self
+                .0
+                .next
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(now);
         }
     }
 
@@ -538,13 +561,21 @@ impl FirstRun {
 
     /// Forgets the last "next run" and records the next `KVM_RUN` from now on.
     pub fn arm_next(&self) {
-        *self.0.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *self
+            .0
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self.0.next_armed.store(true, Ordering::Release);
     }
 
     /// When the first `KVM_RUN` after the last [`arm_next`](Self::arm_next) started.
     pub fn next(&self) -> Option<Instant> {
-        *self.0.next.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        *self
+            .0
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

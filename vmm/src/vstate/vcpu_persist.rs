@@ -356,7 +356,17 @@ impl Vcpu {
             len: state.cpuid.len(),
         })?;
         fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
-        self.load_state(state)
+        self.load_state(state)?;
+        // A host with another TSC frequency: scale the guest's TSC where KVM can (TSC
+        // scaling). Where it cannot, the guest's clock runs at this host's rate; it still
+        // reads monotonic time, which is all fnode guests need of it. (A vCPU that already
+        // ran here, reset in place, has its frequency set: `load_state` leaves it alone.)
+        if let (Some(khz), Ok(here)) = (state.tsc_khz, fd.get_tsc_khz()) {
+            if khz != here && khz != 0 {
+                let _ = fd.set_tsc_khz(khz);
+            }
+        }
+        Ok(())
     }
 
     /// Sets every part of `state` but the CPUID (which a vCPU that has run cannot change):
@@ -398,14 +408,6 @@ impl Vcpu {
         }
         fd.set_vcpu_events(&state.events)
             .map_err(err("KVM_SET_VCPU_EVENTS"))?;
-        // A host with another TSC frequency: scale the guest's TSC where KVM can (TSC
-        // scaling). Where it cannot, the guest's clock runs at this host's rate; it still
-        // reads monotonic time, which is all fnode guests need of it.
-        if let (Some(khz), Ok(here)) = (state.tsc_khz, fd.get_tsc_khz()) {
-            if khz != here && khz != 0 {
-                let _ = fd.set_tsc_khz(khz);
-            }
-        }
         Ok(())
     }
 }

@@ -126,7 +126,11 @@ impl Vm {
         for (slot, region) in (0u32..).zip(memory.iter()) {
             let slot_def = kvm_userspace_memory_region {
                 slot,
-                flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                flags: if log_dirty {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,

@@ -134,6 +134,14 @@ impl Quiesced<'_> {
         self.vsock.as_ref().is_some_and(|(t, d)| t.save().broken || d.is_broken())
     }
 
+    /// Lets the devices' host I/O of the last exchange finish (see
+    /// [`VsockDevice::settle_host_io`]); call it before [`reset_to`](Self::reset_to).
+    pub fn settle_host_io(&mut self, deadline: std::time::Instant) {
+        if let Some((_t, d)) = &mut self.vsock {
+            d.settle_host_io(deadline);
+        }
+    }
+
     /// In-place reset: every device back to `saved` (which they saved earlier).
     pub fn reset_to(&mut self, saved: &VirtioState) -> Result<(), SetupError> {
         match (&mut self.vsock, &saved.vsock) {

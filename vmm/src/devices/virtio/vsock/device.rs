@@ -320,6 +320,35 @@ impl VsockDevice {
         Ok(())
     }
 
+    /// Lets the host I/O of the last exchange finish before a reset, without touching the
+    /// guest: handles io_uring completions (no packets go to the guest) until no send to a
+    /// host client is in flight, or `deadline`. A client can read a response before the
+    /// device has seen its send complete; that completion still moves the connection's
+    /// counters, so it must land before the counters are put back.
+    pub fn settle_host_io(&mut self, deadline: std::time::Instant) {
+        loop {
+            let mut done = std::mem::take(&mut self.completions);
+            self.uring.drain(&mut done);
+            for c in done.drain(..) {
+                if !self.broken {
+                    self.on_completion(c);
+                }
+            }
+            self.completions = done;
+            if self.broken || !self.conns.iter().flatten().any(|c| c.send_op.is_some()) {
+                return;
+            }
+            if let Err(e) = self.uring.submit() {
+                self.fail(VsockError::HostIo(e));
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
+
     /// In-place reset: the device goes back to `saved` (a state it saved earlier) while the
     /// vCPUs are paused and guest memory is being put back. The live queues take the saved
     /// positions; a saved connection that is still live keeps its host client and takes the

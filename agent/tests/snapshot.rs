@@ -1,0 +1,184 @@
+//! `fnode snapshot` and `fnode invoke DIR` end to end on KVM: each example function is
+//! snapshotted once its `init` is done, restored, and must answer exactly as after a cold
+//! boot; restores and in-place resets draw fresh random bytes; a reset VM keeps nothing of
+//! the invocation before.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::{Mutex, OnceLock},
+};
+
+use fnode_vmm::kvm::test_support::require_kvm;
+
+/// Limit for invocations expected to answer; hitting it is a failure, not a measurement.
+const TIMEOUT_MS: &str = "30000";
+
+fn tmp() -> &'static Path {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+}
+
+fn fnode(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fnode"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `functions/<name>` built with `fnode build`, and its snapshot, once per test binary run.
+fn image_and_snapshot(name: &str) -> (PathBuf, PathBuf) {
+    static DONE: OnceLock<Mutex<HashMap<String, (PathBuf, PathBuf)>>> = OnceLock::new();
+    // One build at a time: they share cargo's target dir.
+    let mut done = DONE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(paths) = done.get(name) {
+        return paths.clone();
+    }
+    let image = tmp().join("snapshot-images").join(format!("{name}.elf"));
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../functions")
+        .join(name);
+    let out = Command::new(env!("CARGO_BIN_EXE_fnode"))
+        // A target dir of the tests' own: the outer cargo may hold the workspace's lock.
+        .env("CARGO_TARGET_DIR", tmp().join("fnode-build"))
+        .arg("build")
+        .arg(&crate_dir)
+        .arg("-o")
+        .arg(&image)
+        .output()
+        .unwrap();
+    ok(out, &format!("fnode build {name}"));
+    let dir = tmp().join("snapshots").join(name);
+    let printed = ok(
+        fnode(&[
+            "snapshot",
+            image.to_str().unwrap(),
+            "-o",
+            dir.to_str().unwrap(),
+            "--timeout-ms",
+            TIMEOUT_MS,
+        ]),
+        &format!("fnode snapshot {name}"),
+    );
+    // What `fnode snapshot` reports: init and snapshot times, the memory file's sizes.
+    for word in ["init ", "snapshot ", "apparent", "on disk"] {
+        assert!(printed.contains(word), "{printed}");
+    }
+    assert!(dir.join("state").is_file() && dir.join("memory").is_file());
+    done.insert(name.to_owned(), (image.clone(), dir.clone()));
+    (image, dir)
+}
+
+fn invoke(target: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "invoke",
+        target.to_str().unwrap(),
+        "--timeout-ms",
+        TIMEOUT_MS,
+    ];
+    args.extend_from_slice(extra);
+    ok(fnode(&args), &format!("fnode invoke {}", target.display()))
+}
+
+#[test]
+fn restored_functions_answer_as_after_a_cold_boot() {
+    if !require_kvm() {
+        return;
+    }
+    let cases: [(&str, &str); 5] = [
+        ("echo", "hello from a snapshot"),
+        ("sha256", "abc"),
+        ("wordcount", r#"{"text": "the cat and the hat"}"#),
+        ("primes", "97"),
+        ("counter", "x"),
+    ];
+    for (name, payload) in cases {
+        let (image, dir) = image_and_snapshot(name);
+        let cold = invoke(&image, &["--payload", payload]);
+        let restored = invoke(&dir, &["--payload", payload]);
+        assert_eq!(restored, cold, "{name}: restored and cold responses differ");
+        // And after in-place resets, both ways of putting memory back.
+        for mode in ["copy", "dontneed"] {
+            let three = invoke(
+                &dir,
+                &["--payload", payload, "--repeat", "3", "--reset", mode],
+            );
+            let expected = format!("{cold}\n").repeat(3);
+            assert_eq!(
+                three, expected,
+                "{name}: responses after {mode} resets differ"
+            );
+        }
+    }
+}
+
+#[test]
+fn restores_and_resets_draw_fresh_random_bytes() {
+    if !require_kvm() {
+        return;
+    }
+    let (_, dir) = image_and_snapshot("random");
+    let a = invoke(&dir, &[]);
+    let b = invoke(&dir, &[]);
+    assert_eq!(a.len(), 64, "{a}");
+    assert_ne!(
+        a, b,
+        "two restores of one snapshot drew the same random bytes"
+    );
+    for mode in ["copy", "dontneed"] {
+        let out = invoke(&dir, &["--repeat", "3", "--reset", mode]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert!(
+            lines[0] != lines[1] && lines[1] != lines[2] && lines[0] != lines[2],
+            "{mode} resets drew the same random bytes:\n{out}"
+        );
+        assert!(!lines.contains(&a.as_str()) && !lines.contains(&b.as_str()));
+    }
+}
+
+#[test]
+fn a_reset_vm_keeps_nothing_of_the_invocation_before() {
+    if !require_kvm() {
+        return;
+    }
+    let (_, dir) = image_and_snapshot("counter");
+    // Served on the same VM, the function sees its earlier calls (static and heap memory).
+    let same = invoke(
+        &dir,
+        &["--payload", "x", "--repeat", "3", "--reset", "none"],
+    );
+    assert_eq!(
+        same,
+        "calls 1, previous -\ncalls 2, previous x\ncalls 3, previous x\n"
+    );
+    // Reset between calls: every call is the first, nothing written before is visible.
+    for mode in ["copy", "dontneed"] {
+        let reset = invoke(&dir, &["--payload", "x", "--repeat", "4", "--reset", mode]);
+        assert_eq!(reset, "calls 1, previous -\n".repeat(4), "{mode}");
+    }
+}
+
+#[test]
+fn snapshot_of_a_missing_image_names_it() {
+    if !require_kvm() {
+        return;
+    }
+    let out = fnode(&["snapshot", "/nonexistent/f.elf", "-o", "/nonexistent/dir"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/f.elf"), "{err}");
+}

@@ -145,6 +145,11 @@ fn invoke(args: &InvokeArgs) -> Result<u8, Failure> {
             console,
         ));
     }
+    if args.repeat != 1 {
+        return Err(Failure::Usage(anyhow::anyhow!(
+            "--repeat needs a snapshot directory (`fnode snapshot` writes one), not an image"
+        )));
+    }
     let start = Instant::now();
     let deadline = start + timeout;
 

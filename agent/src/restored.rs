@@ -17,7 +17,7 @@ use std::{
 use anyhow::Context;
 use fnode_guest::abi::vsock::INVOKE_PORT;
 use fnode_vmm::{
-    outcome::exit_code, restore_with, KvmContext, MicroVm, OpStats, ResetError, ResetMode,
+    outcome::exit_code, restore_with, KvmContext, MicroVm, OpStats, Outcome, ResetError, ResetMode,
     RestoreOptions,
 };
 
@@ -87,6 +87,30 @@ pub struct RestoredFunction {
     _dir: PrivateDir,
     console: ConsoleBuf,
     stats: Stats,
+    /// How and when the VM ended, if it did while the host waited on it.
+    ended: Option<(Outcome, Instant)>,
+}
+
+/// How long the host keeps reading after the VM ended: a guest that answers with an error
+/// and then ends (a panic, a fault) has its last frame on the way.
+const LAST_WORDS_GRACE: Duration = Duration::from_millis(200);
+/// How long the host waits for the VM to end after an error reply.
+const END_AFTER_ERROR_GRACE: Duration = Duration::from_millis(50);
+
+/// Whether to keep waiting on a VM's socket: yes while it runs, and for a short grace after
+/// it ended (recorded in `ended`).
+fn keep_waiting(vm: &mut MicroVm, ended: &mut Option<(Outcome, Instant)>) -> bool {
+    if let Some((_, at)) = ended {
+        return at.elapsed() < LAST_WORDS_GRACE;
+    }
+    match vm.poll() {
+        Ok(None) => true,
+        Ok(Some(outcome)) => {
+            *ended = Some((outcome, Instant::now()));
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 impl RestoredFunction {
@@ -108,7 +132,8 @@ impl RestoredFunction {
         let mut vm = restore_with(kvm, dir, Box::new(console.clone()), &options)
             .with_context(|| format!("cannot restore the snapshot {}", dir.display()))?;
         vm.resume().context("cannot start the restored VM")?;
-        let mut watch = || matches!(vm.poll(), Ok(None));
+        let mut ended = None;
+        let mut watch = || keep_waiting(&mut vm, &mut ended);
         let conn = Connection::connect(&socket, INVOKE_PORT, deadline, &mut watch)
             .context("cannot attach to the restored VM's invocation connection")?;
         Ok(RestoredFunction {
@@ -117,13 +142,14 @@ impl RestoredFunction {
             _dir: tmp,
             console,
             stats: Stats::default(),
+            ended,
         })
     }
 
     /// Invokes the function once.
     pub fn call(&mut self, payload: &[u8], deadline: Instant) -> Result<Reply, ClientError> {
-        let vm = &mut self.vm;
-        let mut watch = || matches!(vm.poll(), Ok(None));
+        let (vm, ended) = (&mut self.vm, &mut self.ended);
+        let mut watch = || keep_waiting(vm, ended);
         let sent = Instant::now();
         let reply = self.conn.call(payload, deadline, &mut watch);
         self.stats.invoke = Some(sent.elapsed());
@@ -137,6 +163,21 @@ impl RestoredFunction {
     /// Returns what the invocation before it cost.
     pub fn reset(&mut self) -> Result<OpStats, ResetError> {
         self.vm.reset()
+    }
+
+    /// How the VM ended, if it did: recorded while the host waited, or within `grace` now.
+    pub fn outcome(&mut self, grace: Duration) -> Option<Outcome> {
+        if let Some((o, _)) = self.ended.take() {
+            return Some(o);
+        }
+        match self.vm.wait(grace) {
+            Ok(Outcome::TimedOut { .. }) | Err(_) => {
+                // wait() pauses a VM that did not end: let it go on serving.
+                let _ = self.vm.resume();
+                None
+            }
+            Ok(o) => Some(o),
+        }
     }
 
     /// The last operation's host-side cost.
@@ -235,15 +276,43 @@ pub fn run(
                     "fnode: the function failed: {}",
                     String::from_utf8_lossy(&message)
                 );
-                return exit_code::GUEST_FAILURE;
-            }
-            Err(e) => {
-                let code = match e {
-                    ClientError::TimedOut => exit_code::TIMEOUT,
-                    ClientError::BadFrame(_) => exit_code::GUEST_FAULT,
+                // A function that panicked or faulted ends its VM right after its error.
+                return match f.outcome(END_AFTER_ERROR_GRACE) {
+                    Some(o) if !o.is_success() => {
+                        eprintln!(
+                            "fnode: {o}\nfnode: the guest's console:\n{}",
+                            f.console_tail()
+                        );
+                        o.exit_code().max(exit_code::GUEST_FAILURE)
+                    }
                     _ => exit_code::GUEST_FAILURE,
                 };
-                eprintln!("fnode: {e}\nconsole:\n{}", f.console_tail());
+            }
+            Err(e) => {
+                let ended = match e {
+                    ClientError::TimedOut => None,
+                    _ => f.outcome(LAST_WORDS_GRACE),
+                };
+                let code = match (&e, ended) {
+                    (ClientError::TimedOut, _) => {
+                        let ms = timeout.as_millis();
+                        eprintln!("fnode: function did not answer within {ms} ms; stopped it");
+                        exit_code::TIMEOUT
+                    }
+                    (_, Some(o)) if !o.is_success() => {
+                        eprintln!("fnode: {o}");
+                        o.exit_code()
+                    }
+                    (ClientError::BadFrame(_), _) => {
+                        eprintln!("fnode: {e}");
+                        exit_code::GUEST_FAULT
+                    }
+                    _ => {
+                        eprintln!("fnode: {e}");
+                        exit_code::GUEST_FAILURE
+                    }
+                };
+                eprintln!("fnode: the guest's console:\n{}", f.console_tail());
                 return code;
             }
         }

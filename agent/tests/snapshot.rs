@@ -126,6 +126,35 @@ fn restored_functions_answer_as_after_a_cold_boot() {
 }
 
 #[test]
+fn restored_functions_fail_as_after_a_cold_boot() {
+    if !require_kvm() {
+        return;
+    }
+    // A panic, a fault and an endless loop: the same message and exit code either way.
+    for name in ["panic", "badmem", "spin"] {
+        let (image, dir) = image_and_snapshot(name);
+        let run = |target: &Path| {
+            let out = fnode(&[
+                "invoke",
+                target.to_str().unwrap(),
+                "--payload",
+                "x",
+                "--timeout-ms",
+                "2000",
+            ]);
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            let first = stderr.lines().next().unwrap_or_default().to_owned();
+            (out.status.code(), first, stderr)
+        };
+        let (cold_code, cold_line, cold_err) = run(&image);
+        let (code, line, err) = run(&dir);
+        assert_ne!(cold_code, Some(0), "{name}: {cold_err}");
+        assert_eq!(code, cold_code, "{name}: cold:\n{cold_err}\nrestored:\n{err}");
+        assert_eq!(line, cold_line, "{name}");
+    }
+}
+
+#[test]
 fn restores_and_resets_draw_fresh_random_bytes() {
     if !require_kvm() {
         return;

@@ -8,6 +8,10 @@
 //! ([`user_fault`]) while a request is in flight answers it with an error frame; then the VM
 //! ends (`abi::exit::FAILURE` / `abi::exit::FAULT`): a function that failed is not reused.
 //!
+//! The first `NEXT` (right after `init`) signals READY (`abi::control::READY`) once the
+//! host's invocation connection is open: a VMM snapshots the guest there, connection
+//! included, and a restored guest serves its first request without a handshake.
+//!
 //! Per invocation the kernel runs the `syscall` entry and exit (20 instructions), the
 //! dispatch, the checks here (a few dozen) and the channel's send and receive.
 

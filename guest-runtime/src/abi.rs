@@ -780,8 +780,10 @@ pub mod user {
         /// `log(ptr, len)`: write UTF-8 text to the serial console.
         pub const LOG: u64 = 2;
         /// `random(ptr, len)`: fill `ptr..ptr+len` with random bytes (at most
-        /// [`RANDOM_MAX`] per call) from the CPU's hardware generator, so that VMs restored
-        /// from one snapshot never share random numbers. Returns `len`, or [`EINVAL`].
+        /// [`RANDOM_MAX`] per call): the CPU's hardware generator (where it has one) mixed
+        /// with a stream keyed by the seed the VMM writes before every restored or reset run
+        /// ([`crate::abi::entropy`]), so that VMs restored from one snapshot never share
+        /// random numbers. Returns `len`, or [`EINVAL`] (neither source available).
         pub const RANDOM: u64 = 3;
         /// `panic(ptr, len) -> !`: the function panicked with this message; the kernel sends
         /// it to the host as an error and the VM is not used again.

@@ -11,7 +11,11 @@
 //! Snapshots: a guest signals READY once its init is done ([`MicroVm::run_until_ready`]
 //! pauses it there); [`persist::snapshot`] saves its vCPUs, VM, devices and memory into a
 //! snapshot directory, and [`restore::restore`] builds a new VM from one, paused, with guest
-//! memory mapped `MAP_PRIVATE` from the snapshot's memory file.
+//! memory mapped `MAP_PRIVATE` from the snapshot's memory file ([`restore::restore_with`]:
+//! a VM with a vsock device gets a fresh socket with the snapshot's connection parked on
+//! it, and every restored VM a fresh seed for its random source). [`MicroVm::reset`]
+//! ([`mod@reset`]) puts a restored VM back to its snapshot state in place after an
+//! invocation.
 //!
 //! It also holds the raw-KVM floor benchmark ([`mod@bench`]) that boot and restore timings are
 //! compared with.

@@ -25,7 +25,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Mmap
 
 use crate::devices::virtio::setup::{SetupError, VirtioState};
 use crate::microvm::{MicroVm, MicroVmError, VmState as RunState};
-use crate::vstate::vcpu::{SharedVcpuState, VcpuCommand, VcpuEvent};
+use crate::vstate::vcpu::{SharedVcpuState, VcpuCommand, VcpuEvent, VcpuState};
 use crate::vstate::vcpu_persist::{VcpuPersistError, VcpuState as SavedVcpu};
 use crate::vstate::vm::VmError;
 use crate::vstate::vm_persist::{VmPersistError, VmState};
@@ -289,8 +289,6 @@ impl MicroVm {
             rs.exits_at_start = exits;
             rs.requested_at = Some(requested_at);
         }
-        self.first_run.arm_next();
-        self.resume().map_err(ResetError::Control)?;
         stats.reset_time = requested_at.elapsed();
         Ok(stats)
     }
@@ -368,6 +366,8 @@ impl MicroVm {
         quiesced.reset_to(&rs.virtio).map_err(ResetError::Devices)?;
         drop(quiesced);
         phases.vm_and_devices = lap();
+        // Each vCPU takes its state back and runs the guest at once.
+        self.first_run.arm_next();
         self.restore_vcpus(&rs.vcpus)?;
         phases.vcpus = lap();
         Ok(OpStats {
@@ -380,10 +380,12 @@ impl MicroVm {
         })
     }
 
-    /// Has every (paused) vCPU take its saved state back, in its thread.
+    /// Has every (paused) vCPU take its saved state back, in its thread, and run the guest
+    /// again right after (the VM is running when this returns `Ok`).
     fn restore_vcpus(&mut self, saved: &[Arc<SavedVcpu>]) -> Result<(), ResetError> {
         for (vcpu, state) in self.vcpus.iter().zip(saved) {
-            if !vcpu.send(VcpuCommand::Restore(SharedVcpuState(state.clone()))) {
+            let command = VcpuCommand::Restore(SharedVcpuState(state.clone()), true);
+            if !vcpu.send(command) {
                 return Err(ResetError::Control(MicroVmError::VcpuThreadGone {
                     id: vcpu.id(),
                 }));
@@ -395,8 +397,15 @@ impl MicroVm {
             match self.events.recv() {
                 Ok(VcpuEvent::Restored { id, result }) => {
                     left -= 1;
-                    if let Err(source) = result {
-                        first_error.get_or_insert(ResetError::Vcpu { id, source });
+                    match result {
+                        Ok(()) => {
+                            if let Some(v) = self.vcpus.iter_mut().find(|v| v.id() == id) {
+                                v.set_state(VcpuState::Running);
+                            }
+                        }
+                        Err(source) => {
+                            first_error.get_or_insert(ResetError::Vcpu { id, source });
+                        }
                     }
                 }
                 Ok(other) => {
@@ -405,6 +414,8 @@ impl MicroVm {
                 Err(_) => return Err(ResetError::Control(MicroVmError::AllVcpuThreadsGone)),
             }
         }
+        // Running, or partly: after an error the caller drops the VM.
+        self.state = RunState::Running;
         first_error.map_or(Ok(()), Err)
     }
 

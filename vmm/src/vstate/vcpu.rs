@@ -379,7 +379,7 @@ impl Vcpu {
                         let _ = events.send(VcpuEvent::Saved { id, result });
                         VcpuState::Paused
                     }
-                    Ok(VcpuCommand::Restore(saved)) => {
+                    Ok(VcpuCommand::Restore(saved, resume)) => {
                         // An exit the guest is still in completes first, or KVM would
                         // finish it on top of the restored registers.
                         let completed = if io_may_be_pending {
@@ -389,8 +389,13 @@ impl Vcpu {
                         };
                         io_may_be_pending = false;
                         let result = completed.and_then(|()| self.load_state(&saved.0));
+                        let resume = resume && result.is_ok();
                         let _ = events.send(VcpuEvent::Restored { id, result });
-                        VcpuState::Paused
+                        if resume {
+                            VcpuState::Running
+                        } else {
+                            VcpuState::Paused
+                        }
                     }
                     Ok(VcpuCommand::Exit) | Err(_) => break,
                 },
@@ -405,7 +410,7 @@ impl Vcpu {
                         let _ = events.send(VcpuEvent::Saved { id, result });
                         VcpuState::Running
                     }
-                    Ok(VcpuCommand::Restore(_)) => {
+                    Ok(VcpuCommand::Restore(..)) => {
                         let result = Err(VcpuPersistError::NotPaused { id });
                         let _ = events.send(VcpuEvent::Restored { id, result });
                         VcpuState::Running
@@ -448,7 +453,7 @@ impl Vcpu {
                         let _ = events.send(VcpuEvent::Saved { id, result });
                         VcpuState::Finished
                     }
-                    Ok(VcpuCommand::Restore(_)) => {
+                    Ok(VcpuCommand::Restore(..)) => {
                         let result = Err(VcpuPersistError::NotPaused { id });
                         let _ = events.send(VcpuEvent::Restored { id, result });
                         VcpuState::Finished
@@ -599,9 +604,10 @@ pub enum VcpuCommand {
     Pause,
     /// A paused vCPU reads its state (with these MSRs) and reports [`VcpuEvent::Saved`].
     Save(Arc<[u32]>),
-    /// A paused vCPU takes this saved state back (an in-place reset) and reports
-    /// [`VcpuEvent::Restored`].
-    Restore(SharedVcpuState),
+    /// A paused vCPU takes this saved state back (an in-place reset), reports
+    /// [`VcpuEvent::Restored`] and, if the flag is set and the state took, runs the guest
+    /// at once (saving the controller a round trip before the guest runs again).
+    Restore(SharedVcpuState, bool),
     /// End the thread.
     Exit,
 }

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The guest kernel is built once here so that test binaries find it ready.
 scripts/build-guest.sh >/dev/null
-# The host crates (the workspace's default members), then the guest kernel's pure logic,
-# which also builds and tests on the host.
+# The host crates (the workspace's default members), then the function SDK's runtime and
+# the guest kernel's pure logic, which also build and test on the host.
 cargo test "$@"
+cargo test -p fnode-guest --features runtime "$@"
 cargo test -p fnode-guest-kernel "$@"

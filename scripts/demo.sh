@@ -19,7 +19,7 @@ scripts/qemu-boot.sh "$image" >/dev/null
 
 out="$target/demo"
 mkdir -p "$out"
-for f in echo sha256 wordcount primes spin; do
+for f in echo sha256 wordcount primes counter spin; do
     echo "== fnode build functions/$f" >&2
     "$fnode" build "functions/$f" -o "$out/$f.elf" 2>/dev/null >/dev/null
 done
@@ -47,6 +47,16 @@ echo "response: $response"
 echo "== fnode invoke primes (init sieves 2^25 numbers once; the request is a lookup)" >&2
 response="$("$fnode" invoke "$out/primes.elf" --payload 1000003 --timings)"
 echo "response: $response"
+
+echo "== fnode snapshot primes, then invoke from the snapshot: restore once, reset in place between calls" >&2
+"$fnode" snapshot "$out/primes.elf" -o "$out/primes.snap"
+"$fnode" invoke "$out/primes.snap" --payload 1000003 --repeat 3 --timings
+
+echo "== fnode snapshot counter (counts calls in a static): every reset VM answers 'calls 1'" >&2
+"$fnode" snapshot "$out/counter.elf" -o "$out/counter.snap" >/dev/null
+"$fnode" invoke "$out/counter.snap" --payload a --repeat 3
+echo "== the same without reset (--reset none): the state carries over" >&2
+"$fnode" invoke "$out/counter.snap" --payload a --repeat 3 --reset none
 
 echo "== fnode invoke spin (a handler that never returns is stopped at --timeout-ms)" >&2
 status=0

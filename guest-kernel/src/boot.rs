@@ -28,20 +28,12 @@ pub const TRAP_STACK_SIZE: usize = 64 * 1024;
 /// Size of the double-fault stack (TSS.IST1): a #DF must not run on a broken stack.
 pub const DOUBLE_FAULT_STACK_SIZE: usize = 4 * 1024;
 
-const CR0_PG: u32 = 1 << 31;
-const CR4_PAE: u32 = 1 << 5;
-const MSR_EFER: u32 = 0xc000_0080;
-/// EFER.SCE enables `syscall`, which user-mode functions use to return to the kernel.
-const EFER_SCE: u32 = 1 << 0;
-const EFER_LME: u32 = 1 << 8;
-
-/// Page table entry bits.
-const PTE_PRESENT: u64 = 1 << 0;
-const PTE_WRITABLE: u64 = 1 << 1;
-const PTE_HUGE: u64 = 1 << 7;
+// EFER.SCE (set below) enables `syscall`, which user-mode functions use to return to the kernel.
+use crate::x86::{
+    CR0_PG, CR4_PAE, EFER_LME, EFER_SCE, HUGE_PAGE, MSR_EFER, PTE_HUGE, PTE_PRESENT, PTE_WRITABLE,
+};
 
 const GIB: u64 = 1 << 30;
-const HUGE_PAGE: u64 = 2 << 20;
 const _: () = assert!(IDENTITY_MAP_END.is_multiple_of(GIB) && IDENTITY_MAP_END / GIB <= 512);
 const _: () = assert!(KERNEL_START < IDENTITY_MAP_END);
 

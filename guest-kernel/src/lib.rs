@@ -75,6 +75,7 @@ pub mod snapshot_test;
 pub mod syscall;
 pub mod user;
 pub mod virtio;
+pub mod x86;
 
 use core::ops::Range;
 

@@ -71,16 +71,12 @@ mod imp {
     use super::*;
     use crate::{gdt, runloop, serial};
 
-    const MSR_STAR: u32 = 0xc000_0081;
-    const MSR_LSTAR: u32 = 0xc000_0082;
-    const MSR_SFMASK: u32 = 0xc000_0084;
+    use crate::user::USER_RFLAGS;
+    use crate::x86::{CPUID1_ECX_RDRAND, MSR_LSTAR, MSR_SFMASK, MSR_STAR};
+
     /// Flags `syscall` clears: TF, IF, DF, NT, AC. The kernel runs with interrupts off and
     /// the direction flag clear, whatever user mode left.
     const SFMASK: u64 = 1 << 8 | 1 << 9 | 1 << 10 | 1 << 14 | 1 << 18;
-    /// `rflags` on return to user mode (interrupts stay off there).
-    const USER_RFLAGS: u64 = 0x2;
-    /// CPUID.1:ECX bit 30.
-    const CPUID1_ECX_RDRAND: u32 = 1 << 30;
 
     /// Whether the CPU has `rdrand` (set once, before the function runs).
     static HAS_RDRAND: AtomicBool = AtomicBool::new(false);

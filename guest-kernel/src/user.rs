@@ -47,6 +47,10 @@ pub fn user_ram_end(memory: &MemoryMap) -> Option<u64> {
 #[cfg(target_os = "none")]
 pub use imp::{enter, find, prepare};
 
+/// `rflags` in user mode, on entry and on every return from a system call: interrupts off
+/// (nothing preempts the function), IOPL 0.
+pub const USER_RFLAGS: u64 = 0x2;
+
 #[cfg(target_os = "none")]
 mod imp {
     use core::arch::{asm, global_asm};
@@ -56,20 +60,10 @@ mod imp {
     use super::*;
     use crate::gdt;
 
-    const PTE_PRESENT: u64 = 1 << 0;
-    const PTE_USER: u64 = 1 << 2;
-    const PTE_HUGE: u64 = 1 << 7;
-    const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
-    const CR0_MP: u64 = 1 << 1;
-    const CR0_EM: u64 = 1 << 2;
-    const CR0_TS: u64 = 1 << 3;
-    const CR4_OSFXSR: u64 = 1 << 9;
-    const CR4_OSXMMEXCPT: u64 = 1 << 10;
-    const CR4_SMEP: u64 = 1 << 20;
-    /// CPUID.(EAX=7,ECX=0):EBX bit 7.
-    const CPUID7_EBX_SMEP: u32 = 1 << 7;
-    /// `rflags` in user mode: interrupts off (nothing preempts the function), IOPL 0.
-    const USER_RFLAGS: u64 = 0x2;
+    use crate::x86::{
+        CPUID7_EBX_SMEP, CR0_EM, CR0_MP, CR0_TS, CR4_OSFXSR, CR4_OSXMMEXCPT, CR4_SMEP, PTE_ADDR,
+        PTE_HUGE, PTE_PRESENT, PTE_USER,
+    };
 
     /// Reads the function's header from the image and lays it out (see [`super::layout`]).
     pub fn find(memory: &MemoryMap) -> Result<Option<Layout>, UserError> {

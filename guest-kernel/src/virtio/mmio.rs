@@ -341,14 +341,11 @@ pub fn map_device_windows() -> Result<(), MmioError> {
     Ok(())
 }
 
-const PTE_PRESENT: u64 = 1 << 0;
-const PTE_WRITABLE: u64 = 1 << 1;
-const PTE_WRITE_THROUGH: u64 = 1 << 3;
-const PTE_CACHE_DISABLE: u64 = 1 << 4;
-const PTE_HUGE: u64 = 1 << 7;
+use crate::x86::{
+    HUGE_PAGE, PTE_CACHE_DISABLE, PTE_HUGE, PTE_PRESENT, PTE_WRITABLE, PTE_WRITE_THROUGH,
+};
 #[cfg(target_os = "none")]
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-const HUGE_PAGE: u64 = 2 << 20;
+use crate::x86::PTE_ADDR as ADDR_MASK;
 
 /// A page directory: 512 entries, page-aligned.
 #[repr(C, align(4096))]

@@ -28,6 +28,9 @@ enum Cli {
     /// Benchmark a function: cold start, restore, in-place reset and the raw-KVM floor,
     /// interleaved in one run (table on stdout, --json, --plot, --density).
     Bench(bench::BenchArgs),
+    /// A worker process of `fnode bench --density` (it starts them itself).
+    #[command(hide = true)]
+    DensityWorker(bench::WorkerArgs),
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -36,5 +39,6 @@ fn main() -> anyhow::Result<ExitCode> {
         Cli::Invoke(args) => Ok(invoke::run(args)),
         Cli::Snapshot(args) => snapshot::run(args).map(|()| ExitCode::SUCCESS),
         Cli::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
+        Cli::DensityWorker(args) => bench::run_worker(args).map(|()| ExitCode::SUCCESS),
     }
 }

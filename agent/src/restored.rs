@@ -125,13 +125,14 @@ impl RestoredFunction {
     ) -> anyhow::Result<Self> {
         let tmp = PrivateDir::create()?;
         let socket = tmp.path().join("vsock.sock");
+        // Running at once: the vCPU thread enters the guest as soon as its vCPU is set.
         let options = RestoreOptions {
             vsock_uds: Some(socket.clone()),
             reset,
+            resume: true,
         };
         let mut vm = restore_with(kvm, dir, Box::new(console.clone()), &options)
             .with_context(|| format!("cannot restore the snapshot {}", dir.display()))?;
-        vm.resume().context("cannot start the restored VM")?;
         let mut ended = None;
         let mut watch = || keep_waiting(&mut vm, &mut ended);
         let conn = Connection::connect(&socket, INVOKE_PORT, deadline, &mut watch)

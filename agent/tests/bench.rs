@@ -1,6 +1,7 @@
 //! `fnode bench` end to end on KVM: the echo function's image is benchmarked with a few
 //! iterations; the JSON has every mode with consistent numbers, the SVG is a plot of them,
-//! and `--density` brings VMs up. Nothing here looks at how long anything took.
+//! and `--density` brings VMs up in worker processes. Nothing here looks at how long
+//! anything took.
 
 use std::{
     path::{Path, PathBuf},
@@ -94,7 +95,9 @@ fn bench_echo_writes_json_svg_and_density() {
         "--plot".as_ref(),
         svg.as_os_str(),
         "--density".as_ref(),
-        "4".as_ref(),
+        "8".as_ref(),
+        "--density-workers".as_ref(),
+        "2".as_ref(),
     ]);
 
     let doc: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
@@ -121,11 +124,25 @@ fn bench_echo_writes_json_svg_and_density() {
     assert!(num(floor, "host_p50_us") <= num(floor, "max_us"), "{floor}");
 
     let d = &doc["density"];
-    assert_eq!(d["vms"].as_u64(), Some(4), "{d}");
+    assert_eq!(d["vms"].as_u64(), Some(8), "{d}");
+    assert_eq!(d["workers"].as_u64(), Some(2), "{d}");
     assert!(num(d, "seconds") > 0.0, "{d}");
-    assert!(num(d, "host_kib_per_vm") >= 0.0, "{d}");
+    assert!(num(d, "startup_seconds") <= num(d, "seconds"), "{d}");
+    for key in [
+        "host_kib_per_vm",
+        "rss_kib_per_vm",
+        "cpu_us_per_vm",
+        "teardown_seconds",
+    ] {
+        assert!(num(d, key) >= 0.0, "{key}: {d}");
+    }
+    // Every VM holds its own files and at least its vCPU thread.
+    assert!(num(d, "fds_per_vm") >= 1.0, "{d}");
+    assert!(num(d, "threads_per_vm") >= 1.0, "{d}");
+    assert!(d["first_tenth_phases_us"]["create_vm"].is_number(), "{d}");
     assert!(d.get("stopped_by").is_none(), "{d}");
-    assert!(table.contains("density: 4 VMs"), "{table}");
+    assert!(table.contains("density: 8 VMs"), "{table}");
+    assert!(table.contains("2 worker processes"), "{table}");
 
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg"), "{plot}");
@@ -159,4 +176,11 @@ fn bench_refuses_an_unknown_mode_and_a_missing_target() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/image.elf"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_fnode"))
+        .args(["bench", "/nonexistent/image.elf", "--density-workers", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--density"), "{stderr}");
 }

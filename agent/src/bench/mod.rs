@@ -1,6 +1,7 @@
 //! `fnode bench TARGET`: cold start, restore, in-place reset and the raw-KVM floor of one
 //! function, measured interleaved in one run, with a table, JSON and an SVG of the CDFs; and
-//! with `--density N`, N restored VMs kept alive at once.
+//! with `--density N`, N restored VMs kept alive at once, spread over worker processes
+//! (`density`, `worker`).
 //!
 //! TARGET is a function image (the benchmark then takes a snapshot of it into a temporary
 //! folder itself, as `fnode snapshot` does) or a snapshot directory (cold starts then need
@@ -29,9 +30,13 @@
 mod density;
 mod ops;
 mod plot;
+mod pool;
 mod probe;
 mod stats;
 mod teardown;
+mod worker;
+
+pub use worker::{run as run_worker, WorkerArgs};
 
 use std::{
     io::Write as _,
@@ -50,8 +55,6 @@ use ops::{Cold, FloorMemory};
 use probe::PageMap;
 use stats::{ModeKind, ModeStats};
 use teardown::{Teardown, TeardownMode};
-
-use crate::restored::RestoredFunction;
 
 /// `fnode bench` options.
 #[derive(Debug, clap::Args)]
@@ -74,8 +77,12 @@ pub struct BenchArgs {
     pub plot: Option<PathBuf>,
     /// Also restore N VMs of the snapshot, keep them all alive and idle, and report the time
     /// and the host memory per VM.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub density: Option<u32>,
+    /// Worker processes the density run spreads its VMs over (default: one per 64 VMs).
+    #[arg(long, value_name = "K", requires = "density",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub density_workers: Option<u32>,
     /// Guest memory in MiB (cold starts and the snapshot taken of an image).
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEM_MIB)]
     pub mem: u64,
@@ -109,7 +116,11 @@ struct WorkDir(PathBuf);
 
 impl WorkDir {
     fn create() -> anyhow::Result<Self> {
-        let base = std::env::temp_dir();
+        Self::create_in(&std::env::temp_dir())
+    }
+
+    /// A new folder in `base`.
+    fn create_in(base: &Path) -> anyhow::Result<Self> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -330,7 +341,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let density = match args.density {
         None => None,
         Some(n) => {
-            let d = density::run(n, |_| Ok(Idle(restore.vm(None)?)))?;
+            let plan = density::DensityPlan {
+                snapshot: &snapshot,
+                vms: n,
+                workers: args.density_workers,
+                timeout,
+            };
+            let d = density::run(&plan)?;
             writeln!(out, "{d}")?;
             Some(d)
         }
@@ -398,13 +415,4 @@ fn snapshot_of(
         t.report.memory.data_pages
     );
     Ok(dir)
-}
-
-/// A VM kept alive by the density run.
-struct Idle(RestoredFunction);
-
-impl density::IdleVm for Idle {
-    fn running(&mut self) -> bool {
-        self.0.vm().first_run().is_some()
-    }
 }

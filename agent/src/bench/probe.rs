@@ -1,5 +1,5 @@
 //! What the benchmark reads about its own process: which guest pages the host has backed
-//! (`/proc/self/pagemap`), how much memory the process holds (`/proc/self/smaps_rollup`),
+//! (`/proc/self/pagemap`), how much memory a process holds (`/proc/<pid>/smaps_rollup`),
 //! and the open-file limit density runs need raised.
 
 use std::{fs::File, io, os::unix::fs::FileExt};
@@ -21,10 +21,10 @@ const PAGEMAP_CHUNK: usize = 8192;
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     /// A `/proc/self` file could not be read.
-    #[error("cannot read {path}: is /proc mounted?")]
+    #[error("cannot read {path}: is /proc mounted (and the process alive)?")]
     Proc {
         /// The file.
-        path: &'static str,
+        path: String,
         /// The OS error.
         #[source]
         source: io::Error,
@@ -62,7 +62,10 @@ impl PageMap {
     /// Opens `/proc/self/pagemap`.
     pub fn open() -> Result<Self, ProbeError> {
         let path = "/proc/self/pagemap";
-        let file = File::open(path).map_err(|source| ProbeError::Proc { path, source })?;
+        let file = File::open(path).map_err(|source| ProbeError::Proc {
+            path: path.into(),
+            source,
+        })?;
         Ok(PageMap {
             file,
             page: host_page_size(),
@@ -93,7 +96,7 @@ impl PageMap {
             self.file
                 .read_exact_at(buf, (first + done) * 8)
                 .map_err(|source| ProbeError::Proc {
-                    path: "/proc/self/pagemap",
+                    path: "/proc/self/pagemap".into(),
                     source,
                 })?;
             for e in buf.chunks_exact(8) {
@@ -131,8 +134,8 @@ impl PageMap {
     }
 }
 
-/// The process's memory as `/proc/self/smaps_rollup` counts it, in KiB.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A process's memory as `/proc/<pid>/smaps_rollup` counts it, in KiB.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryUse {
     /// Resident set size.
     pub rss_kib: u64,
@@ -142,9 +145,20 @@ pub struct MemoryUse {
 
 /// Reads [`MemoryUse`] of this process.
 pub fn memory_use() -> Result<MemoryUse, ProbeError> {
-    let path = "/proc/self/smaps_rollup";
-    let text = std::fs::read_to_string(path).map_err(|source| ProbeError::Proc { path, source })?;
-    parse_rollup(&text)
+    read_rollup("/proc/self/smaps_rollup".into())
+}
+
+/// Reads [`MemoryUse`] of the process `pid` (a child of this one, or any this user may
+/// inspect).
+pub fn memory_use_of(pid: u32) -> Result<MemoryUse, ProbeError> {
+    read_rollup(format!("/proc/{pid}/smaps_rollup"))
+}
+
+fn read_rollup(path: String) -> Result<MemoryUse, ProbeError> {
+    match std::fs::read_to_string(&path) {
+        Ok(text) => parse_rollup(&text),
+        Err(source) => Err(ProbeError::Proc { path, source }),
+    }
 }
 
 fn parse_rollup(text: &str) -> Result<MemoryUse, ProbeError> {
@@ -229,6 +243,10 @@ mod tests {
     fn own_memory_is_readable() {
         let m = memory_use().unwrap();
         assert!(m.rss_kib > 0 && m.pss_kib <= m.rss_kib);
+        let by_pid = memory_use_of(std::process::id()).unwrap();
+        assert!(by_pid.rss_kib > 0 && by_pid.pss_kib <= by_pid.rss_kib);
+        let gone = memory_use_of(u32::MAX).unwrap_err();
+        assert!(gone.to_string().contains("smaps_rollup"), "{gone}");
     }
 
     #[test]

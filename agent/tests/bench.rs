@@ -3,39 +3,18 @@
 //! and `--density` brings VMs up in worker processes. Nothing here looks at how long
 //! anything took.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::PathBuf, process::Command};
 
 use fnode_vmm::kvm::test_support::require_kvm;
 use serde_json::Value;
 
 const ITERATIONS: u64 = 4;
 
-fn tmp() -> &'static Path {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-}
+mod common;
+use common::{function_image, tmp};
 
-/// Builds `functions/echo` with `fnode build`.
 fn echo_image() -> PathBuf {
-    let out = tmp().join("bench-images").join("echo.elf");
-    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/echo");
-    let result = Command::new(env!("CARGO_BIN_EXE_fnode"))
-        // A target dir of the tests' own: the outer cargo may hold the workspace's lock.
-        .env("CARGO_TARGET_DIR", tmp().join("fnode-build"))
-        .arg("build")
-        .arg(&crate_dir)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "fnode build echo failed:\n{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    out
+    function_image("echo")
 }
 
 /// Runs `fnode bench <args>`; returns stdout, failing the test with stderr if it failed.

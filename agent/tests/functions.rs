@@ -4,12 +4,9 @@
 //! VM with an error frame.
 
 use std::{
-    collections::HashSet,
     io::{BufRead, BufReader, Read, Write},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
-    process::Command,
-    sync::{Mutex, OnceLock},
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
@@ -25,41 +22,8 @@ use fnode_vmm::{
 /// Limit for guests expected to exit by themselves; hitting it is a failure.
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-fn tmp() -> &'static Path {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-}
-
-/// Builds `functions/<name>` once per test binary run and returns its image.
-fn image(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    // One build at a time: they share cargo's target dir.
-    let mut built = BUILT
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let out = tmp().join("functions").join(format!("{name}.elf"));
-    if built.contains(name) {
-        return out;
-    }
-    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../functions")
-        .join(name);
-    let result = Command::new(env!("CARGO_BIN_EXE_fnode"))
-        .env("CARGO_TARGET_DIR", tmp().join("fnode-build"))
-        .arg("build")
-        .arg(&crate_dir)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "fnode build {name} failed:\n{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    built.insert(name.to_owned());
-    out
-}
+mod common;
+use common::{function_image as image, tmp};
 
 /// Boots `image` with `cmdline` until it exits; returns the outcome and the console.
 fn boot(image: &Path, cmdline: &str) -> (Outcome, String) {

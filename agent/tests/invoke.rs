@@ -4,12 +4,10 @@
 //! the other VMs go on.
 
 use std::{
-    collections::HashSet,
     io::{Read, Write},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output, Stdio},
-    sync::{Mutex, OnceLock},
     thread,
     time::{Duration, Instant},
 };
@@ -26,42 +24,8 @@ use sha2::{Digest, Sha256};
 /// Limit for invocations expected to answer; hitting it is a failure, not a measurement.
 const TIMEOUT_MS: &str = "30000";
 
-fn tmp() -> &'static Path {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-}
-
-/// Builds `functions/<name>` with `fnode build`, once per test binary run.
-fn image(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-    // One build at a time: they share cargo's target dir.
-    let mut built = BUILT
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let out = tmp().join("invoke-images").join(format!("{name}.elf"));
-    if built.contains(name) {
-        return out;
-    }
-    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../functions")
-        .join(name);
-    let result = Command::new(env!("CARGO_BIN_EXE_fnode"))
-        // A target dir of the tests' own: the outer cargo may hold the workspace's lock.
-        .env("CARGO_TARGET_DIR", tmp().join("fnode-build"))
-        .arg("build")
-        .arg(&crate_dir)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "fnode build {name} failed:\n{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    built.insert(name.to_owned());
-    out
-}
+mod common;
+use common::{function_image as image, tmp};
 
 /// Runs `fnode invoke <image of name> <args>` with `stdin` as its standard input.
 fn invoke_with_stdin(name: &str, args: &[&str], stdin: &[u8]) -> Output {

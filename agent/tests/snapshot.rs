@@ -15,9 +15,8 @@ use fnode_vmm::kvm::test_support::require_kvm;
 /// Limit for invocations expected to answer; hitting it is a failure, not a measurement.
 const TIMEOUT_MS: &str = "30000";
 
-fn tmp() -> &'static Path {
-    Path::new(env!("CARGO_TARGET_TMPDIR"))
-}
+mod common;
+use common::{function_image, tmp};
 
 fn fnode(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fnode"))
@@ -47,20 +46,7 @@ fn image_and_snapshot(name: &str) -> (PathBuf, PathBuf) {
     if let Some(paths) = done.get(name) {
         return paths.clone();
     }
-    let image = tmp().join("snapshot-images").join(format!("{name}.elf"));
-    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../functions")
-        .join(name);
-    let out = Command::new(env!("CARGO_BIN_EXE_fnode"))
-        // A target dir of the tests' own: the outer cargo may hold the workspace's lock.
-        .env("CARGO_TARGET_DIR", tmp().join("fnode-build"))
-        .arg("build")
-        .arg(&crate_dir)
-        .arg("-o")
-        .arg(&image)
-        .output()
-        .unwrap();
-    ok(out, &format!("fnode build {name}"));
+    let image = function_image(name);
     let dir = tmp().join("snapshots").join(name);
     let printed = ok(
         fnode(&[
@@ -149,7 +135,10 @@ fn restored_functions_fail_as_after_a_cold_boot() {
         let (cold_code, cold_line, cold_err) = run(&image);
         let (code, line, err) = run(&dir);
         assert_ne!(cold_code, Some(0), "{name}: {cold_err}");
-        assert_eq!(code, cold_code, "{name}: cold:\n{cold_err}\nrestored:\n{err}");
+        assert_eq!(
+            code, cold_code,
+            "{name}: cold:\n{cold_err}\nrestored:\n{err}"
+        );
         assert_eq!(line, cold_line, "{name}");
     }
 }

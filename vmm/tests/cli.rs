@@ -3,23 +3,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{guest_image, mini_guest};
+use common::{code, fnode_vmm, guest_image, mini_guest};
 use fnode_guest::abi::{cmdline, BANNER_PREFIX};
 use fnode_vmm::kvm::test_support::require_kvm;
 use fnode_vmm::outcome::exit_code;
-
-fn fnode_vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fnode-vmm"))
-        .args(args)
-        .output()
-        .expect("cannot run fnode-vmm")
-}
-
-fn code(out: &Output) -> u8 {
-    out.status.code().expect("fnode-vmm was killed by a signal") as u8
-}
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

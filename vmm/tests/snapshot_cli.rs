@@ -3,24 +3,12 @@
 mod common;
 
 use std::fs;
-use std::process::{Command, Output};
 
-use common::guest_image;
+use common::{code, fnode_vmm, guest_image};
 use fnode_guest::abi::cmdline;
 use fnode_vmm::kvm::test_support::require_kvm;
 use fnode_vmm::outcome::exit_code;
 use vmm_sys_util::tempdir::TempDir;
-
-fn fnode_vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fnode-vmm"))
-        .args(args)
-        .output()
-        .expect("cannot run fnode-vmm")
-}
-
-fn code(out: &Output) -> u8 {
-    out.status.code().expect("fnode-vmm was killed by a signal") as u8
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

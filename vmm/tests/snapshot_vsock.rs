@@ -116,9 +116,11 @@ fn restored_vm_answers_on_the_parked_connection_and_resets_in_place() {
 
     for mode in [ResetMode::CopyBack, ResetMode::DropPages] {
         let sock = tmp(&format!("restored-{mode:?}.sock"));
+        // One VM restored paused and resumed, the other returned running.
         let options = RestoreOptions {
             vsock_uds: Some(sock.clone()),
             reset: Some(mode),
+            resume: mode == ResetMode::DropPages,
         };
         let mut vm = restore_with(&kvm, &dir, Box::new(std::io::sink()), &options).unwrap();
         vm.resume().unwrap();

@@ -2,7 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -115,4 +115,17 @@ pub fn boot(image: &Path, cmdline: &str, timeout: Duration) -> Booted {
         outcome: report.outcome,
         console: console.text(),
     }
+}
+
+/// Runs the `fnode-vmm` binary with `args`.
+pub fn fnode_vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fnode-vmm"))
+        .args(args)
+        .output()
+        .expect("cannot run fnode-vmm")
+}
+
+/// The process exit code of `out` (a test failure if a signal killed it).
+pub fn code(out: &Output) -> u8 {
+    out.status.code().expect("fnode-vmm was killed by a signal") as u8
 }

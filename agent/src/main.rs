@@ -1,4 +1,5 @@
-//! `fnode`: the user CLI and (later) the node agent.
+//! `fnode`: the user CLI. It builds function images, invokes them cold or from a snapshot,
+//! snapshots them and benchmarks them, driving VMs through the `fnode-vmm` library.
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -13,13 +14,17 @@ mod snapshot;
 
 /// fnode: a function node that boots, snapshots and restores no_std microVMs on KVM.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    name = "fnode",
+    version,
+    about = "fnode: build, snapshot, restore and invoke no_std functions in KVM microVMs"
+)]
 enum Cli {
     /// Build a function crate into a bootable image (guest kernel + function); prints the
     /// image's path last.
     Build(build::BuildArgs),
-    /// Boot a function image, invoke the function once with a payload and write its response
-    /// to stdout.
+    /// Invoke a function: boot its image (cold) or restore its snapshot directory, send a
+    /// payload and write the response to stdout.
     #[command(after_help = invoke::EXIT_CODES_HELP)]
     Invoke(invoke::InvokeArgs),
     /// Boot a function image, run its init and snapshot it into a directory that

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what fnode's build and tests need on Debian 12: QEMU (the peer VMM the tests boot
-# the guest under) and the Rust toolchain + guest target pinned in rust-toolchain.toml.
+# the guest under), binutils (the tests' minimal assembly guest) and the Rust toolchain + guest target pinned in rust-toolchain.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v qemu-system-x86_64 >/dev/null || need_apt+=(qemu-system-x86)
+# `as` and `ld` assemble the VMM tests' minimal PVH guest.
+{ command -v as && command -v ld; } >/dev/null || need_apt+=(binutils)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "ci: installing ${need_apt[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

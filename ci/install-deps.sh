@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what fnode's build and tests need on Debian 12: QEMU (the peer VMM the tests boot
-# the guest under), binutils (the tests' minimal assembly guest) and the Rust toolchain + guest target pinned in rust-toolchain.toml.
+# the guest under), binutils (the tests' minimal assembly guest) and the Rust toolchain and
+# guest target pinned in rust-toolchain.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -7,8 +7,9 @@ use std::ffi::CString;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm};
 
 /// Where KVM lives.
@@ -96,6 +97,13 @@ pub enum KvmError {
 pub struct KvmContext {
     kvm: Kvm,
     supported_cpuid: CpuId,
+    /// What this host offers a guest ([`crate::persist::cpu::host_features`]), worked out
+    /// at the first restore: it runs `cpuid`, which exits to the hypervisor when this host
+    /// is itself a VM, and it does not change while the process lives.
+    host_features: OnceLock<Vec<kvm_cpuid_entry2>>,
+    /// Whether KVM has every capability saving and restoring vCPUs needs (checked at the
+    /// first snapshot or restore: six ioctls that would otherwise run on every restore).
+    snapshot_capable: OnceLock<bool>,
 }
 
 impl fmt::Debug for KvmContext {
@@ -123,7 +131,29 @@ impl KvmContext {
         Ok(KvmContext {
             kvm,
             supported_cpuid,
+            host_features: OnceLock::new(),
+            snapshot_capable: OnceLock::new(),
         })
+    }
+
+    /// What this host offers a guest ([`crate::persist::cpu::host_features`]), computed
+    /// once per context.
+    pub fn host_features(&self) -> &[kvm_cpuid_entry2] {
+        self.host_features
+            .get_or_init(|| crate::persist::cpu::host_features(&self.supported_cpuid))
+    }
+
+    /// [`crate::vstate::vcpu_persist::check_capabilities`], run once per context while it
+    /// succeeds (a failure is checked again, so its error names what is missing).
+    pub fn check_snapshot_capabilities(
+        &self,
+    ) -> Result<(), crate::vstate::vcpu_persist::VcpuPersistError> {
+        if self.snapshot_capable.get() == Some(&true) {
+            return Ok(());
+        }
+        crate::vstate::vcpu_persist::check_capabilities(&self.kvm)?;
+        let _ = self.snapshot_capable.set(true);
+        Ok(())
     }
 
     /// The KVM system handle.

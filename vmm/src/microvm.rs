@@ -98,7 +98,7 @@ pub struct MicroVm {
     pub(crate) first_run: FirstRun,
     /// What an in-place reset puts back (a VM restored with reset enabled).
     pub(crate) reset: Option<crate::reset::ResetState>,
-    pub(crate) vm: Vm,
+    pub(crate) vm: Arc<Vm>,
     memory: GuestMemory,
     pub(crate) state: VmState,
     build_timings: BuildTimings,
@@ -130,7 +130,7 @@ impl MicroVm {
             control: ControlSignal::default(),
             first_run: FirstRun::default(),
             reset: None,
-            vm,
+            vm: Arc::new(vm),
             memory,
             state: VmState::Paused,
             build_timings,
@@ -482,7 +482,9 @@ impl MicroVm {
             VcpuEvent::Ready { id } => (id, VcpuState::Paused, None),
             // Only save_vcpus and reset wait for these; one arriving elsewhere has no one
             // to tell.
-            VcpuEvent::Saved { .. } | VcpuEvent::Restored { .. } => return None,
+            VcpuEvent::Saved { .. } | VcpuEvent::Restored { .. } | VcpuEvent::ResetDone { .. } => {
+                return None
+            }
             VcpuEvent::DeviceFault(fault) => {
                 self.device_fault.get_or_insert(fault);
                 return None;

@@ -3,7 +3,7 @@
 //!
 //! A VM restored with [`crate::restore::RestoreOptions::reset`] keeps the decoded snapshot
 //! ([`ResetState`]) and has KVM log the pages the guest writes (`KVM_MEM_LOG_DIRTY_PAGES`).
-//! A reset pauses the vCPUs, holds the virtio devices still, and then:
+//! A reset takes the vCPUs out of the guest, holds the virtio devices still, and then:
 //! 1. memory: the pages the guest dirtied (`KVM_GET_DIRTY_LOG`) and the pages the devices
 //!    wrote (which the dirty log does not see: packets in receive buffers, the used rings)
 //!    go back to the snapshot's bytes, by [`ResetMode`];
@@ -14,20 +14,27 @@
 //! 3. a fresh seed is written for the guest's random source (`abi::entropy`), and the VM
 //!    resumes.
 //!
+//! A VM with one vCPU (fnode's functions) is reset by its vCPU thread: the host sends it a
+//! [`ResetJob`] and kicks it out of `KVM_RUN`, the thread does all of the above and enters
+//! the guest again at once. No pause/resume round trip between threads: the host time is
+//! the kick's latency plus the work. A VM with several vCPUs pauses them all first (no
+//! vCPU may run while memory is put back), then has each reload its state in its thread.
+//!
 //! [`OpStats`] counts what the run before the reset cost (userspace exits, pages dirtied)
 //! and the reset's host time up to the guest running again.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use fnode_guest::abi;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
-use crate::devices::virtio::setup::{SetupError, VirtioState};
+use crate::devices::virtio::setup::{SetupError, VirtioDevices, VirtioState};
 use crate::microvm::{MicroVm, MicroVmError, VmState as RunState};
-use crate::vstate::vcpu::{SharedVcpuState, VcpuCommand, VcpuEvent, VcpuState};
+use crate::vstate::memory::GuestMemory;
+use crate::vstate::vcpu::{SharedReset, SharedVcpuState, Vcpu, VcpuCommand, VcpuEvent, VcpuState};
 use crate::vstate::vcpu_persist::{VcpuPersistError, VcpuState as SavedVcpu};
-use crate::vstate::vm::VmError;
+use crate::vstate::vm::{Vm, VmError};
 use crate::vstate::vm_persist::{VmPersistError, VmState};
 
 /// Longest wait for the host I/O of the last exchange to finish before a reset (a send to
@@ -107,12 +114,9 @@ pub enum ResetError {
 /// What a resettable VM keeps of its snapshot.
 #[derive(Debug)]
 pub(crate) struct ResetState {
-    vcpus: Vec<Arc<SavedVcpu>>,
-    vm: VmState,
-    virtio: VirtioState,
-    mode: ResetMode,
-    /// The memory file mapped shared and read-only (copy-back's source).
-    original: Option<MmapRegion>,
+    /// The snapshot's state and handles on what a reset puts back (shared with the vCPU
+    /// thread that runs it).
+    job: Arc<ResetJob>,
     /// Exit count at the last restore or reset.
     exits_at_start: u64,
     /// When the last reset was asked for.
@@ -121,24 +125,170 @@ pub(crate) struct ResetState {
     pending_dirty: Vec<u64>,
 }
 
+/// An in-place reset, as whichever thread runs it needs it: the snapshot's vCPU, VM and
+/// device state, and handles on the VM, its memory and its devices.
+#[derive(Debug)]
+pub struct ResetJob {
+    vcpus: Vec<Arc<SavedVcpu>>,
+    vm_state: VmState,
+    virtio_state: VirtioState,
+    mode: ResetMode,
+    /// The memory file mapped shared and read-only (copy-back's source).
+    original: Option<MmapRegion>,
+    vm: Arc<Vm>,
+    memory: GuestMemory,
+    /// The VM's devices (handles only: the VM owns their event loop).
+    devices: VirtioDevices,
+    /// Dirty pages read from the log before the reset (handed over by the host thread).
+    pending_dirty: Mutex<Vec<u64>>,
+}
+
 impl ResetState {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
-        vcpus: Vec<SavedVcpu>,
-        vm: VmState,
-        virtio: VirtioState,
+        vcpus: Vec<Arc<SavedVcpu>>,
+        vm_state: VmState,
+        virtio_state: VirtioState,
         mode: ResetMode,
         original: Option<MmapRegion>,
+        vm: Arc<Vm>,
+        memory: GuestMemory,
+        devices: VirtioDevices,
     ) -> Self {
         ResetState {
-            vcpus: vcpus.into_iter().map(Arc::new).collect(),
-            vm,
-            virtio,
-            mode,
-            original,
+            job: Arc::new(ResetJob {
+                vcpus,
+                vm_state,
+                virtio_state,
+                mode,
+                original,
+                vm,
+                memory,
+                devices,
+                pending_dirty: Mutex::new(Vec::new()),
+            }),
             exits_at_start: 0,
             requested_at: None,
             pending_dirty: Vec::new(),
         }
+    }
+}
+
+impl ResetJob {
+    /// The whole reset on the VM's only vCPU, from its thread, out of the guest: memory and
+    /// devices, then the vCPU's own state. What [`VcpuCommand::Reset`] runs.
+    pub(crate) fn run_on_vcpu(&self, vcpu: &mut Vcpu) -> Result<OpStats, ResetError> {
+        let id = vcpu.id();
+        let saved = self
+            .vcpus
+            .iter()
+            .find(|s| s.id == id)
+            .ok_or(ResetError::Vcpu {
+                id,
+                source: VcpuPersistError::WrongVcpu {
+                    expected: id,
+                    found: self.vcpus.first().map_or(id, |s| s.id),
+                },
+            })?;
+        let mut stats = self.put_back()?;
+        let last = Instant::now();
+        vcpu.load_state(saved)
+            .map_err(|source| ResetError::Vcpu { id, source })?;
+        stats.phases.vcpus = last.elapsed();
+        Ok(stats)
+    }
+
+    /// Memory, irqchip, clock and devices back to the snapshot; the vCPUs must be out of the
+    /// guest. Returns the pages put back and the phases' times (all but the vCPUs').
+    fn put_back(&self) -> Result<OpStats, ResetError> {
+        let mut quiesced = self.devices.quiesce();
+        quiesced.settle_host_io(Instant::now() + SETTLE_LIMIT);
+        let mut phases = ResetPhases::default();
+        let mut last = Instant::now();
+        let mut lap = move || {
+            let now = Instant::now();
+            let d = now - last;
+            last = now;
+            d
+        };
+        let memory = &self.memory;
+        let region = memory.iter().next().ok_or(ResetError::Memory {
+            what: "no guest memory region",
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+        let size = region.len() as usize;
+        let bitmap = self
+            .vm
+            .take_dirty_log(0, size)
+            .map_err(ResetError::DirtyLog)?;
+        let pending = std::mem::take(
+            &mut *self
+                .pending_dirty
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        let guest_pages = merge(&pending, &dirty_pages(&bitmap));
+        let device_pages = quiesced.take_written_pages();
+        let pages = merge(&guest_pages, &device_pages);
+        let total_pages = (size / PAGE) as u64;
+        for (first, count) in runs(&pages) {
+            if first >= total_pages {
+                break;
+            }
+            let count = count.min(total_pages - first) as usize;
+            let offset = first as usize * PAGE;
+            let len = count * PAGE;
+            match (self.mode, &self.original) {
+                (ResetMode::CopyBack, Some(original)) if original.size() >= offset + len => {
+                    // SAFETY: both mappings are live for the call (the region is borrowed
+                    // from the job's memory, the original from the job) and `offset + len`
+                    // lies inside both (checked against the region's size and the
+                    // original's length). They are distinct mappings. Nothing else writes
+                    // the guest's pages now: the vCPUs are out of the guest and the devices
+                    // are held by `quiesced`.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            original.as_ptr().add(offset),
+                            region.as_ptr().add(offset),
+                            len,
+                        )
+                    };
+                }
+                _ => {
+                    // SAFETY: `offset + len` lies inside the guest's MAP_PRIVATE file
+                    // mapping; MADV_DONTNEED drops the private copies, and the next access
+                    // maps the snapshot's page again. No Rust reference into these pages
+                    // is live (the vCPUs are out of the guest, the devices are held).
+                    let r = unsafe {
+                        libc::madvise(region.as_ptr().add(offset).cast(), len, libc::MADV_DONTNEED)
+                    };
+                    if r != 0 {
+                        return Err(ResetError::Memory {
+                            what: "madvise(MADV_DONTNEED)",
+                            source: std::io::Error::last_os_error(),
+                        });
+                    }
+                }
+            }
+        }
+        write_seed(memory);
+        phases.memory = lap();
+        self.vm
+            .restore_state(&self.vm_state)
+            .map_err(ResetError::Vm)?;
+        quiesced
+            .reset_to(&self.virtio_state)
+            .map_err(ResetError::Devices)?;
+        drop(quiesced);
+        phases.vm_and_devices = lap();
+        Ok(OpStats {
+            phases,
+            exits: 0,
+            dirtied_pages: guest_pages.len() as u64,
+            device_pages: device_pages.len() as u64,
+            reset_time: Duration::ZERO,
+            mode: self.mode,
+        })
     }
 }
 
@@ -273,111 +423,100 @@ impl MicroVm {
         if self.state == RunState::Finished {
             return Err(ResetError::Finished);
         }
-        if self.pause().map_err(ResetError::Control)?.is_some() {
-            return Err(ResetError::Finished);
-        }
-        let exits = self.exit_count();
         let Some(mut rs) = self.reset.take() else {
             return Err(ResetError::NotResettable);
         };
-        let paused = requested_at.elapsed();
-        let result = self.reset_with(&mut rs, exits);
-        self.reset = Some(rs);
-        let mut stats = result?;
-        stats.phases.pause = paused;
-        if let Some(rs) = &mut self.reset {
-            rs.exits_at_start = exits;
+        *rs.job
+            .pending_dirty
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = std::mem::take(&mut rs.pending_dirty);
+        let result = if self.vcpus.len() == 1 {
+            self.reset_on_vcpu_thread(&rs, requested_at)
+        } else {
+            self.reset_paused(&rs, requested_at)
+        };
+        if let Ok((_, exits)) = &result {
+            rs.exits_at_start = *exits;
             rs.requested_at = Some(requested_at);
         }
+        self.reset = Some(rs);
+        let (mut stats, _) = result?;
         stats.reset_time = requested_at.elapsed();
         Ok(stats)
     }
 
-    fn reset_with(&mut self, rs: &mut ResetState, exits: u64) -> Result<OpStats, ResetError> {
-        let mut quiesced = self.virtio.quiesce();
-        quiesced.settle_host_io(Instant::now() + SETTLE_LIMIT);
-        let mut phases = ResetPhases::default();
-        let mut last = Instant::now();
-        let mut lap = move || {
-            let now = Instant::now();
-            let d = now - last;
-            last = now;
-            d
-        };
-        let memory = self.memory();
-        let region = memory.iter().next().ok_or(ResetError::Memory {
-            what: "no guest memory region",
-            source: std::io::ErrorKind::NotFound.into(),
-        })?;
-        let size = region.len() as usize;
-        let bitmap = self
-            .vm
-            .take_dirty_log(0, size)
-            .map_err(ResetError::DirtyLog)?;
-        let guest_pages = merge(
-            &std::mem::take(&mut rs.pending_dirty),
-            &dirty_pages(&bitmap),
-        );
-        let device_pages = quiesced.take_written_pages();
-        let pages = merge(&guest_pages, &device_pages);
-        let total_pages = (size / PAGE) as u64;
-        for (first, count) in runs(&pages) {
-            if first >= total_pages {
-                break;
-            }
-            let count = count.min(total_pages - first) as usize;
-            let offset = first as usize * PAGE;
-            let len = count * PAGE;
-            match (rs.mode, &rs.original) {
-                (ResetMode::CopyBack, Some(original)) if original.size() >= offset + len => {
-                    // SAFETY: both mappings are live for the call (the region is borrowed
-                    // from `self`, the original from `rs`) and `offset + len` lies inside
-                    // both (checked against the region's size and the original's length).
-                    // They are distinct mappings. Nothing else writes the guest's pages
-                    // now: the vCPUs are paused and the devices are held by `quiesced`.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            original.as_ptr().add(offset),
-                            region.as_ptr().add(offset),
-                            len,
-                        )
+    /// The reset of a VM with one vCPU, run by its thread (see the module doc). Returns the
+    /// stats and the exit count at the reset.
+    fn reset_on_vcpu_thread(
+        &mut self,
+        rs: &ResetState,
+        requested_at: Instant,
+    ) -> Result<(OpStats, u64), ResetError> {
+        self.first_run.arm_next();
+        let vcpu = &self.vcpus[0];
+        let id = vcpu.id();
+        if !vcpu.send(VcpuCommand::Reset(SharedReset(rs.job.clone()))) {
+            return Err(ResetError::Control(MicroVmError::VcpuThreadGone { id }));
+        }
+        // A paused vCPU waits for commands outside KVM_RUN; a running one needs the kick.
+        if vcpu.state() == VcpuState::Running {
+            vcpu.kick();
+        }
+        loop {
+            match self.events.recv() {
+                Ok(VcpuEvent::ResetDone {
+                    id,
+                    exits,
+                    started,
+                    result,
+                }) => {
+                    let state = match &result {
+                        Ok(_) => VcpuState::Running,
+                        Err(ResetError::Finished) => VcpuState::Finished,
+                        Err(_) => VcpuState::Paused,
                     };
-                }
-                _ => {
-                    // SAFETY: `offset + len` lies inside the guest's MAP_PRIVATE file
-                    // mapping; MADV_DONTNEED drops the private copies, and the next access
-                    // maps the snapshot's page again. No Rust reference into these pages
-                    // is live (the guest is paused, the devices are held).
-                    let r = unsafe {
-                        libc::madvise(region.as_ptr().add(offset).cast(), len, libc::MADV_DONTNEED)
-                    };
-                    if r != 0 {
-                        return Err(ResetError::Memory {
-                            what: "madvise(MADV_DONTNEED)",
-                            source: std::io::Error::last_os_error(),
-                        });
+                    if let Some(v) = self.vcpus.iter_mut().find(|v| v.id() == id) {
+                        v.set_state(state);
                     }
+                    self.state = match state {
+                        VcpuState::Running => RunState::Running,
+                        VcpuState::Finished => RunState::Finished,
+                        VcpuState::Paused => RunState::Paused,
+                    };
+                    let mut stats = result?;
+                    stats.phases.pause = started.saturating_duration_since(requested_at);
+                    stats.exits = exits.saturating_sub(rs.exits_at_start);
+                    return Ok((stats, exits));
                 }
+                Ok(other) => {
+                    self.record(other);
+                }
+                Err(_) => return Err(ResetError::Control(MicroVmError::AllVcpuThreadsGone)),
             }
         }
-        write_seed(memory);
-        phases.memory = lap();
-        self.vm.restore_state(&rs.vm).map_err(ResetError::Vm)?;
-        quiesced.reset_to(&rs.virtio).map_err(ResetError::Devices)?;
-        drop(quiesced);
-        phases.vm_and_devices = lap();
+    }
+
+    /// The reset of a VM with several vCPUs: all paused, memory and devices put back on
+    /// this thread, then each vCPU reloads its state in its thread and runs again.
+    fn reset_paused(
+        &mut self,
+        rs: &ResetState,
+        requested_at: Instant,
+    ) -> Result<(OpStats, u64), ResetError> {
+        if self.pause().map_err(ResetError::Control)?.is_some() {
+            return Err(ResetError::Finished);
+        }
+        let exits = self.exit_count();
+        let paused = requested_at.elapsed();
+        let mut stats = rs.job.put_back()?;
+        let last = Instant::now();
         // Each vCPU takes its state back and runs the guest at once.
         self.first_run.arm_next();
-        self.restore_vcpus(&rs.vcpus)?;
-        phases.vcpus = lap();
-        Ok(OpStats {
-            phases,
-            exits: exits.saturating_sub(rs.exits_at_start),
-            dirtied_pages: guest_pages.len() as u64,
-            device_pages: device_pages.len() as u64,
-            reset_time: Duration::ZERO,
-            mode: rs.mode,
-        })
+        self.restore_vcpus(&rs.job.vcpus)?;
+        stats.phases.vcpus = last.elapsed();
+        stats.phases.pause = paused;
+        stats.exits = exits.saturating_sub(rs.exits_at_start);
+        Ok((stats, exits))
     }
 
     /// Has every (paused) vCPU take its saved state back, in its thread, and run the guest
@@ -440,7 +579,7 @@ impl MicroVm {
             dirtied_pages: rs.pending_dirty.len() as u64,
             device_pages: 0,
             reset_time: Duration::ZERO,
-            mode: rs.mode,
+            mode: rs.job.mode,
             phases: ResetPhases::default(),
         })
     }

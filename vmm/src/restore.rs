@@ -29,13 +29,13 @@ use crate::devices::serial::{SerialDevice, SerialError};
 use crate::devices::virtio::setup::{self as virtio_setup, SetupError};
 use crate::devices::virtio::FaultSink;
 use crate::kvm::KvmContext;
-use crate::microvm::MicroVm;
+use crate::microvm::{MicroVm, VmState as RunState};
 use crate::persist::cpu::{self, CpuCompatError};
 use crate::persist::{MicroVmState, FORMAT};
 use crate::reset::{ResetMode, ResetState};
 use crate::vstate::memory::{self, MemoryBacking, MemoryError};
 use crate::vstate::vcpu::{FirstRun, Vcpu, VcpuError, VcpuEvent, VcpuIo};
-use crate::vstate::vcpu_persist::{self, VcpuPersistError};
+use crate::vstate::vcpu_persist::VcpuPersistError;
 use crate::vstate::vm::{Vm, VmError};
 use crate::vstate::vm_persist::VmPersistError;
 
@@ -113,7 +113,7 @@ pub struct RestoreTimings {
     pub devices: Duration,
     /// `KVM_CREATE_VCPU` and every vCPU's state set.
     pub vcpus: Duration,
-    /// Starting the vCPU threads (paused).
+    /// Starting the vCPU threads (paused, or running with [`RestoreOptions::resume`]).
     pub start_threads: Duration,
     /// The whole restore, up to a paused VM.
     pub total: Duration,
@@ -129,6 +129,9 @@ pub struct RestoreOptions {
     /// Keep what an in-place reset needs ([`MicroVm::reset`]) and have KVM log the pages
     /// the guest writes; `None`: the VM cannot be reset.
     pub reset: Option<ResetMode>,
+    /// Return the VM running, not paused: its vCPU threads start in the guest, with no
+    /// resume command (and no wake-up) between their start and the guest running.
+    pub resume: bool,
 }
 
 /// Restores the snapshot in `dir` into a new VM, paused; its serial console writes to
@@ -168,11 +171,13 @@ pub fn restore_with(
         memory_file::open(&snap.memory_path(), &state.memory).map_err(RestoreError::Memory)?;
     validate(dir, &state)?;
     let dir_name = dir.display().to_string();
-    let offered = cpu::host_features(kvm.supported_cpuid());
+    // Both are the same for every restore on this host: worked out once per KvmContext.
+    let offered = kvm.host_features();
     for vcpu in &state.vcpus {
-        cpu::check(&dir_name, &vcpu.cpuid, &offered).map_err(RestoreError::Cpu)?;
+        cpu::check(&dir_name, &vcpu.cpuid, offered).map_err(RestoreError::Cpu)?;
     }
-    vcpu_persist::check_capabilities(kvm.kvm()).map_err(RestoreError::Capabilities)?;
+    kvm.check_snapshot_capabilities()
+        .map_err(RestoreError::Capabilities)?;
     let validate = lap();
 
     let mut vm = Vm::create(kvm.kvm()).map_err(RestoreError::Vm)?;
@@ -281,7 +286,7 @@ pub fn restore_with(
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         handles.push(
-            vcpu.start_thread(io.clone(), events_tx.clone())
+            vcpu.start_thread_with(options.resume, io.clone(), events_tx.clone())
                 .map_err(RestoreError::Vcpu)?,
         );
     }
@@ -312,15 +317,21 @@ pub fn restore_with(
         Default::default(),
     );
     microvm.set_vcpu_io(&io);
+    if options.resume {
+        microvm.state = RunState::Running;
+    }
     microvm.set_restore_timings(timings);
     if let Some(mode) = options.reset {
         let vcpus = std::mem::take(&mut state.vcpus);
         microvm.reset = Some(ResetState::new(
-            vcpus,
+            vcpus.into_iter().map(Arc::new).collect(),
             state.vm,
             state.devices.virtio,
             mode,
             original,
+            microvm.vm.clone(),
+            microvm.memory().clone(),
+            microvm.virtio.handles(),
         ));
     }
     Ok(microvm)

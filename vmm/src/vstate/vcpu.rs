@@ -157,6 +157,22 @@ fn internal_error_name(suberror: u32) -> &'static str {
 pub struct Vcpu {
     fd: VcpuFd,
     id: u8,
+    /// KVM takes the general registers and the pending events through `kvm_run` at the next
+    /// `KVM_RUN` (`KVM_CAP_SYNC_REGS`), saving an ioctl each when a state is loaded.
+    sync_regs: bool,
+}
+
+/// The `KVM_CAP_SYNC_REGS` parts [`Vcpu::load_state`] uses.
+const SYNC_REGS_USED: i32 =
+    (kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_EVENTS) as i32;
+
+/// Whether KVM syncs general registers and events through `kvm_run` (asked once per
+/// process: it is a property of the host's KVM).
+fn sync_regs_supported(vm: &Vm) -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        vm.fd().check_extension_int(kvm_ioctls::Cap::SyncRegs) & SYNC_REGS_USED == SYNC_REGS_USED
+    })
 }
 
 impl Vcpu {
@@ -166,7 +182,17 @@ impl Vcpu {
             .fd()
             .create_vcpu(u64::from(id))
             .map_err(|source| VcpuError::Create { id, source })?;
-        Ok(Vcpu { fd, id })
+        Ok(Vcpu {
+            fd,
+            id,
+            sync_regs: sync_regs_supported(vm),
+        })
+    }
+
+    /// Whether [`Vcpu::load_state`] hands registers and events to KVM through `kvm_run`
+    /// (they take effect at the next `KVM_RUN`).
+    pub(crate) fn uses_sync_regs(&self) -> bool {
+        self.sync_regs
     }
 
     /// The vCPU index.
@@ -325,6 +351,22 @@ impl Vcpu {
         io: VcpuIo,
         events: Sender<VcpuEvent>,
     ) -> Result<VcpuHandle, VcpuError> {
+        self.start_thread_with(false, io, events)
+    }
+
+    /// [`Vcpu::start_thread`], running the guest at once if `resume` (no command and no
+    /// wake-up between the thread's start and the guest running).
+    pub fn start_thread_with(
+        self,
+        resume: bool,
+        io: VcpuIo,
+        events: Sender<VcpuEvent>,
+    ) -> Result<VcpuHandle, VcpuError> {
+        let first = if resume {
+            VcpuState::Running
+        } else {
+            VcpuState::Paused
+        };
         install_kick_handler()?;
         let id = self.id;
         let (commands, receiver) = mpsc::channel();
@@ -335,7 +377,7 @@ impl Vcpu {
             .spawn(move || {
                 // A panic must not leave the controller waiting for a report forever.
                 let run = std::panic::AssertUnwindSafe(|| {
-                    self.thread_main(&io, &receiver, &events, &thread_exits)
+                    self.thread_main(first, &io, &receiver, &events, &thread_exits)
                 });
                 std::panic::catch_unwind(run).map_err(|_| {
                     let stop = VcpuStop::Error(VcpuError::ThreadPanicked);
@@ -347,14 +389,16 @@ impl Vcpu {
             id,
             commands,
             thread: Some(thread),
-            state: VcpuState::Paused,
+            state: first,
             exits,
         })
     }
 
-    /// The vCPU thread: a state machine driven by commands and guest exits.
+    /// The vCPU thread: a state machine driven by commands and guest exits, starting in
+    /// `first`.
     fn thread_main(
         mut self,
+        first: VcpuState,
         io: &VcpuIo,
         commands: &Receiver<VcpuCommand>,
         events: &Sender<VcpuEvent>,
@@ -362,7 +406,7 @@ impl Vcpu {
     ) -> Vcpu {
         let _kick_target = KickTarget::set(self.fd.get_kvm_run());
         let id = self.id;
-        let mut state = VcpuState::Paused;
+        let mut state = first;
         // Whether the last KVM_RUN ended in an exit KVM completes only at the next KVM_RUN
         // (an I/O or MMIO access): a kick (EINTR) leaves none, nor does a vCPU that never ran.
         let mut io_may_be_pending = false;
@@ -397,6 +441,10 @@ impl Vcpu {
                             VcpuState::Paused
                         }
                     }
+                    Ok(VcpuCommand::Reset(job)) => {
+                        let pending = std::mem::take(&mut io_may_be_pending);
+                        self.reset_here(&job, pending, io, events, exits)
+                    }
                     Ok(VcpuCommand::Exit) | Err(_) => break,
                 },
                 VcpuState::Running => match commands.try_recv() {
@@ -414,6 +462,12 @@ impl Vcpu {
                         let result = Err(VcpuPersistError::NotPaused { id });
                         let _ = events.send(VcpuEvent::Restored { id, result });
                         VcpuState::Running
+                    }
+                    // Out of the guest (the kick that came with the command took it out of
+                    // KVM_RUN): reset the VM here and go back in, no round trip.
+                    Ok(VcpuCommand::Reset(job)) => {
+                        let pending = std::mem::take(&mut io_may_be_pending);
+                        self.reset_here(&job, pending, io, events, exits)
                     }
                     Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => break,
                     Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => {
@@ -458,10 +512,55 @@ impl Vcpu {
                         let _ = events.send(VcpuEvent::Restored { id, result });
                         VcpuState::Finished
                     }
+                    Ok(VcpuCommand::Reset(_)) => {
+                        let _ = events.send(VcpuEvent::ResetDone {
+                            id,
+                            exits: exits.load(Ordering::Relaxed),
+                            started: Instant::now(),
+                            result: Err(crate::reset::ResetError::Finished),
+                        });
+                        VcpuState::Finished
+                    }
                 },
             };
         }
         self
+    }
+
+    /// [`VcpuCommand::Reset`] on this (out of the guest) vCPU's thread: completes an I/O
+    /// exit the guest may still be in, has `job` put the VM back (memory, devices, this
+    /// vCPU), reports [`VcpuEvent::ResetDone`] and returns the state to go on in: running
+    /// the guest at once, or paused after an error (the VM is then dropped).
+    fn reset_here(
+        &mut self,
+        job: &SharedReset,
+        io_pending: bool,
+        io: &VcpuIo,
+        events: &Sender<VcpuEvent>,
+        exits: &AtomicU64,
+    ) -> VcpuState {
+        let started = Instant::now();
+        let id = self.id;
+        let completed = if io_pending {
+            self.complete_pending_io(&io.buses)
+        } else {
+            Ok(())
+        };
+        let result = completed
+            .map_err(|source| crate::reset::ResetError::Vcpu { id, source })
+            .and_then(|()| job.0.run_on_vcpu(self));
+        let next = if result.is_ok() {
+            VcpuState::Running
+        } else {
+            VcpuState::Paused
+        };
+        let _ = events.send(VcpuEvent::ResetDone {
+            id,
+            exits: exits.load(Ordering::Relaxed),
+            started,
+            result,
+        });
+        next
     }
 }
 
@@ -608,9 +707,24 @@ pub enum VcpuCommand {
     /// [`VcpuEvent::Restored`] and, if the flag is set and the state took, runs the guest
     /// at once (saving the controller a round trip before the guest runs again).
     Restore(SharedVcpuState, bool),
+    /// Put the whole VM back to its snapshot state from this vCPU's thread (the VM's only
+    /// vCPU; see `MicroVm::reset`), report [`VcpuEvent::ResetDone`] and run the guest again.
+    Reset(SharedReset),
     /// End the thread.
     Exit,
 }
+
+/// An in-place reset handed to a vCPU thread (equal when it is the same job).
+#[derive(Clone, Debug)]
+pub struct SharedReset(pub Arc<crate::reset::ResetJob>);
+
+impl PartialEq for SharedReset {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SharedReset {}
 
 /// A saved vCPU state shared with a vCPU thread (equal when it is the same state).
 #[derive(Clone, Debug)]
@@ -667,6 +781,18 @@ pub enum VcpuEvent {
         id: u8,
         /// Whether every part of the state was set.
         result: Result<(), VcpuPersistError>,
+    },
+    /// vCPU `id` ran a [`VcpuCommand::Reset`]: the VM is back to its snapshot state and
+    /// the guest runs again, or the reset failed (the vCPU is then paused).
+    ResetDone {
+        /// vCPU index.
+        id: u8,
+        /// The vCPU's exit count when it took the reset.
+        exits: u64,
+        /// When the vCPU took the reset (out of the guest).
+        started: Instant,
+        /// What the run before the reset cost, or why the reset failed.
+        result: Result<crate::reset::OpStats, crate::reset::ResetError>,
     },
     /// Not from a vCPU: a device found the guest breaking its contract and stopped working;
     /// it reports on this channel so the VM's control loop wakes up and stops the VM.

@@ -23,8 +23,9 @@ use std::sync::Arc;
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
     kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_MSR_ENTRIES,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit};
 use serde::{Deserialize, Serialize};
 
 use super::vcpu::{Vcpu, BOOT_MSRS};
@@ -328,7 +329,7 @@ impl Vcpu {
     /// `KVM_CREATE_VCPU` for `state.id` in `vm`, then every part of `state` set back.
     /// The VM's irqchip must exist (the LAPIC is restored into it).
     pub fn restore(vm: &Vm, state: &VcpuState) -> Result<Vcpu, VcpuPersistError> {
-        let vcpu = Vcpu::create(vm, state.id).map_err(|source| VcpuPersistError::Create {
+        let mut vcpu = Vcpu::create(vm, state.id).map_err(|source| VcpuPersistError::Create {
             id: state.id,
             source,
         })?;
@@ -337,7 +338,7 @@ impl Vcpu {
     }
 
     /// Sets every part of `state` on this (new) vCPU.
-    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuPersistError> {
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), VcpuPersistError> {
         let id = self.id();
         if state.id != id {
             return Err(VcpuPersistError::WrongVcpu {
@@ -357,6 +358,7 @@ impl Vcpu {
         })?;
         fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
         self.load_state(state)?;
+        let fd = self.fd();
         // A host with another TSC frequency: scale the guest's TSC where KVM can (TSC
         // scaling). Where it cannot, the guest's clock runs at this host's rate; it still
         // reads monotonic time, which is all fnode guests need of it. (A vCPU that already
@@ -371,7 +373,15 @@ impl Vcpu {
 
     /// Sets every part of `state` but the CPUID (which a vCPU that has run cannot change):
     /// [`Vcpu::restore_state`]'s second half, and an in-place reset's whole.
-    pub fn load_state(&self, state: &VcpuState) -> Result<(), VcpuPersistError> {
+    ///
+    /// Nothing is skipped, not even what guest user code cannot change (MSRs, control and
+    /// debug registers, XCR0, the LAPIC): a guest kernel a function subverted could, and
+    /// the next invocation must not inherit it. Each vCPU ioctl costs a `vcpu_load`, so the
+    /// calls are as few as KVM allows: all MSRs in one `KVM_SET_MSRS`, and where KVM offers
+    /// `KVM_CAP_SYNC_REGS` the general registers and the pending events go through
+    /// `kvm_run` and take effect at the next `KVM_RUN` (before it runs a guest instruction,
+    /// after every ioctl here, so the order stays the one above).
+    pub fn load_state(&mut self, state: &VcpuState) -> Result<(), VcpuPersistError> {
         let id = self.id();
         if state.id != id {
             return Err(VcpuPersistError::WrongVcpu {
@@ -380,10 +390,14 @@ impl Vcpu {
             });
         }
         let err = |ioctl| move |source| VcpuPersistError::Ioctl { ioctl, id, source };
+        let sync = self.uses_sync_regs();
         let fd = self.fd();
         fd.set_mp_state(state.mp_state)
             .map_err(err("KVM_SET_MP_STATE"))?;
-        fd.set_regs(&state.regs).map_err(err("KVM_SET_REGS"))?;
+        if !sync {
+            fd.set_regs(&state.regs).map_err(err("KVM_SET_REGS"))?;
+        }
+        // Not through kvm_run: the APIC base in it must be set before the LAPIC state.
         fd.set_sregs(&state.sregs).map_err(err("KVM_SET_SREGS"))?;
         // SAFETY: `state.xsave` is a whole `kvm_xsave` (4096 bytes); check_capabilities made
         // sure KVM's XSAVE area (KVM_CAP_XSAVE2) is no larger, so KVM reads only this struct.
@@ -392,7 +406,8 @@ impl Vcpu {
         fd.set_debug_regs(&state.debug_regs)
             .map_err(err("KVM_SET_DEBUGREGS"))?;
         fd.set_lapic(&state.lapic).map_err(err("KVM_SET_LAPIC"))?;
-        for chunk in state.msrs.chunks(MSR_CHUNK) {
+        // One call for the lot: KVM takes up to KVM_MAX_MSR_ENTRIES at once.
+        for chunk in state.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
             let msrs = Msrs::from_entries(chunk).map_err(|_| VcpuPersistError::TooMany {
                 id,
                 what: "MSRs",
@@ -406,8 +421,17 @@ impl Vcpu {
                 });
             }
         }
-        fd.set_vcpu_events(&state.events)
-            .map_err(err("KVM_SET_VCPU_EVENTS"))?;
+        if sync {
+            let fd = self.fd_mut();
+            let regs = fd.sync_regs_mut();
+            regs.regs = state.regs;
+            regs.events = state.events;
+            fd.set_sync_dirty_reg(SyncReg::Register);
+            fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
+        } else {
+            fd.set_vcpu_events(&state.events)
+                .map_err(err("KVM_SET_VCPU_EVENTS"))?;
+        }
         Ok(())
     }
 }
@@ -483,7 +507,7 @@ mod tests {
         let mut vcpu = Vcpu::create(&vm, 0).unwrap();
         vcpu.configure_cpuid(kvm.supported_cpuid()).unwrap();
         let mut saved = vcpu.save_state(&msrs, &Buses::default()).unwrap();
-        let other = Vcpu::create(&vm, 1).unwrap();
+        let mut other = Vcpu::create(&vm, 1).unwrap();
         let err = other.restore_state(&saved).unwrap_err();
         assert!(
             matches!(

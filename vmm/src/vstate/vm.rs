@@ -75,7 +75,17 @@ pub struct Vm {
 impl Vm {
     /// `KVM_CREATE_VM`, nothing else.
     pub fn create(kvm: &Kvm) -> Result<Self, VmError> {
-        let fd = kvm.create_vm().map_err(VmError::Create)?;
+        // KVM_CREATE_VM creates nothing when it fails, so an interrupted call is simply
+        // made again (seen on hosts where another thread's VM teardown or io_uring work
+        // leaves a notification pending on this one).
+        const EINTR_RETRIES: u32 = 3;
+        let mut tries = 0;
+        let fd = loop {
+            match kvm.create_vm() {
+                Err(e) if e.errno() == libc::EINTR && tries < EINTR_RETRIES => tries += 1,
+                other => break other.map_err(VmError::Create)?,
+            }
+        };
         Ok(Vm { fd, memory: None })
     }
 

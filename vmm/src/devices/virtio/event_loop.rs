@@ -36,7 +36,7 @@ pub enum EventLoopError {
 const STOP: u32 = 0;
 
 struct Stopper {
-    evt: EventFd,
+    evt: Arc<EventFd>,
     stopped: Arc<AtomicBool>,
 }
 
@@ -56,15 +56,16 @@ impl MutEventSubscriber for Stopper {
 /// The running event loop thread.
 #[derive(Debug)]
 pub struct EventLoop {
-    stop: EventFd,
+    /// Shared with the thread (one fd, not a duplicate per side).
+    stop: Arc<EventFd>,
     thread: Option<JoinHandle<Result<(), EventLoopError>>>,
 }
 
 impl EventLoop {
     /// Starts a thread named `fnode-devices` running `subscribers`.
     pub fn spawn(subscribers: Vec<Subscriber>) -> Result<Self, EventLoopError> {
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::EventFd)?;
-        let thread_stop = stop.try_clone().map_err(EventLoopError::EventFd)?;
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(EventLoopError::EventFd)?);
+        let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("fnode-devices".into())
             .spawn(move || run(subscribers, thread_stop))
@@ -105,7 +106,7 @@ impl Drop for EventLoop {
     }
 }
 
-fn run(subscribers: Vec<Subscriber>, stop: EventFd) -> Result<(), EventLoopError> {
+fn run(subscribers: Vec<Subscriber>, stop: Arc<EventFd>) -> Result<(), EventLoopError> {
     let mut em: EventManager<Subscriber> = EventManager::new().map_err(EventLoopError::EventManager)?;
     let stopped = Arc::new(AtomicBool::new(false));
     em.add_subscriber(Arc::new(Mutex::new(Stopper { evt: stop, stopped: stopped.clone() })));

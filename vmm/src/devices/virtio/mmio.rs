@@ -282,7 +282,10 @@ pub struct MmioTransport {
     slot: MmioSlot,
     mem: GuestMemoryMmap,
     interrupt: Arc<Interrupt>,
-    queue_evts: Vec<EventFd>,
+    /// How many queue notification eventfds the device has (the transport uses the
+    /// device's own: KVM holds them once registered, and a copy here would cost an fd each
+    /// per VM).
+    queue_evt_count: usize,
     queues: Vec<Queue>,
     max_sizes: Vec<u16>,
     device_type: u32,
@@ -317,13 +320,10 @@ impl MmioTransport {
         slot: MmioSlot,
         faults: FaultSink,
     ) -> Result<Self, MmioError> {
-        let (device_type, avail_features, max_sizes, name, queue_evts) = {
+        let (device_type, avail_features, max_sizes, name, queue_evt_count) = {
             let d = lock(&device);
-            let mut evts = Vec::with_capacity(d.queue_events().len());
-            for e in d.queue_events() {
-                evts.push(e.try_clone().map_err(MmioError::EventFd)?);
-            }
-            (d.device_type(), d.avail_features(), d.queue_max_sizes().to_vec(), d.name(), evts)
+            let count = d.queue_events().len();
+            (d.device_type(), d.avail_features(), d.queue_max_sizes().to_vec(), d.name(), count)
         };
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(MmioError::EventFd)?;
         let queues: Vec<Queue> = max_sizes.iter().map(|&m| new_queue(m)).collect();
@@ -333,7 +333,7 @@ impl MmioTransport {
             slot,
             mem,
             interrupt: Arc::new(Interrupt::new(irqfd)),
-            queue_evts,
+            queue_evt_count,
             queues,
             max_sizes,
             device_type,
@@ -354,18 +354,14 @@ impl MmioTransport {
         self.interrupt.irqfd()
     }
 
-    /// Queue `i`'s notification eventfd (for `VmFd::register_ioevent` at
-    /// `slot().base + 0x50`, datamatch `i`).
-    pub fn queue_evts(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    /// Registers the irqfd and the per-queue ioeventfds with KVM.
+    /// Registers the irqfd and the device's per-queue ioeventfds (queue `i`'s at
+    /// `slot().base + 0x50`, datamatch `i`) with KVM.
     pub fn register_with_vm(&self, vm: &VmFd) -> Result<(), MmioError> {
         vm.register_irqfd(self.irqfd(), self.slot.irq)
             .map_err(|source| MmioError::RegisterIrqfd { gsi: self.slot.irq, source })?;
         let addr = self.slot.base + u64::from(reg::VIRTIO_MMIO_QUEUE_NOTIFY);
-        for (i, evt) in self.queue_evts.iter().enumerate() {
+        let device = lock(&self.device);
+        for (i, evt) in device.queue_events().iter().enumerate() {
             vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), i as u32)
                 .map_err(|source| MmioError::RegisterIoevent { queue: i, addr, source })?;
         }
@@ -464,10 +460,13 @@ impl MmioTransport {
             | reg::VIRTIO_MMIO_QUEUE_USED_LOW
             | reg::VIRTIO_MMIO_QUEUE_USED_HIGH => self.write_queue_reg(offset, v)?,
             reg::VIRTIO_MMIO_QUEUE_NOTIFY => {
-                let evt = self.queue_evts.get(v as usize).ok_or(MmioError::NotifyNoSuchQueue {
-                    queue: v,
-                    count: self.queue_evts.len(),
-                })?;
+                // Only without the ioeventfd (KVM takes these writes itself otherwise).
+                let count = self.queue_evt_count;
+                let device = lock(&self.device);
+                let evt = device
+                    .queue_events()
+                    .get(v as usize)
+                    .ok_or(MmioError::NotifyNoSuchQueue { queue: v, count })?;
                 evt.write(1).map_err(|source| MmioError::Notify { queue: v, source })?;
             }
             reg::VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
@@ -948,11 +947,12 @@ pub(crate) mod tests {
             assert_eq!(ctx.queues.len(), 2);
             assert!(ctx.queues[1].event_idx_enabled());
             assert_eq!(ctx.queues[1].desc_table(), q1.desc);
-            // A notify that traps (no ioeventfd) reaches the device's eventfd.
-            w(&mut h.t, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 1);
-            assert_eq!(d.evts[1].read().unwrap(), 1);
             ctx.interrupt.trigger(InterruptKind::Vring).unwrap();
         }
+        // A notify that traps (no ioeventfd) reaches the device's eventfd (the transport
+        // takes the device's lock for it, as on a vCPU thread).
+        w(&mut h.t, reg::VIRTIO_MMIO_QUEUE_NOTIFY, 1);
+        assert_eq!(h.dev.lock().unwrap().evts[1].read().unwrap(), 1);
         assert_eq!(r(&mut h.t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), 1);
         w(&mut h.t, reg::VIRTIO_MMIO_INTERRUPT_ACK, 1);
         assert_eq!(r(&mut h.t, reg::VIRTIO_MMIO_INTERRUPT_STATUS), 0);

@@ -172,6 +172,16 @@ impl VirtioDevices {
         self.vsock.as_ref()
     }
 
+    /// Handles on the same devices, without the event loop (dropping them stops nothing):
+    /// for a thread that must reach the devices while the VM owns them.
+    pub fn handles(&self) -> VirtioDevices {
+        VirtioDevices {
+            event_loop: None,
+            vsock: self.vsock.clone(),
+            vsock_transport: self.vsock_transport.clone(),
+        }
+    }
+
     /// Holds every device still (see [`Quiesced`]).
     pub fn quiesce(&self) -> Quiesced<'_> {
         // A poisoned lock means the event loop panicked; the state is still readable.

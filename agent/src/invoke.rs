@@ -81,14 +81,15 @@ pub struct InvokeArgs {
     /// Print the time of each phase and the host-side counts on stderr.
     #[arg(long)]
     pub timings: bool,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEM_MIB)]
-    pub mem: u64,
+    /// Guest memory in MiB, for an image [default: 64]. A snapshot keeps its own.
+    #[arg(long, value_name = "MIB")]
+    pub mem: Option<u64>,
     /// Stream the guest's serial console to stderr (otherwise it is shown only when the
     /// invocation fails).
     #[arg(long)]
     pub console: bool,
-    /// Kernel command line words to add (test switches such as `fnode.hostile=vsock`).
+    /// Kernel command line words to add, for an image (test switches such as
+    /// `fnode.hostile=vsock`). A snapshot keeps its own.
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
     /// With a snapshot directory: invoke this many times (responses one per line).
@@ -127,6 +128,13 @@ fn invoke(args: &InvokeArgs) -> Result<u8, Failure> {
     let payload = read_payload(args.payload.as_deref()).map_err(Failure::Usage)?;
     let timeout = Duration::from_millis(args.timeout_ms);
     if args.image.is_dir() {
+        if args.mem.is_some() || !args.cmdline.is_empty() {
+            return Err(Failure::Usage(anyhow::anyhow!(
+                "--mem and --cmdline apply to images: the snapshot {} keeps the memory size and \
+                 command line it was taken with (pass them to `fnode snapshot` instead)",
+                args.image.display()
+            )));
+        }
         let reset = match args.reset.as_str() {
             "none" => None,
             mode => Some(
@@ -160,7 +168,7 @@ fn invoke(args: &InvokeArgs) -> Result<u8, Failure> {
         .context("cannot use KVM")
         .map_err(Failure::Setup)?;
     let config = VmConfig {
-        mem_mib: args.mem,
+        mem_mib: args.mem.unwrap_or(DEFAULT_MEM_MIB),
         cmdline: args.cmdline.clone(),
         vsock_uds: Some(socket.clone()),
         ..VmConfig::new(&args.image)

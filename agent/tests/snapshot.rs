@@ -200,3 +200,19 @@ fn snapshot_of_a_missing_image_names_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/f.elf"), "{err}");
 }
+
+#[test]
+fn image_options_on_a_snapshot_are_refused() {
+    if !require_kvm() {
+        return;
+    }
+    let (_, dir) = image_and_snapshot("echo");
+    for extra in [["--mem", "128"], ["--cmdline", "fnode.echo=1"]] {
+        let mut args = vec!["invoke", dir.to_str().unwrap()];
+        args.extend_from_slice(&extra);
+        let out = fnode(&args);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("apply to images"), "{err}");
+    }
+}

@@ -15,8 +15,10 @@ use fnode_guest::abi;
 use super::packet::{PacketHeader, TYPE_STREAM};
 
 /// The host's receive buffer per connection (what it advertises as `buf_alloc`): the most
-/// guest bytes it holds for a host client that reads slowly.
-pub const BUF_ALLOC: u32 = 256 * 1024;
+/// guest bytes it holds for a host client that reads slowly. One whole frame, so a response
+/// of the largest size flows without waiting for a credit update; the bytes are only held
+/// while the host client has not read them yet.
+pub const BUF_ALLOC: u32 = (abi::frame::HEADER_LEN + abi::frame::MAX_PAYLOAD) as u32;
 
 /// A connection's phase.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

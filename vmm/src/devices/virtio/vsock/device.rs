@@ -17,7 +17,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::connection::{rst_reply, ConnectionState, Phase, ProtoError};
-use super::packet::{op, PacketError, PacketHeader, HDR_LEN, MAX_PKT_PAYLOAD, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND};
+use super::packet::{op, PacketError, PacketHeader, HDR_LEN, MAX_RX_PAYLOAD, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND};
 use super::uring::{Completion, OpId, OpKind, Uring};
 use crate::devices::virtio::queue::{needs_interrupt, pop_head, walk_chain, Chain, ChainError};
 use crate::devices::virtio::{
@@ -39,8 +39,17 @@ const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 pub const MAX_CONNECTIONS: usize = 64;
 /// Longest `CONNECT <port>\n` line accepted.
 const CONNECT_LINE_MAX: usize = 64;
-/// Most bytes read from a host client at once (further bounded by the guest's credit).
+/// Size of the buffer an idle connection waits on with its io_uring `recv` (further bounded
+/// by the guest's credit): what a connection holds towards the guest between transfers.
 const RX_CHUNK: usize = 64 * 1024;
+/// Most host bytes a connection holds for the guest ([`MAX_RX_PAYLOAD`]: one frame). During a
+/// bulk transfer the buffer grows towards it (bounded by the guest's credit) as
+/// non-blocking reads find more bytes waiting; the next `recv` starts from [`RX_CHUNK`] again.
+const RX_MAX: usize = MAX_RX_PAYLOAD as usize;
+/// A read that returns at least this many bytes marks a bulk transfer: the device then
+/// tops the buffer up with non-blocking reads before each delivery, so one packet fills as
+/// much of the guest's posted buffer as the client has written.
+const RX_BULK: usize = 16 * 1024;
 /// First host-side port handed out (Firecracker's convention: far from well-known ports).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// RSTs queued for the guest at most; answers to guest packets stop at a quarter of it.
@@ -169,6 +178,8 @@ struct Conn {
     to_guest: Vec<u8>,
     to_guest_off: usize,
     recv_op: Option<OpId>,
+    /// The client is streaming (its last read was large): top up before delivering.
+    bulk: bool,
     host_eof: bool,
     /// Bytes waiting to be sent to the host client (the `OK` line, then guest data).
     to_host: Vec<u8>,
@@ -190,6 +201,7 @@ impl Conn {
             to_guest: Vec::new(),
             to_guest_off: 0,
             recv_op: None,
+            bulk: false,
             host_eof: false,
             to_host: Vec::new(),
             spare: Vec::new(),
@@ -482,6 +494,11 @@ impl VsockDevice {
         self.next_gen
     }
 
+    /// The phase of each live connection.
+    pub fn connection_phases(&self) -> Vec<Phase> {
+        self.conns.iter().flatten().map(|c| c.st.phase).collect()
+    }
+
     /// Number of live connections (all phases).
     pub fn connection_count(&self) -> usize {
         self.conns.iter().flatten().count()
@@ -506,6 +523,7 @@ impl VsockDevice {
         // Pump first (it may queue RSTs for closed connections), deliver, then pump again
         // (delivery may have drained a connection's buffer, making room for the next recv).
         self.pump();
+        self.top_up();
         self.process_rx();
         self.pump();
         if let Err(e) = self.uring.submit() {
@@ -704,7 +722,7 @@ impl VsockDevice {
             if (chain.writable_len as usize) < HDR_LEN {
                 return Err(VsockError::RxShort { head, len: chain.writable_len });
             }
-            let room = (chain.writable_len as usize - HDR_LEN).min(MAX_PKT_PAYLOAD as usize);
+            let room = (chain.writable_len as usize - HDR_LEN).min(RX_MAX);
             let Some((hdr, data)) = self.next_rx_packet(room) else {
                 // Nothing fits after all: give the buffer back.
                 a.queues[RXQ].go_to_previous_position();
@@ -850,6 +868,8 @@ impl VsockDevice {
                 if !c.host_eof && c.st.peer_shutdown & SHUTDOWN_RCV == 0 && c.pending_to_guest() == 0 && credit > 0 {
                     let mut buf = std::mem::take(&mut c.to_guest);
                     buf.clear();
+                    // A large buffer from a bulk transfer is not kept while the client idles.
+                    buf.shrink_to(RX_CHUNK);
                     c.to_guest_off = 0;
                     let max = credit.min(RX_CHUNK);
                     buf.reserve_exact(max);
@@ -857,6 +877,70 @@ impl VsockDevice {
                 }
             }
             Phase::Connecting => {}
+        }
+        Ok(())
+    }
+
+    /// Tops up what bulk-streaming connections hold for the guest with non-blocking reads of
+    /// the bytes their clients already wrote (a plain `recv`, no io_uring round trip), up to
+    /// the guest's credit and [`RX_MAX`], so the next packet fills more of the guest's
+    /// buffer. Only between io_uring receives: a connection whose `recv` is in flight has
+    /// lent its buffer to the kernel.
+    fn top_up(&mut self) {
+        for i in 0..self.conns.len() {
+            if self.top_up_conn(i).is_err() {
+                // The client's socket failed: reset the guest's side, as a failed recv does.
+                self.drop_conn(i, true);
+            }
+        }
+    }
+
+    fn top_up_conn(&mut self, i: usize) -> io::Result<()> {
+        let Some(c) = self.conns[i].as_mut() else { return Ok(()) };
+        if !c.bulk || c.recv_op.is_some() || c.host_eof || c.st.phase != Phase::Established {
+            return Ok(());
+        }
+        if c.st.peer_shutdown & SHUTDOWN_RCV != 0 {
+            return Ok(());
+        }
+        let Some(fd) = c.host.clone() else { return Ok(()) };
+        let limit = (c.st.peer_credit() as usize).min(RX_MAX);
+        if c.pending_to_guest() >= limit {
+            return Ok(());
+        }
+        if c.to_guest_off > 0 {
+            c.to_guest.drain(..c.to_guest_off);
+            c.to_guest_off = 0;
+        }
+        while c.to_guest.len() < limit {
+            let want = limit - c.to_guest.len();
+            if c.to_guest.capacity() == c.to_guest.len() {
+                // Grow by doubling (at least RX_CHUNK), never past the limit.
+                c.to_guest.reserve_exact(c.to_guest.len().max(RX_CHUNK).min(want));
+            }
+            let spare = c.to_guest.spare_capacity_mut();
+            let n = spare.len().min(want);
+            // SAFETY: recv(2) writes at most `n` bytes at `spare`, which has room for at least
+            // `n` bytes and is not otherwise borrowed; the fd is this connection's socket,
+            // kept open by the Arc.
+            let r = unsafe { libc::recv(fd.as_raw_fd(), spare.as_mut_ptr().cast(), n, libc::MSG_DONTWAIT) };
+            if r > 0 {
+                let len = c.to_guest.len() + r as usize;
+                // SAFETY: recv initialised the first `r` (<= n) bytes of the spare capacity.
+                unsafe { c.to_guest.set_len(len) };
+            } else if r == 0 {
+                // The client will send no more: tell the guest once its data is delivered.
+                c.host_eof = true;
+                c.st.shutdown_to_send |= SHUTDOWN_SEND;
+                break;
+            } else {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => break,
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
+            }
         }
         Ok(())
     }
@@ -886,6 +970,7 @@ impl VsockDevice {
                 } else if comp.result > 0 {
                     c.to_guest = comp.buf;
                     c.to_guest_off = 0;
+                    c.bulk = comp.result as usize >= RX_BULK;
                 } else if comp.result == 0 {
                     // The client will send no more: tell the guest once its data is delivered.
                     c.to_guest = comp.buf;
@@ -917,6 +1002,8 @@ impl VsockDevice {
                     } else {
                         let mut buf = comp.buf;
                         buf.clear();
+                        // Keep a small buffer for the next send, not a large response's.
+                        buf.shrink_to(RX_CHUNK);
                         c.spare = buf;
                     }
                 } else if comp.result != -libc::ECANCELED {
@@ -1070,9 +1157,18 @@ impl VirtioDevice for VsockDevice {
         self.active = None;
         self.acked_features = 0;
         self.rst_queue.clear();
-        // The guest's sockets are gone: close every host client.
+        // The guest's sockets are gone: close the clients of connections the guest knew
+        // (established ones, parked ones). Clients whose CONNECT has not reached the guest
+        // (line still being read, or OP_REQUEST not delivered) stay, and so do those whose
+        // OP_REQUEST the driver may have dropped unanswered with its queues: the next driver
+        // gets their OP_REQUEST once it is active. A client that connects before the guest
+        // driver's start-up reset thus gets `OK`, not EOF.
         for i in 0..self.conns.len() {
-            self.drop_conn(i, false);
+            match self.conns[i].as_mut() {
+                Some(c) if c.st.phase == Phase::AwaitingConnect => {}
+                Some(c) if c.st.phase == Phase::Connecting => c.st.request_sent = false,
+                _ => self.drop_conn(i, false),
+            }
         }
         // Reset runs on the vCPU thread: let the event loop submit the cancellations.
         let _ = self.activate_evt.write(1);

@@ -27,21 +27,35 @@
 //! its completion is reaped, which is what makes cancellation and teardown sound.
 //!
 //! Data path, host -> guest: `recv` (io_uring; the kernel copies socket -> a per-connection
-//! host buffer, at most min(guest credit, 64 KiB)); when the completion is reaped the device
-//! copies header + bytes into the guest's rx buffers (one memcpy), publishes them in the
-//! used ring and signals the irqfd (one `write` to an eventfd, only if the driver wants an
-//! interrupt). Guest -> host: the ioeventfd wakes the loop; the device copies each packet's
+//! host buffer, at most min(guest credit, 64 KiB)). A receive of 16 KiB or more marks a bulk
+//! transfer: before each delivery the device tops the buffer up with non-blocking `recv`s
+//! of whatever the client has already written (up to the guest's credit and one frame,
+//! `abi::frame::HEADER_LEN + MAX_PAYLOAD`). The device then copies header + bytes into the
+//! guest's rx buffer (one memcpy), one packet as large as the posted buffer, the guest's
+//! credit and that frame cap allow (a driver that posts a whole request buffer gets a large
+//! request in a few packets, not one per 64 KiB), publishes it in the used ring and signals
+//! the irqfd (one `write` to an eventfd, only if the driver wants an interrupt). Guest -> host: the ioeventfd wakes the loop; the device copies each packet's
 //! payload from guest memory into the connection's host buffer (one memcpy), returns the
-//! descriptor at once, and a `send` (io_uring) hands the buffer to the socket. Syscalls
+//! descriptor at once, and a `send` (io_uring) hands the buffer to the socket. The host
+//! advertises one whole frame as its `buf_alloc`, so a response of the largest size flows
+//! without waiting for credit updates. Syscalls
 //! per wake-up: one `epoll_wait`, one eventfd `read`, one `io_uring_enter` for all new
 //! submissions, one irqfd `write`.
 //!
 //! # Hostile guests
 //! Chains are walked with every step checked ([`crate::devices::virtio::queue`]); headers,
-//! lengths (64 KiB payload cap), credit and counters are validated; rx and tx loops handle
-//! at most 256 chains per wake-up; host-side memory is bounded per connection (64 KiB
-//! towards the guest, 256 KiB towards the client) and connections are capped at 64. A
-//! violation marks the device broken and reports the fault.
+//! lengths (64 KiB payload cap on guest packets; a `len` beyond the chain is an error),
+//! credit and counters are validated; rx and tx loops handle at most 256 chains per
+//! wake-up; connections are capped at 64.
+//! A violation marks the device broken and reports the fault.
+//!
+//! Host memory per connection: towards the guest, 64 KiB while the client idles (the
+//! buffer its `recv` waits on), at most one frame (6 MiB + 24 bytes) during a bulk transfer,
+//! and never more than the guest's credit; towards the client, at most the host's
+//! `buf_alloc` (one frame) of guest bytes the client has not read yet (credit enforces it;
+//! vector growth may reserve up to twice that, of which only written pages are resident).
+//! Buffers go back to 64 KiB after each transfer. Worst case per VM (64 connections whose
+//! clients stream and never read) is bounded by those numbers; an fnode VM serves one.
 //!
 //! # Snapshots
 //! [`VsockState`] holds the negotiated features, the live queue positions and each

@@ -12,9 +12,13 @@ use fnode_guest::abi;
 
 /// Encoded header size.
 pub const HDR_LEN: usize = 44;
-/// Largest payload fnode accepts or sends in one packet (Linux's default rx buffer is 4 KiB,
-/// its largest 64 KiB).
+/// Largest payload fnode accepts in one packet from the guest (Linux's default rx buffer is
+/// 4 KiB, its largest 64 KiB; fnode's guest driver sends at most 64 KiB too).
 pub const MAX_PKT_PAYLOAD: u32 = 64 * 1024;
+/// Largest payload fnode sends in one packet to the guest: one whole frame, so a driver that
+/// posts a frame-sized buffer gets a large request in as few packets as the host socket
+/// allows. Each packet is further bounded by the buffer the driver posted and its credit.
+pub const MAX_RX_PAYLOAD: u32 = (abi::frame::HEADER_LEN + abi::frame::MAX_PAYLOAD) as u32;
 
 /// `type`: stream socket.
 pub const TYPE_STREAM: u16 = 1;

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::connection::{ConnectionState, Phase, BUF_ALLOC};
 use super::device::{VsockDevice, VsockState};
-use super::packet::{op, PacketHeader, HDR_LEN, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM};
+use super::packet::{op, PacketHeader, HDR_LEN, MAX_PKT_PAYLOAD, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM};
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::event_loop::{EventLoop, Subscriber};
 use crate::devices::virtio::mmio::tests::{negotiate, r, setup_queue, w};
@@ -72,6 +72,17 @@ impl Guest {
         driver_features: u64,
         before_start: impl FnOnce(&mut VsockDevice),
     ) -> Guest {
+        let mut g = Self::build(name, rx_buf, before_start);
+        g.start(rx_count, driver_features);
+        g
+    }
+
+    /// A device on a running event loop whose driver has not started yet.
+    fn unstarted(name: &str, rx_buf: u32) -> Guest {
+        Self::build(name, rx_buf, |_| {})
+    }
+
+    fn build(name: &str, rx_buf: u32, before_start: impl FnOnce(&mut VsockDevice)) -> Guest {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let path = sock_path(name);
         let (sink, faults) = fault_channel().unwrap();
@@ -81,7 +92,7 @@ impl Guest {
         let slot = MmioSlot::nth(0).unwrap();
         let t = MmioTransport::new(mem.clone(), dev.clone(), slot, sink).unwrap();
         let el = EventLoop::spawn(vec![dev.clone() as Subscriber]).unwrap();
-        let mut g = Guest {
+        Guest {
             mem,
             t,
             rx: TestQueue::new(0x1000, 64),
@@ -96,7 +107,13 @@ impl Guest {
             rx_total: 0,
             fwd_cnt: 0,
             buf_alloc: 1 << 20,
-        };
+        }
+    }
+
+    /// The driver starts: features, queues, DRIVER_OK, then `rx_count` rx buffers of
+    /// `rx_buf` bytes.
+    fn start(&mut self, rx_count: u16, driver_features: u64) {
+        let g = self;
         assert_eq!(r(&mut g.t, reg::VIRTIO_MMIO_DEVICE_ID), abi::virtio::DEVICE_ID_VSOCK);
         let mut cid = [0u8; 8];
         g.t.read(0x100, &mut cid);
@@ -110,12 +127,24 @@ impl Guest {
         assert_eq!(r(&mut g.t, reg::VIRTIO_MMIO_STATUS), s);
         // With EVENT_IDX the device reads `used_event` (after the avail ring): keep asking for
         // every interrupt.
+        let rx_buf = g.rx_buf;
         for i in 0..rx_count {
             g.rx.set_desc(&g.mem, i, RX_BUF_BASE + u64::from(i) * u64::from(rx_buf), rx_buf, 2, 0);
             g.rx.publish(&g.mem, i);
         }
         g.notify(RXQ);
-        g
+    }
+
+    /// The driver resets the device and starts again on fresh rings.
+    fn restart(&mut self, rx_count: u16) {
+        w(&mut self.t, reg::VIRTIO_MMIO_STATUS, 0);
+        self.rx = TestQueue::new(0x7000, 64);
+        self.tx = TestQueue::new(0x9000, 64);
+        self.ev = TestQueue::new(0xb000, 8);
+        self.tx_sent = 0;
+        self.rx_total = 0;
+        self.fwd_cnt = 0;
+        self.start(rx_count, features::VERSION_1 | features::RING_EVENT_IDX);
     }
 
     fn notify(&mut self, q: u32) {
@@ -305,13 +334,13 @@ fn hybrid_exchange_with_credit_both_ways() {
     }
     assert_eq!(reader.join().unwrap(), b);
 
-    // More than the host's 256 KiB window in total: the guest waits for the host's credit
-    // updates, as a driver must.
-    let big = pattern(600_000, 3);
+    // More than the host's window in total: the guest waits for the host's credit updates,
+    // as a driver must.
+    let big = pattern(BUF_ALLOC as usize + 100_000, 3);
     let reader = {
         let mut c2 = c.try_clone().unwrap();
         std::thread::spawn(move || {
-            let mut buf = vec![0u8; 600_000];
+            let mut buf = vec![0u8; BUF_ALLOC as usize + 100_000];
             c2.read_exact(&mut buf).unwrap();
             buf
         })
@@ -488,6 +517,109 @@ fn parked_connection_attaches_without_a_handshake() {
     g.finish();
 }
 
+#[test]
+fn large_rx_buffers_get_packets_beyond_64_kib() {
+    let mut g = Guest::new("large", 256 * 1024, 2);
+    let mut c = UnixStream::connect(&g.path).unwrap();
+    c.set_read_timeout(Some(TIMEOUT)).unwrap();
+    // The whole request waits in the socket before the handshake ends.
+    let data = pattern(100 * 1024, 9);
+    let mut first = b"CONNECT 1024\n".to_vec();
+    first.extend_from_slice(&data);
+    c.write_all(&first).unwrap();
+    let (req, _) = g.expect(op::REQUEST);
+    g.send(g.hdr(op::RESPONSE, req.src_port, 0, 0), &[]);
+    assert_eq!(read_line(&mut c), format!("OK {LOCAL_PORT}\n"));
+    let mut got = Vec::new();
+    let mut largest = 0;
+    while got.len() < data.len() {
+        let (h, d) = g.expect(op::RW);
+        largest = largest.max(h.len);
+        got.extend(d);
+    }
+    assert_eq!(got, data);
+    assert!(largest > MAX_PKT_PAYLOAD, "largest packet {largest} bytes");
+    // Packets still respect the guest's credit.
+    g.buf_alloc = 1000;
+    g.rx_total = got.len() as u32;
+    g.fwd_cnt = g.rx_total;
+    g.send(g.hdr(op::CREDIT_UPDATE, LOCAL_PORT, 0, 0), &[]);
+    c.write_all(&data).unwrap();
+    let (h, _) = g.expect(op::RW);
+    assert_eq!(h.len, 1000);
+    assert!(g.faults.try_recv().is_none());
+    g.finish();
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_client_that_connects_before_the_driver_starts_gets_ok() {
+    let mut g = Guest::unstarted("early", 4096);
+    let mut c = UnixStream::connect(&g.path).unwrap();
+    c.set_read_timeout(Some(TIMEOUT)).unwrap();
+    c.write_all(b"CONNECT 1024\nearly").unwrap();
+    let dev = g.dev.clone();
+    wait_until("the CONNECT line", || dev.lock().unwrap().connection_phases() == [Phase::Connecting]);
+    // The driver's mandatory start-up reset keeps the client; the request reaches the
+    // driver once it is active.
+    w(&mut g.t, reg::VIRTIO_MMIO_STATUS, 0);
+    assert_eq!(dev.lock().unwrap().connection_phases(), [Phase::Connecting]);
+    g.start(8, features::VERSION_1 | features::RING_EVENT_IDX);
+    let (req, _) = g.expect(op::REQUEST);
+    assert_eq!((req.src_port, req.dst_port), (LOCAL_PORT, 1024));
+    g.send(g.hdr(op::RESPONSE, req.src_port, 0, 0), &[]);
+    assert_eq!(read_line(&mut c), format!("OK {LOCAL_PORT}\n"));
+    assert_eq!(g.read_bytes(5), b"early");
+    assert!(g.faults.try_recv().is_none());
+    g.finish();
+}
+
+#[test]
+fn a_driver_reset_closes_established_connections_and_keeps_pending_ones() {
+    let mut g = Guest::new("reset", 4096, 8);
+    let mut old = g.connect(1024);
+    let mut pending = UnixStream::connect(&g.path).unwrap();
+    pending.set_read_timeout(Some(TIMEOUT)).unwrap();
+    pending.write_all(b"CONNECT 1025\n").unwrap();
+    let (req, _) = g.expect(op::REQUEST);
+    assert_eq!((req.src_port, req.dst_port), (LOCAL_PORT + 1, 1025));
+    // A client that has not even sent its line yet.
+    let mut quiet = UnixStream::connect(&g.path).unwrap();
+    quiet.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let dev = g.dev.clone();
+    wait_until("the third client", || dev.lock().unwrap().connection_count() == 3);
+    // The driver resets before answering: the established client sees EOF; the other
+    // request reaches the new driver.
+    g.restart(8);
+    let mut buf = [0u8; 1];
+    match old.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("client got {n} bytes instead of EOF"),
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset),
+    }
+    let (req2, _) = g.expect(op::REQUEST);
+    assert_eq!((req2.src_port, req2.dst_port), (LOCAL_PORT + 1, 1025));
+    let mut resp = g.hdr(op::RESPONSE, req2.src_port, 0, 0);
+    resp.src_port = 1025;
+    g.send(resp, &[]);
+    assert_eq!(read_line(&mut pending), format!("OK {}\n", LOCAL_PORT + 1));
+    quiet.write_all(b"CONNECT 1026\n").unwrap();
+    let (req3, _) = g.expect(op::REQUEST);
+    assert_eq!(req3.dst_port, 1026);
+    let mut phases = g.dev.lock().unwrap().connection_phases();
+    phases.sort_by_key(|p| *p as u8);
+    assert_eq!(phases, vec![Phase::Connecting, Phase::Established]);
+    assert!(g.faults.try_recv().is_none());
+    g.finish();
+}
+
 // ----- hostile guests -----
 
 /// Checks the fault, then that the device stopped processing and the host side is fine.
@@ -587,14 +719,25 @@ fn readable_rx_buffer_breaks_the_device() {
 fn credit_overrun_breaks_the_device() {
     let mut g = Guest::new("overrun", 4096, 8);
     let _c = g.connect(abi::vsock::INVOKE_PORT);
-    // Five 64 KiB packets in one batch: 320 KiB against a 256 KiB window.
+    // 64 KiB packets, batch after batch, to a client that does not read: once the host's
+    // window (and what the client's socket absorbed) is full, the next one overruns.
     let chunk = vec![0u8; 65536];
-    for _ in 0..5 {
-        let h = g.hdr(op::RW, LOCAL_PORT, 65536, 0);
-        g.queue_tx(&h, &chunk);
+    let batches = (BUF_ALLOC as usize + (8 << 20)) / (8 * chunk.len());
+    let dev = g.dev.clone();
+    for _ in 0..batches {
+        for _ in 0..8 {
+            let h = g.hdr(op::RW, LOCAL_PORT, 65536, 0);
+            g.queue_tx(&h, &chunk);
+        }
+        g.notify(TXQ);
+        wait_until("the tx batch", || {
+            dev.lock().unwrap().is_broken() || (g.tx.take_used(&g.mem).is_none() && g.tx.used_seen == g.tx.avail_idx)
+        });
+        if dev.lock().unwrap().is_broken() {
+            break;
+        }
     }
-    g.notify(TXQ);
-    assert_broken(g, "the guest sent 65536 bytes, beyond the 0 bytes of credit the host gave");
+    assert_broken(g, "bytes of credit the host gave");
 }
 
 #[test]

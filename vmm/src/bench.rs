@@ -202,14 +202,21 @@ pub fn boot_sample(
 /// It must exit with `expected` (a boot that fails is not a sample).
 pub fn process_sample(cmd: &mut Command, expected: i32) -> Result<Duration, BenchError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let start = Instant::now();
-    let status = cmd
-        .status()
-        .map_err(|source| BenchError::Spawn { program: program.clone(), source })?;
+    let status = cmd.status().map_err(|source| BenchError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     let elapsed = start.elapsed();
     if status.code() != Some(expected) {
-        return Err(BenchError::ProcessFailed { program, code: status.code(), expected });
+        return Err(BenchError::ProcessFailed {
+            program,
+            code: status.code(),
+            expected,
+        });
     }
     Ok(elapsed)
 }
@@ -224,7 +231,10 @@ pub fn qemu_microvm_command(image: &Path, mem_mib: u64, cmdline: &str) -> Comman
         .args(["-m", &format!("{mem_mib}M")])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "null"])
-        .args(["-device", &format!("isa-debug-exit,iobase={:#x},iosize=4", exit::PORT)])
+        .args([
+            "-device",
+            &format!("isa-debug-exit,iobase={:#x},iosize=4", exit::PORT),
+        ])
         .arg("-kernel")
         .arg(image)
         .args(["-append", cmdline]);
@@ -434,7 +444,11 @@ pub fn boot_vs_floor(
             s.record(process_sample(&mut p.command, p.expected)?);
         }
     }
-    Ok(BootBenchReport { floor, boot, process })
+    Ok(BootBenchReport {
+        floor,
+        boot,
+        process,
+    })
 }
 
 /// The result of [`restore_vs_floor`].

@@ -211,10 +211,12 @@ fn bench(args: BenchArgs) -> anyhow::Result<u8> {
     let mut fnode_vmm = std::process::Command::new(
         std::env::current_exe().context("cannot find the fnode-vmm executable")?,
     );
-    fnode_vmm
-        .arg("boot")
-        .arg(&config.kernel)
-        .args(["--mem", &config.mem_mib.to_string(), "--cmdline", &config.cmdline]);
+    fnode_vmm.arg("boot").arg(&config.kernel).args([
+        "--mem",
+        &config.mem_mib.to_string(),
+        "--cmdline",
+        &config.cmdline,
+    ]);
     let mut processes = vec![bench::ProcessBoot {
         name: "process.fnode-vmm",
         command: fnode_vmm,
@@ -230,10 +232,13 @@ fn bench(args: BenchArgs) -> anyhow::Result<u8> {
     eprintln!(
         "fnode-vmm bench: {} rounds of floor, in-process boot{} ...",
         args.runs,
-        if args.no_qemu { ", fnode-vmm process" } else { ", fnode-vmm process, QEMU microvm process" }
+        if args.no_qemu {
+            ", fnode-vmm process"
+        } else {
+            ", fnode-vmm process, QEMU microvm process"
+        }
     );
-    let report =
-        bench::boot_vs_floor(&kvm, &config, args.runs, BENCH_BOOT_TIMEOUT, processes)?;
+    let report = bench::boot_vs_floor(&kvm, &config, args.runs, BENCH_BOOT_TIMEOUT, processes)?;
     print!("{report}");
     if let Some(dir) = &args.snapshot {
         eprintln!(

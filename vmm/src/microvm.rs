@@ -298,9 +298,7 @@ impl MicroVm {
             let event = match self.events.try_recv() {
                 Ok(event) => event,
                 Err(TryRecvError::Empty) => return Ok(None),
-                Err(TryRecvError::Disconnected) => {
-                    return Err(MicroVmError::AllVcpuThreadsGone)
-                }
+                Err(TryRecvError::Disconnected) => return Err(MicroVmError::AllVcpuThreadsGone),
             };
             let ready = match event {
                 VcpuEvent::Ready { id } => Some(id),

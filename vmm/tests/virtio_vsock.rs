@@ -29,7 +29,10 @@ fn guest_boots_with_a_vsock_device() {
         ..VmConfig::new(guest_image())
     };
     let mut vm = build(&kvm, &config, Box::new(std::io::sink())).unwrap();
-    assert!(path.exists(), "the hybrid vsock socket is bound at build time");
+    assert!(
+        path.exists(),
+        "the hybrid vsock socket is bound at build time"
+    );
     assert!(vm.virtio().vsock().is_some());
     let report = vm.run(BOOT_TIMEOUT).unwrap();
     assert!(report.outcome.is_success(), "{}", report.outcome);
@@ -53,7 +56,10 @@ fn device_fault_stops_the_vm_with_its_message() {
     let mut vm = build(&kvm, &config, Box::new(std::io::sink())).unwrap();
     vm.resume().unwrap();
     // What a hostile guest's 2-byte store to the Status register looks like on the bus.
-    assert!(vm.buses().mmio.write(abi::virtio::MMIO_BASE + 0x70, &[1, 0]));
+    assert!(vm
+        .buses()
+        .mmio
+        .write(abi::virtio::MMIO_BASE + 0x70, &[1, 0]));
     let outcome = vm.wait(BOOT_TIMEOUT).unwrap();
     match &outcome {
         Outcome::DeviceFault(f) => assert_eq!(

@@ -42,7 +42,10 @@ struct Stopper {
 
 impl MutEventSubscriber for Stopper {
     fn init(&mut self, ops: &mut EventOps) {
-        if ops.add(Events::with_data(&self.evt, STOP, EventSet::IN)).is_err() {
+        if ops
+            .add(Events::with_data(&self.evt, STOP, EventSet::IN))
+            .is_err()
+        {
             self.stopped.store(true, Ordering::SeqCst);
         }
     }
@@ -70,7 +73,10 @@ impl EventLoop {
             .name("fnode-devices".into())
             .spawn(move || run(subscribers, thread_stop))
             .map_err(EventLoopError::Spawn)?;
-        Ok(EventLoop { stop, thread: Some(thread) })
+        Ok(EventLoop {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Stops the loop and waits for the thread.
@@ -84,7 +90,9 @@ impl EventLoop {
     }
 
     fn stop_and_join(&mut self) -> Result<(), EventLoopError> {
-        let Some(thread) = self.thread.take() else { return Ok(()) };
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
         self.stop.write(1).map_err(EventLoopError::EventFd)?;
         match thread.join() {
             Ok(r) => r,
@@ -107,9 +115,13 @@ impl Drop for EventLoop {
 }
 
 fn run(subscribers: Vec<Subscriber>, stop: Arc<EventFd>) -> Result<(), EventLoopError> {
-    let mut em: EventManager<Subscriber> = EventManager::new().map_err(EventLoopError::EventManager)?;
+    let mut em: EventManager<Subscriber> =
+        EventManager::new().map_err(EventLoopError::EventManager)?;
     let stopped = Arc::new(AtomicBool::new(false));
-    em.add_subscriber(Arc::new(Mutex::new(Stopper { evt: stop, stopped: stopped.clone() })));
+    em.add_subscriber(Arc::new(Mutex::new(Stopper {
+        evt: stop,
+        stopped: stopped.clone(),
+    })));
     for s in subscribers {
         em.add_subscriber(s);
     }
@@ -130,7 +142,8 @@ mod tests {
 
     impl MutEventSubscriber for Counter {
         fn init(&mut self, ops: &mut EventOps) {
-            ops.add(Events::with_data(&self.evt, 1, EventSet::IN)).unwrap();
+            ops.add(Events::with_data(&self.evt, 1, EventSet::IN))
+                .unwrap();
         }
         fn process(&mut self, _e: Events, _ops: &mut EventOps) {
             let _ = self.evt.read();
@@ -143,7 +156,10 @@ mod tests {
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let kick = evt.try_clone().unwrap();
         let hits = Arc::new(Mutex::new(0));
-        let sub: Subscriber = Arc::new(Mutex::new(Counter { evt, hits: hits.clone() }));
+        let sub: Subscriber = Arc::new(Mutex::new(Counter {
+            evt,
+            hits: hits.clone(),
+        }));
         let el = EventLoop::spawn(vec![sub]).unwrap();
         kick.write(1).unwrap();
         for _ in 0..500 {

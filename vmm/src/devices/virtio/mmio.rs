@@ -73,7 +73,9 @@ pub enum MmioError {
         source: kvm_ioctls::Error,
     },
     /// A register access of the wrong width or alignment.
-    #[error("{len}-byte {dir} at register offset {offset:#x}: registers take aligned 4-byte accesses")]
+    #[error(
+        "{len}-byte {dir} at register offset {offset:#x}: registers take aligned 4-byte accesses"
+    )]
     BadAccess {
         /// "read" or "write".
         dir: &'static str,
@@ -83,7 +85,9 @@ pub enum MmioError {
         offset: u64,
     },
     /// A write to a read-only, legacy or unknown register.
-    #[error("write of {value:#x} to register offset {offset:#x}, which is read-only, legacy or unknown")]
+    #[error(
+        "write of {value:#x} to register offset {offset:#x}, which is read-only, legacy or unknown"
+    )]
     BadRegister {
         /// Offset in the window.
         offset: u64,
@@ -181,7 +185,9 @@ pub enum MmioError {
         reason: String,
     },
     /// The device rejected a config space write.
-    #[error("config space write of {len} bytes at {offset:#x} rejected (the config space is read-only)")]
+    #[error(
+        "config space write of {len} bytes at {offset:#x} rejected (the config space is read-only)"
+    )]
     ConfigWrite {
         /// Offset in config space.
         offset: u64,
@@ -306,7 +312,9 @@ impl std::fmt::Debug for MmioTransport {
     }
 }
 
-fn lock<'a>(device: &'a Mutex<dyn VirtioDevice + 'static>) -> MutexGuard<'a, dyn VirtioDevice + 'static> {
+fn lock<'a>(
+    device: &'a Mutex<dyn VirtioDevice + 'static>,
+) -> MutexGuard<'a, dyn VirtioDevice + 'static> {
     // A poisoned lock means the event loop panicked; the device data is still usable and the
     // VMM learns of the panic from the event loop thread.
     device.lock().unwrap_or_else(|p| p.into_inner())
@@ -323,7 +331,13 @@ impl MmioTransport {
         let (device_type, avail_features, max_sizes, name, queue_evt_count) = {
             let d = lock(&device);
             let count = d.queue_events().len();
-            (d.device_type(), d.avail_features(), d.queue_max_sizes().to_vec(), d.name(), count)
+            (
+                d.device_type(),
+                d.avail_features(),
+                d.queue_max_sizes().to_vec(),
+                d.name(),
+                count,
+            )
         };
         let irqfd = EventFd::new(EFD_NONBLOCK).map_err(MmioError::EventFd)?;
         let queues: Vec<Queue> = max_sizes.iter().map(|&m| new_queue(m)).collect();
@@ -358,12 +372,19 @@ impl MmioTransport {
     /// `slot().base + 0x50`, datamatch `i`) with KVM.
     pub fn register_with_vm(&self, vm: &VmFd) -> Result<(), MmioError> {
         vm.register_irqfd(self.irqfd(), self.slot.irq)
-            .map_err(|source| MmioError::RegisterIrqfd { gsi: self.slot.irq, source })?;
+            .map_err(|source| MmioError::RegisterIrqfd {
+                gsi: self.slot.irq,
+                source,
+            })?;
         let addr = self.slot.base + u64::from(reg::VIRTIO_MMIO_QUEUE_NOTIFY);
         let device = lock(&self.device);
         for (i, evt) in device.queue_events().iter().enumerate() {
             vm.register_ioevent(evt, &IoEventAddress::Mmio(addr), i as u32)
-                .map_err(|source| MmioError::RegisterIoevent { queue: i, addr, source })?;
+                .map_err(|source| MmioError::RegisterIoevent {
+                    queue: i,
+                    addr,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -393,7 +414,10 @@ impl MmioTransport {
         }
         self.state.broken = true;
         lock(&self.device).set_broken();
-        self.faults.report(DeviceFault { device: self.label.clone(), message: error_chain(&err) });
+        self.faults.report(DeviceFault {
+            device: self.label.clone(),
+            message: error_chain(&err),
+        });
         // Tell the driver too (virtio 1.x, 2.1.2: DEVICE_NEEDS_RESET + config interrupt).
         let _ = self.interrupt.trigger(InterruptKind::Config);
     }
@@ -467,7 +491,8 @@ impl MmioTransport {
                     .queue_events()
                     .get(v as usize)
                     .ok_or(MmioError::NotifyNoSuchQueue { queue: v, count })?;
-                evt.write(1).map_err(|source| MmioError::Notify { queue: v, source })?;
+                evt.write(1)
+                    .map_err(|source| MmioError::Notify { queue: v, source })?;
             }
             reg::VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
             reg::VIRTIO_MMIO_STATUS => self.write_status(v)?,
@@ -483,22 +508,44 @@ impl MmioTransport {
         let queue = self
             .queues
             .get_mut(sel as usize)
-            .ok_or(MmioError::NoSuchQueue { offset, queue: sel, count })?;
+            .ok_or(MmioError::NoSuchQueue {
+                offset,
+                queue: sel,
+                count,
+            })?;
         // Linux disables queues (QueueReady = 0) after a reset; anything else needs
         // FEATURES_OK and must come before DRIVER_OK.
         let disabling = offset == u64::from(reg::VIRTIO_MMIO_QUEUE_READY) && v == 0;
         let configuring = st & status::FEATURES_OK != 0;
         if st & status::DRIVER_OK != 0 || !(configuring || disabling) {
-            return Err(MmioError::QueueInWrongState { queue: sel, offset, status: st });
+            return Err(MmioError::QueueInWrongState {
+                queue: sel,
+                offset,
+                status: st,
+            });
         }
         let low = |old: u64| (old & !0xffff_ffff) | u64::from(v);
         let high = |old: u64| (old & 0xffff_ffff) | (u64::from(v) << 32);
-        let align = |ring| move |_| MmioError::QueueAlign { queue: sel, ring, addr: 0 };
+        let align = |ring| {
+            move |_| MmioError::QueueAlign {
+                queue: sel,
+                ring,
+                addr: 0,
+            }
+        };
         match offset as u32 {
             reg::VIRTIO_MMIO_QUEUE_NUM => {
                 let max = queue.max_size();
-                let size = u16::try_from(v).map_err(|_| MmioError::QueueSize { queue: sel, size: v, max })?;
-                queue.try_set_size(size).map_err(|_| MmioError::QueueSize { queue: sel, size: v, max })?;
+                let size = u16::try_from(v).map_err(|_| MmioError::QueueSize {
+                    queue: sel,
+                    size: v,
+                    max,
+                })?;
+                queue.try_set_size(size).map_err(|_| MmioError::QueueSize {
+                    queue: sel,
+                    size: v,
+                    max,
+                })?;
             }
             reg::VIRTIO_MMIO_QUEUE_READY => match v {
                 0 => queue.set_ready(false),
@@ -516,7 +563,12 @@ impl MmioTransport {
                         });
                     }
                 }
-                _ => return Err(MmioError::QueueReadyValue { queue: sel, value: v }),
+                _ => {
+                    return Err(MmioError::QueueReadyValue {
+                        queue: sel,
+                        value: v,
+                    })
+                }
             },
             reg::VIRTIO_MMIO_QUEUE_DESC_LOW | reg::VIRTIO_MMIO_QUEUE_DESC_HIGH => {
                 let addr = if offset as u32 == reg::VIRTIO_MMIO_QUEUE_DESC_LOW {
@@ -563,7 +615,9 @@ impl MmioTransport {
         let old = self.state.status;
         let seq = |why| MmioError::StatusSequence { old, new, why };
         if new & !DRIVER_STATUS_BITS != 0 {
-            return Err(seq("only ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK and FAILED are driver bits"));
+            return Err(seq(
+                "only ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK and FAILED are driver bits",
+            ));
         }
         if new & status::FAILED != 0 {
             // Drivers write FAILED alone or ORed with what they had: either way they gave up.
@@ -572,7 +626,9 @@ impl MmioTransport {
             return Err(MmioError::DriverFailed { reason });
         }
         if new & old != old {
-            return Err(seq("status bits can only be cleared by a reset (writing 0)"));
+            return Err(seq(
+                "status bits can only be cleared by a reset (writing 0)",
+            ));
         }
         let added = new & !old;
         let has = |bit| new & bit != 0;
@@ -617,8 +673,9 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(self.queues.len());
         for q in &self.queues {
             // Copy through the validated state conversion (`Queue` is not `Clone`).
-            let mut q = Queue::try_from(q.state())
-                .map_err(|_| MmioError::QueueNotReady { queue: queues.len() })?;
+            let mut q = Queue::try_from(q.state()).map_err(|_| MmioError::QueueNotReady {
+                queue: queues.len(),
+            })?;
             q.set_event_idx(event_idx);
             queues.push(q);
         }
@@ -628,14 +685,19 @@ impl MmioTransport {
             queues,
             interrupt: self.interrupt.clone(),
         };
-        lock(&self.device).activate(ctx).map_err(MmioError::Activate)
+        lock(&self.device)
+            .activate(ctx)
+            .map_err(MmioError::Activate)
     }
 
     fn reset(&mut self) {
         lock(&self.device).reset();
         self.queues = self.max_sizes.iter().map(|&m| new_queue(m)).collect();
         let broken = self.state.broken;
-        self.state = TransportState { broken, ..TransportState::default() };
+        self.state = TransportState {
+            broken,
+            ..TransportState::default()
+        };
         self.refused = None;
         self.interrupt.clear();
     }
@@ -656,7 +718,9 @@ pub struct TransportArgs {
 
 impl std::fmt::Debug for TransportArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TransportArgs").field("slot", &self.slot).finish_non_exhaustive()
+        f.debug_struct("TransportArgs")
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
     }
 }
 
@@ -678,7 +742,10 @@ impl MmioTransport {
             )));
         }
         if saved.interrupt_status & !3 != 0 {
-            return Err(bad(format!("interrupt status {:#x}", saved.interrupt_status)));
+            return Err(bad(format!(
+                "interrupt status {:#x}",
+                saved.interrupt_status
+            )));
         }
         if saved.queues.len() != self.max_sizes.len() {
             return Err(bad(format!(
@@ -690,7 +757,10 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(saved.queues.len());
         for (i, (q, &max)) in saved.queues.iter().zip(&self.max_sizes).enumerate() {
             if q.max_size != max {
-                return Err(bad(format!("queue {i} max size {}, the device's is {max}", q.max_size)));
+                return Err(bad(format!(
+                    "queue {i} max size {}, the device's is {max}",
+                    q.max_size
+                )));
             }
             let queue = Queue::try_from(*q).map_err(|e| bad(format!("queue {i}: {e}")))?;
             if queue.ready() && !queue.is_valid(&self.mem) {
@@ -699,7 +769,10 @@ impl MmioTransport {
             queues.push(queue);
         }
         self.queues = queues;
-        self.state = TransportState { queues: Vec::new(), ..saved.clone() };
+        self.state = TransportState {
+            queues: Vec::new(),
+            ..saved.clone()
+        };
         self.refused = None;
         self.interrupt.set_status(saved.interrupt_status);
         Ok(())
@@ -750,7 +823,11 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset & 3 != 0 {
-            self.fail(MmioError::BadAccess { dir: "read", len: data.len(), offset });
+            self.fail(MmioError::BadAccess {
+                dir: "read",
+                len: data.len(),
+                offset,
+            });
             return;
         }
         let v = self.read_reg(offset);
@@ -764,16 +841,27 @@ impl BusDevice for MmioTransport {
         if offset >= CONFIG_OFFSET {
             let ok = lock(&self.device).write_config(offset - CONFIG_OFFSET, data);
             if !ok {
-                self.fail(MmioError::ConfigWrite { offset: offset - CONFIG_OFFSET, len: data.len() });
+                self.fail(MmioError::ConfigWrite {
+                    offset: offset - CONFIG_OFFSET,
+                    len: data.len(),
+                });
             }
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            self.fail(MmioError::BadAccess { dir: "write", len: data.len(), offset });
+            self.fail(MmioError::BadAccess {
+                dir: "write",
+                len: data.len(),
+                offset,
+            });
             return;
         };
         if offset & 3 != 0 {
-            self.fail(MmioError::BadAccess { dir: "write", len: 4, offset });
+            self.fail(MmioError::BadAccess {
+                dir: "write",
+                len: 4,
+                offset,
+            });
             return;
         }
         if let Err(e) = self.write_reg(offset, u32::from_le_bytes(bytes)) {
@@ -799,8 +887,15 @@ pub(crate) mod tests {
 
     impl Default for DummyDevice {
         fn default() -> Self {
-            let evts = (0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect();
-            DummyDevice { activated: None, resets: 0, broken: false, evts }
+            let evts = (0..2)
+                .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+                .collect();
+            DummyDevice {
+                activated: None,
+                resets: 0,
+                broken: false,
+                evts,
+            }
         }
     }
 
@@ -882,7 +977,11 @@ pub(crate) mod tests {
     /// ACKNOWLEDGE, DRIVER, features, FEATURES_OK; returns whether FEATURES_OK stuck.
     pub(crate) fn negotiate(t: &mut MmioTransport, driver_features: u64) -> bool {
         w(t, reg::VIRTIO_MMIO_STATUS, status::ACKNOWLEDGE);
-        w(t, reg::VIRTIO_MMIO_STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(
+            t,
+            reg::VIRTIO_MMIO_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER,
+        );
         w(t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
         let hi = r(t, reg::VIRTIO_MMIO_DEVICE_FEATURES);
         w(t, reg::VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
@@ -934,7 +1033,10 @@ pub(crate) mod tests {
     fn full_negotiation_activates_with_event_idx() {
         let mut h = harness();
         let (q0, q1) = queues();
-        assert!(negotiate(&mut h.t, features::VERSION_1 | features::RING_EVENT_IDX));
+        assert!(negotiate(
+            &mut h.t,
+            features::VERSION_1 | features::RING_EVENT_IDX
+        ));
         setup_queue(&mut h.t, 0, &q0);
         setup_queue(&mut h.t, 1, &q1);
         let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
@@ -943,7 +1045,10 @@ pub(crate) mod tests {
         {
             let d = h.dev.lock().unwrap();
             let ctx = d.activated.as_ref().unwrap();
-            assert_eq!(ctx.acked_features, features::VERSION_1 | features::RING_EVENT_IDX);
+            assert_eq!(
+                ctx.acked_features,
+                features::VERSION_1 | features::RING_EVENT_IDX
+            );
             assert_eq!(ctx.queues.len(), 2);
             assert!(ctx.queues[1].event_idx_enabled());
             assert_eq!(ctx.queues[1].desc_table(), q1.desc);
@@ -972,12 +1077,23 @@ pub(crate) mod tests {
         use fnode_snapshot::Persist;
         let mut h = harness();
         let (q0, q1) = queues();
-        assert!(negotiate(&mut h.t, features::VERSION_1 | features::RING_EVENT_IDX));
+        assert!(negotiate(
+            &mut h.t,
+            features::VERSION_1 | features::RING_EVENT_IDX
+        ));
         setup_queue(&mut h.t, 0, &q0);
         setup_queue(&mut h.t, 1, &q1);
         let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
         w(&mut h.t, reg::VIRTIO_MMIO_STATUS, s);
-        h.dev.lock().unwrap().activated.as_ref().unwrap().interrupt.trigger(InterruptKind::Vring).unwrap();
+        h.dev
+            .lock()
+            .unwrap()
+            .activated
+            .as_ref()
+            .unwrap()
+            .interrupt
+            .trigger(InterruptKind::Vring)
+            .unwrap();
         let saved = h.t.save();
         assert_eq!(saved.status, s);
         assert_eq!(saved.interrupt_status, 1);
@@ -985,7 +1101,12 @@ pub(crate) mod tests {
         // Restored onto a new device: same registers, and the device is activated.
         let dev = Arc::new(Mutex::new(DummyDevice::default()));
         let (sink, faults) = fault_channel().unwrap();
-        let args = TransportArgs { mem: test_mem(), device: dev.clone(), slot: MmioSlot::nth(0).unwrap(), faults: sink };
+        let args = TransportArgs {
+            mem: test_mem(),
+            device: dev.clone(),
+            slot: MmioSlot::nth(0).unwrap(),
+            faults: sink,
+        };
         let mut t = MmioTransport::restore(args.clone(), &saved).unwrap();
         assert_eq!(t.save(), saved);
         assert_eq!(r(&mut t, reg::VIRTIO_MMIO_STATUS), s);
@@ -1004,16 +1125,40 @@ pub(crate) mod tests {
 
         // Garbage is refused, not trusted.
         let cases: Vec<TransportState> = vec![
-            TransportState { broken: true, ..saved.clone() },
-            TransportState { status: 0x80, ..saved.clone() },
-            TransportState { acked_features: 1 << 40, ..saved.clone() },
-            TransportState { queues: saved.queues[..1].to_vec(), ..saved.clone() },
             TransportState {
-                queues: vec![QueueStateData { size: 3, ..saved.queues[0] }, saved.queues[1]],
+                broken: true,
                 ..saved.clone()
             },
             TransportState {
-                queues: vec![QueueStateData { used_ring: 1 << 40, ..saved.queues[0] }, saved.queues[1]],
+                status: 0x80,
+                ..saved.clone()
+            },
+            TransportState {
+                acked_features: 1 << 40,
+                ..saved.clone()
+            },
+            TransportState {
+                queues: saved.queues[..1].to_vec(),
+                ..saved.clone()
+            },
+            TransportState {
+                queues: vec![
+                    QueueStateData {
+                        size: 3,
+                        ..saved.queues[0]
+                    },
+                    saved.queues[1],
+                ],
+                ..saved.clone()
+            },
+            TransportState {
+                queues: vec![
+                    QueueStateData {
+                        used_ring: 1 << 40,
+                        ..saved.queues[0]
+                    },
+                    saved.queues[1],
+                ],
                 ..saved.clone()
             },
         ];
@@ -1044,7 +1189,10 @@ pub(crate) mod tests {
         let f = h.faults.try_recv().expect("no fault");
         assert!(h.t.is_broken());
         assert!(h.dev.lock().unwrap().broken);
-        assert_ne!(r(&mut h.t, reg::VIRTIO_MMIO_STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert_ne!(
+            r(&mut h.t, reg::VIRTIO_MMIO_STATUS) & status::DEVICE_NEEDS_RESET,
+            0
+        );
         // Later writes are ignored and cause no second fault.
         w(&mut h.t, reg::VIRTIO_MMIO_STATUS, 0xff);
         assert!(h.faults.try_recv().is_none());
@@ -1087,13 +1235,19 @@ pub(crate) mod tests {
             w(t, reg::VIRTIO_MMIO_STATUS, s);
             w(t, reg::VIRTIO_MMIO_QUEUE_NUM, 8);
         });
-        assert!(m.contains("configure queues after FEATURES_OK, before DRIVER_OK"), "{m}");
+        assert!(
+            m.contains("configure queues after FEATURES_OK, before DRIVER_OK"),
+            "{m}"
+        );
     }
 
     #[test]
     fn register_garbage_breaks_the_device() {
         let m = fault_after(|t| t.write(0x70, &[1, 2]));
-        assert_eq!(m, "2-byte write at register offset 0x70: registers take aligned 4-byte accesses");
+        assert_eq!(
+            m,
+            "2-byte write at register offset 0x70: registers take aligned 4-byte accesses"
+        );
         let m = fault_after(|t| t.read(0x71, &mut [0u8; 4]));
         assert!(m.contains("read at register offset 0x71"), "{m}");
         let m = fault_after(|t| w(t, reg::VIRTIO_MMIO_QUEUE_PFN, 1));
@@ -1114,7 +1268,10 @@ pub(crate) mod tests {
     fn cmdline_words() {
         let slot = MmioSlot::nth(1).unwrap();
         assert_eq!(slot.cmdline_word(), "virtio_mmio.device=4K@0xd0001000:6");
-        assert_eq!(cmdline_word(0x1000, 0x10_0000, 9), "virtio_mmio.device=1M@0x1000:9");
+        assert_eq!(
+            cmdline_word(0x1000, 0x10_0000, 9),
+            "virtio_mmio.device=1M@0x1000:9"
+        );
         assert_eq!(MmioSlot::nth(abi::virtio::MAX_DEVICES), None);
     }
 }

@@ -99,7 +99,10 @@ pub struct Interrupt {
 impl Interrupt {
     /// A line signalling `irqfd` (the VMM registers it with `VmFd::register_irqfd`).
     pub fn new(irqfd: EventFd) -> Self {
-        Interrupt { status: AtomicU32::new(0), irqfd }
+        Interrupt {
+            status: AtomicU32::new(0),
+            irqfd,
+        }
     }
 
     /// Sets the status bit for `kind` and raises the interrupt.
@@ -243,7 +246,9 @@ impl fmt::Debug for FaultSink {
 impl FaultSink {
     /// A sink calling `notify` for each fault (from the vCPU or the event loop thread).
     pub fn new(notify: impl Fn(DeviceFault) + Send + Sync + 'static) -> Self {
-        FaultSink { notify: Arc::new(notify) }
+        FaultSink {
+            notify: Arc::new(notify),
+        }
     }
 
     /// Reports a fault.
@@ -375,7 +380,10 @@ mod tests {
     fn fault_channel_delivers_and_wakes() {
         let (sink, rx) = fault_channel().unwrap();
         assert_eq!(rx.try_recv(), None);
-        sink.report(DeviceFault { device: "d".into(), message: "m".into() });
+        sink.report(DeviceFault {
+            device: "d".into(),
+            message: "m".into(),
+        });
         assert_eq!(rx.eventfd().read().unwrap(), 1);
         assert_eq!(rx.try_recv().unwrap().to_string(), "d: m");
     }
@@ -389,6 +397,9 @@ mod tests {
         let q2 = Queue::try_from(s).unwrap();
         assert_eq!(QueueStateData::from(&q2), s);
         let bad = QueueStateData { size: 3, ..s };
-        assert!(matches!(Queue::try_from(bad), Err(virtio_queue::Error::InvalidSize)));
+        assert!(matches!(
+            Queue::try_from(bad),
+            Err(virtio_queue::Error::InvalidSize)
+        ));
     }
 }

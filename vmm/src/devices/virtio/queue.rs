@@ -170,24 +170,48 @@ pub struct Chain {
 impl Chain {
     /// Copies `buf.len()` bytes starting `offset` bytes into the readable buffers into `buf`.
     /// The caller checks `offset + buf.len() <= readable_len`.
-    pub fn read_at(&self, mem: &GuestMemoryMmap, offset: u32, buf: &mut [u8]) -> Result<(), ChainError> {
-        copy_segments(&self.readable, offset, buf.len(), self.head, |seg_addr, range| {
-            mem.read_slice(&mut buf[range], seg_addr)
-        })
+    pub fn read_at(
+        &self,
+        mem: &GuestMemoryMmap,
+        offset: u32,
+        buf: &mut [u8],
+    ) -> Result<(), ChainError> {
+        copy_segments(
+            &self.readable,
+            offset,
+            buf.len(),
+            self.head,
+            |seg_addr, range| mem.read_slice(&mut buf[range], seg_addr),
+        )
     }
 
     /// Copies `data` into the writable buffers starting `offset` bytes in. The caller checks
     /// `offset + data.len() <= writable_len`.
-    pub fn write_at(&self, mem: &GuestMemoryMmap, offset: u32, data: &[u8]) -> Result<(), ChainError> {
-        copy_segments(&self.writable, offset, data.len(), self.head, |seg_addr, range| {
-            mem.write_slice(&data[range], seg_addr)
-        })
+    pub fn write_at(
+        &self,
+        mem: &GuestMemoryMmap,
+        offset: u32,
+        data: &[u8],
+    ) -> Result<(), ChainError> {
+        copy_segments(
+            &self.writable,
+            offset,
+            data.len(),
+            self.head,
+            |seg_addr, range| mem.write_slice(&data[range], seg_addr),
+        )
     }
 }
 
 /// Walks `segs` from byte `offset` for `len` bytes, calling `f(guest address, range of the
 /// caller's buffer)` per piece.
-fn copy_segments<F>(segs: &[Segment], offset: u32, len: usize, head: u16, mut f: F) -> Result<(), ChainError>
+fn copy_segments<F>(
+    segs: &[Segment],
+    offset: u32,
+    len: usize,
+    head: u16,
+    mut f: F,
+) -> Result<(), ChainError>
 where
     F: FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), vm_memory::GuestMemoryError>,
 {
@@ -204,14 +228,20 @@ where
         }
         let n = ((seg_len - skip) as usize).min(len - done);
         let addr = GuestAddress(seg.addr.0 + skip);
-        f(addr, done..done + n).map_err(|e| ChainError::Copy { head, reason: e.to_string() })?;
+        f(addr, done..done + n).map_err(|e| ChainError::Copy {
+            head,
+            reason: e.to_string(),
+        })?;
         done += n;
         skip = 0;
     }
     if done == len {
         Ok(())
     } else {
-        Err(ChainError::Copy { head, reason: format!("chain holds {done} of {len} bytes") })
+        Err(ChainError::Copy {
+            head,
+            reason: format!("chain holds {done} of {len} bytes"),
+        })
     }
 }
 
@@ -226,7 +256,11 @@ pub fn pop_head(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<u16>,
     }
     let ahead = (avail - next).0;
     if ahead > queue.size() {
-        return Err(ChainError::AvailIdxAhead { avail: avail.0, ahead, size: queue.size() });
+        return Err(ChainError::AvailIdxAhead {
+            avail: avail.0,
+            ahead,
+            size: queue.size(),
+        });
     }
     match queue.pop_descriptor_chain(mem) {
         Some(chain) => Ok(Some(chain.head_index())),
@@ -237,7 +271,10 @@ pub fn pop_head(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<Option<u16>,
 /// Whether the driver wants an interrupt after the device used buffers of `queue`: the
 /// `used_event` test with VIRTIO_RING_F_EVENT_IDX, else the avail ring's
 /// VRING_AVAIL_F_NO_INTERRUPT flag (which virtio-queue's `needs_notification` ignores).
-pub fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, virtio_queue::Error> {
+pub fn needs_interrupt(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
     if queue.event_idx_enabled() {
         return queue.needs_notification(mem);
     }
@@ -257,7 +294,10 @@ pub fn walk_chain(mem: &GuestMemoryMmap, queue: &Queue, head: u16) -> Result<Cha
         return Err(ChainError::HeadOutOfRange { head, size });
     }
     let table = GuestAddress(queue.desc_table());
-    let mut chain = Chain { head, ..Chain::default() };
+    let mut chain = Chain {
+        head,
+        ..Chain::default()
+    };
     let mut visited = [0u16; MAX_CHAIN_DESCS];
     let mut count = 0usize;
     let mut index = head;
@@ -277,20 +317,32 @@ pub fn walk_chain(mem: &GuestMemoryMmap, queue: &Queue, head: u16) -> Result<Cha
         if flags & VRING_DESC_F_INDIRECT as u16 != 0 {
             return Err(ChainError::Indirect { head, index });
         }
-        let seg = Segment { addr: desc.addr(), len: desc.len() };
+        let seg = Segment {
+            addr: desc.addr(),
+            len: desc.len(),
+        };
         if seg.len > 0 && !GuestMemoryBackend::check_range(mem, seg.addr, seg.len as usize) {
-            return Err(ChainError::OutsideMemory { head, index, addr: seg.addr.0, len: seg.len });
+            return Err(ChainError::OutsideMemory {
+                head,
+                index,
+                addr: seg.addr.0,
+                len: seg.len,
+            });
         }
         if flags & VRING_DESC_F_WRITE as u16 != 0 {
-            chain.writable_len =
-                chain.writable_len.checked_add(seg.len).ok_or(ChainError::LengthOverflow { head })?;
+            chain.writable_len = chain
+                .writable_len
+                .checked_add(seg.len)
+                .ok_or(ChainError::LengthOverflow { head })?;
             chain.writable.push(seg);
         } else {
             if !chain.writable.is_empty() {
                 return Err(ChainError::ReadableAfterWritable { head, index });
             }
-            chain.readable_len =
-                chain.readable_len.checked_add(seg.len).ok_or(ChainError::LengthOverflow { head })?;
+            chain.readable_len = chain
+                .readable_len
+                .checked_add(seg.len)
+                .ok_or(ChainError::LengthOverflow { head })?;
             chain.readable.push(seg);
         }
         if chain.readable_len.checked_add(chain.writable_len).is_none() {
@@ -301,13 +353,21 @@ pub fn walk_chain(mem: &GuestMemoryMmap, queue: &Queue, head: u16) -> Result<Cha
         }
         let next = desc.next();
         if next >= size {
-            return Err(ChainError::NextOutOfRange { head, index, next, size });
+            return Err(ChainError::NextOutOfRange {
+                head,
+                index,
+                next,
+                size,
+            });
         }
         if visited[..count].contains(&next) {
             return Err(ChainError::Loop { head, index, next });
         }
         if count == MAX_CHAIN_DESCS {
-            return Err(ChainError::TooLong { head, max: MAX_CHAIN_DESCS });
+            return Err(ChainError::TooLong {
+                head,
+                max: MAX_CHAIN_DESCS,
+            });
         }
         index = next;
     }
@@ -334,19 +394,37 @@ pub(crate) mod tests {
             let desc = base;
             let avail = desc + 16 * u64::from(size);
             let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
-            TestQueue { size, desc, avail, used, avail_idx: 0, used_seen: 0 }
+            TestQueue {
+                size,
+                desc,
+                avail,
+                used,
+                avail_idx: 0,
+                used_seen: 0,
+            }
         }
 
         pub fn queue(&self) -> Queue {
             let mut q = Queue::new(self.size).unwrap();
-            q.try_set_desc_table_address(GuestAddress(self.desc)).unwrap();
-            q.try_set_avail_ring_address(GuestAddress(self.avail)).unwrap();
-            q.try_set_used_ring_address(GuestAddress(self.used)).unwrap();
+            q.try_set_desc_table_address(GuestAddress(self.desc))
+                .unwrap();
+            q.try_set_avail_ring_address(GuestAddress(self.avail))
+                .unwrap();
+            q.try_set_used_ring_address(GuestAddress(self.used))
+                .unwrap();
             q.set_ready(true);
             q
         }
 
-        pub fn set_desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        pub fn set_desc(
+            &self,
+            mem: &GuestMemoryMmap,
+            i: u16,
+            addr: u64,
+            len: u32,
+            flags: u16,
+            next: u16,
+        ) {
             let d = self.desc + 16 * u64::from(i);
             mem.write_obj(addr, GuestAddress(d)).unwrap();
             mem.write_obj(len, GuestAddress(d + 8)).unwrap();
@@ -359,7 +437,8 @@ pub(crate) mod tests {
             let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
             mem.write_obj(head, GuestAddress(slot)).unwrap();
             self.avail_idx = self.avail_idx.wrapping_add(1);
-            mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
+            mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+                .unwrap();
         }
 
         /// Takes the next used element, if the device published one: (id, len).
@@ -370,7 +449,10 @@ pub(crate) mod tests {
             }
             let e = self.used + 4 + 8 * u64::from(self.used_seen % self.size);
             self.used_seen = self.used_seen.wrapping_add(1);
-            Some((mem.read_obj(GuestAddress(e)).unwrap(), mem.read_obj(GuestAddress(e + 4)).unwrap()))
+            Some((
+                mem.read_obj(GuestAddress(e)).unwrap(),
+                mem.read_obj(GuestAddress(e + 4)).unwrap(),
+            ))
         }
     }
 
@@ -392,7 +474,10 @@ pub(crate) mod tests {
         let mut q = tq.queue();
         let head = pop_head(&mut q, &mem).unwrap().unwrap();
         let c = walk_chain(&mem, &q, head).unwrap();
-        assert_eq!((c.readable.len(), c.readable_len, c.writable_len), (2, 8, 8));
+        assert_eq!(
+            (c.readable.len(), c.readable_len, c.writable_len),
+            (2, 8, 8)
+        );
         mem.write_slice(b"abc", GuestAddress(0x8000)).unwrap();
         mem.write_slice(b"defgh", GuestAddress(0x9000)).unwrap();
         let mut buf = [0u8; 6];
@@ -406,7 +491,8 @@ pub(crate) mod tests {
         assert_eq!(pop_head(&mut q, &mem).unwrap(), None);
         // No EVENT_IDX: the avail ring's NO_INTERRUPT flag decides.
         assert!(needs_interrupt(&mut q, &mem).unwrap());
-        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, GuestAddress(tq.avail)).unwrap();
+        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT as u16, GuestAddress(tq.avail))
+            .unwrap();
         assert!(!needs_interrupt(&mut q, &mem).unwrap());
     }
 
@@ -424,7 +510,14 @@ pub(crate) mod tests {
             tq.set_desc(&mem, 0, 0x8000, 4, F_NEXT, 1);
             tq.set_desc(&mem, 1, 0x8000, 4, F_NEXT, 0);
         });
-        assert_eq!(e.unwrap_err(), ChainError::Loop { head: 0, index: 1, next: 0 });
+        assert_eq!(
+            e.unwrap_err(),
+            ChainError::Loop {
+                head: 0,
+                index: 1,
+                next: 0
+            }
+        );
         assert_eq!(
             e_str(walk(&|| tq.set_desc(&mem, 0, 0x8000, 4, F_NEXT, 0))),
             "descriptor chain at head 0 loops (descriptor 0 links back to 0)"
@@ -432,12 +525,19 @@ pub(crate) mod tests {
         let e = walk(&|| tq.set_desc(&mem, 0, 0x8000, 4, F_NEXT, 16)).unwrap_err();
         assert!(matches!(e, ChainError::NextOutOfRange { next: 16, .. }));
         let e = walk(&|| tq.set_desc(&mem, 0, 0x20_0000, 4, 0, 0)).unwrap_err();
-        assert!(matches!(e, ChainError::OutsideMemory { addr: 0x20_0000, .. }));
+        assert!(matches!(
+            e,
+            ChainError::OutsideMemory {
+                addr: 0x20_0000,
+                ..
+            }
+        ));
         let e = walk(&|| tq.set_desc(&mem, 0, 0xf_ff00, 0x200, 0, 0)).unwrap_err();
         assert!(matches!(e, ChainError::OutsideMemory { .. }));
         let e = walk(&|| tq.set_desc(&mem, 0, u64::MAX - 2, 8, 0, 0)).unwrap_err();
         assert!(matches!(e, ChainError::OutsideMemory { .. }));
-        let e = walk(&|| tq.set_desc(&mem, 0, 0x8000, 16, VRING_DESC_F_INDIRECT as u16, 0)).unwrap_err();
+        let e = walk(&|| tq.set_desc(&mem, 0, 0x8000, 16, VRING_DESC_F_INDIRECT as u16, 0))
+            .unwrap_err();
         assert!(matches!(e, ChainError::Indirect { .. }));
         let e = walk(&|| tq.set_desc(&mem, 0, 0x8000, 16, 0x80, 0)).unwrap_err();
         assert!(matches!(e, ChainError::UnknownFlags { flags: 0x80, .. }));
@@ -446,7 +546,10 @@ pub(crate) mod tests {
             tq.set_desc(&mem, 1, 0x8000, 4, 0, 0);
         })
         .unwrap_err();
-        assert!(matches!(e, ChainError::ReadableAfterWritable { index: 1, .. }));
+        assert!(matches!(
+            e,
+            ChainError::ReadableAfterWritable { index: 1, .. }
+        ));
         let e = walk(&|| {
             tq.set_desc(&mem, 0, 0, 0x8000_0000, F_NEXT, 1);
             tq.set_desc(&mem, 1, 0, 0x8000_0000, 0, 0);
@@ -454,7 +557,10 @@ pub(crate) mod tests {
         // 2 GiB buffers are outside the 1 MiB test memory before they overflow.
         assert!(matches!(e.unwrap_err(), ChainError::OutsideMemory { .. }));
         let e = walk_chain(&mem, &q, 16).unwrap_err();
-        assert!(matches!(e, ChainError::HeadOutOfRange { head: 16, size: 16 }));
+        assert!(matches!(
+            e,
+            ChainError::HeadOutOfRange { head: 16, size: 16 }
+        ));
     }
 
     #[test]
@@ -466,7 +572,13 @@ pub(crate) mod tests {
         }
         let q = tq.queue();
         let e = walk_chain(&mem, &q, 0).unwrap_err();
-        assert_eq!(e, ChainError::TooLong { head: 0, max: MAX_CHAIN_DESCS });
+        assert_eq!(
+            e,
+            ChainError::TooLong {
+                head: 0,
+                max: MAX_CHAIN_DESCS
+            }
+        );
         // The driver claims 300 new entries in a 256-entry ring.
         mem.write_obj(300u16, GuestAddress(tq.avail + 2)).unwrap();
         let mut q = tq.queue();

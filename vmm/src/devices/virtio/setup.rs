@@ -124,14 +124,19 @@ impl Quiesced<'_> {
     /// The devices' state.
     pub fn save(&self) -> VirtioState {
         VirtioState {
-            vsock: self.vsock.as_ref().map(|(t, d)| VsockSnapshot { transport: t.save(), device: d.save() }),
+            vsock: self.vsock.as_ref().map(|(t, d)| VsockSnapshot {
+                transport: t.save(),
+                device: d.save(),
+            }),
         }
     }
 
     /// Whether a device is broken (a broken device is not saved).
     pub fn any_broken(&self) -> bool {
         // Not `MmioTransport::is_broken`: it locks the device, which this guard holds.
-        self.vsock.as_ref().is_some_and(|(t, d)| t.save().broken || d.is_broken())
+        self.vsock
+            .as_ref()
+            .is_some_and(|(t, d)| t.save().broken || d.is_broken())
     }
 
     /// Lets the devices' host I/O of the last exchange finish (see
@@ -157,7 +162,9 @@ impl Quiesced<'_> {
     /// The guest page frames the devices wrote since the last call (packets and used
     /// rings), sorted, without duplicates.
     pub fn take_written_pages(&mut self) -> Vec<u64> {
-        let Some((_t, d)) = &mut self.vsock else { return Vec::new() };
+        let Some((_t, d)) = &mut self.vsock else {
+            return Vec::new();
+        };
         let mut pages = d.take_written_pages();
         pages.extend(d.ring_pages());
         pages.sort_unstable();
@@ -217,13 +224,18 @@ pub fn attach(
     let mut devices = VirtioDevices::default();
     let mut subscribers: Vec<Subscriber> = Vec::new();
     if let (Some(uds), Some(slot)) = (set.vsock_uds, MmioSlot::nth(VSOCK_SLOT)) {
-        let dev = Arc::new(Mutex::new(VsockDevice::new(uds, faults.clone()).map_err(SetupError::Vsock)?));
+        let dev = Arc::new(Mutex::new(
+            VsockDevice::new(uds, faults.clone()).map_err(SetupError::Vsock)?,
+        ));
         let transport = MmioTransport::new(mem.clone(), dev.clone(), slot, faults.clone())
             .map_err(SetupError::Transport)?;
-        transport.register_with_vm(vm).map_err(SetupError::Transport)?;
+        transport
+            .register_with_vm(vm)
+            .map_err(SetupError::Transport)?;
         let transport = Arc::new(Mutex::new(transport));
         let shared: SharedDevice = transport.clone();
-        mmio.insert(shared, slot.base, abi::virtio::MMIO_SIZE).map_err(SetupError::Bus)?;
+        mmio.insert(shared, slot.base, abi::virtio::MMIO_SIZE)
+            .map_err(SetupError::Bus)?;
         subscribers.push(dev.clone());
         devices.vsock = Some(dev);
         devices.vsock_transport = Some(transport);
@@ -251,14 +263,28 @@ pub fn restore(
     if let Some(vs) = &saved.vsock {
         let uds = vsock_uds.ok_or(SetupError::NoVsockPath)?;
         let slot = MmioSlot::nth(VSOCK_SLOT).ok_or(SetupError::Mismatch)?;
-        let args = VsockArgs { uds_path: uds.to_path_buf(), faults: faults.clone() };
-        let dev = Arc::new(Mutex::new(VsockDevice::restore(args, &vs.device).map_err(SetupError::Vsock)?));
-        let targs = TransportArgs { mem: mem.clone(), device: dev.clone(), slot, faults: faults.clone() };
-        let transport = MmioTransport::restore(targs, &vs.transport).map_err(SetupError::Transport)?;
-        transport.register_with_vm(vm).map_err(SetupError::Transport)?;
+        let args = VsockArgs {
+            uds_path: uds.to_path_buf(),
+            faults: faults.clone(),
+        };
+        let dev = Arc::new(Mutex::new(
+            VsockDevice::restore(args, &vs.device).map_err(SetupError::Vsock)?,
+        ));
+        let targs = TransportArgs {
+            mem: mem.clone(),
+            device: dev.clone(),
+            slot,
+            faults: faults.clone(),
+        };
+        let transport =
+            MmioTransport::restore(targs, &vs.transport).map_err(SetupError::Transport)?;
+        transport
+            .register_with_vm(vm)
+            .map_err(SetupError::Transport)?;
         let transport = Arc::new(Mutex::new(transport));
         let shared: SharedDevice = transport.clone();
-        mmio.insert(shared, slot.base, abi::virtio::MMIO_SIZE).map_err(SetupError::Bus)?;
+        mmio.insert(shared, slot.base, abi::virtio::MMIO_SIZE)
+            .map_err(SetupError::Bus)?;
         subscribers.push(dev.clone());
         devices.vsock = Some(dev);
         devices.vsock_transport = Some(transport);
@@ -280,9 +306,14 @@ mod tests {
         let none = DeviceSet::default();
         assert_eq!(none.cmdline("console=x "), "console=x ");
         let path = Path::new("/tmp/v.sock");
-        let set = DeviceSet { vsock_uds: Some(path) };
+        let set = DeviceSet {
+            vsock_uds: Some(path),
+        };
         assert_eq!(set.cmdline(""), "virtio_mmio.device=4K@0xd0000000:5");
-        assert_eq!(set.cmdline("fault=ud2"), "fault=ud2 virtio_mmio.device=4K@0xd0000000:5");
+        assert_eq!(
+            set.cmdline("fault=ud2"),
+            "fault=ud2 virtio_mmio.device=4K@0xd0000000:5"
+        );
     }
 
     #[test]
@@ -295,9 +326,19 @@ mod tests {
         vm.create_irq_chip().unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut bus = Bus::new();
-        let path = std::env::temp_dir().join(format!("fnode-vsock-{}-attach.sock", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("fnode-vsock-{}-attach.sock", std::process::id()));
         let (sink, faults) = fault_channel().unwrap();
-        let mut devices = attach(&vm, &mem, &mut bus, DeviceSet { vsock_uds: Some(&path) }, sink).unwrap();
+        let mut devices = attach(
+            &vm,
+            &mem,
+            &mut bus,
+            DeviceSet {
+                vsock_uds: Some(&path),
+            },
+            sink,
+        )
+        .unwrap();
         assert!(devices.vsock().is_some());
         assert!(path.exists());
         let mut magic = [0u8; 4];
@@ -309,8 +350,20 @@ mod tests {
         // A second vsock at the same window is refused by the bus.
         let (sink2, _f2) = fault_channel().unwrap();
         let path2 = path.with_extension("2.sock");
-        let err = attach(&vm, &mem, &mut bus, DeviceSet { vsock_uds: Some(&path2) }, sink2).unwrap_err();
-        assert!(matches!(err, SetupError::Transport(_) | SetupError::Bus(_)), "{err:?}");
+        let err = attach(
+            &vm,
+            &mem,
+            &mut bus,
+            DeviceSet {
+                vsock_uds: Some(&path2),
+            },
+            sink2,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, SetupError::Transport(_) | SetupError::Bus(_)),
+            "{err:?}"
+        );
         devices.stop().unwrap();
         assert!(faults.try_recv().is_none());
     }

@@ -118,7 +118,8 @@ impl ConnectionState {
 
     /// Bytes the host may still send the guest.
     pub fn peer_credit(&self) -> u32 {
-        self.peer_buf_alloc.saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
     }
 
     /// Takes the guest's `buf_alloc`/`fwd_cnt` from a header, checking `fwd_cnt` only moves
@@ -167,7 +168,8 @@ impl ConnectionState {
     /// of the host's free buffer fell under half (it may be waiting for credit).
     pub fn forwarded(&mut self, n: u32) {
         self.fwd_cnt = self.fwd_cnt.wrapping_add(n);
-        let guest_view_free = BUF_ALLOC.saturating_sub(self.rx_cnt.wrapping_sub(self.last_fwd_cnt_sent));
+        let guest_view_free =
+            BUF_ALLOC.saturating_sub(self.rx_cnt.wrapping_sub(self.last_fwd_cnt_sent));
         if n > 0 && guest_view_free < BUF_ALLOC / 2 {
             self.credit_update_pending = true;
         }
@@ -223,7 +225,11 @@ mod tests {
     }
 
     fn hdr(buf_alloc: u32, fwd_cnt: u32) -> PacketHeader {
-        PacketHeader { buf_alloc, fwd_cnt, ..PacketHeader::default() }
+        PacketHeader {
+            buf_alloc,
+            fwd_cnt,
+            ..PacketHeader::default()
+        }
     }
 
     #[test]
@@ -239,7 +245,14 @@ mod tests {
         assert_eq!(c.peer_credit(), 0);
         // fwd_cnt beyond what was sent is refused.
         let e = c.update_peer_credit(&hdr(1000, 801)).unwrap_err();
-        assert!(matches!(e, ProtoError::FwdCntAhead { fwd_cnt: 801, tx_cnt: 800, .. }));
+        assert!(matches!(
+            e,
+            ProtoError::FwdCntAhead {
+                fwd_cnt: 801,
+                tx_cnt: 800,
+                ..
+            }
+        ));
         // Counters wrap.
         c.tx_cnt = 5;
         c.peer_fwd_cnt = u32::MAX - 4;
@@ -252,7 +265,14 @@ mod tests {
         let mut c = established();
         c.received(BUF_ALLOC - 10).unwrap();
         assert_eq!(c.host_free(), 10);
-        assert!(matches!(c.received(11), Err(ProtoError::CreditOverrun { len: 11, free: 10, .. })));
+        assert!(matches!(
+            c.received(11),
+            Err(ProtoError::CreditOverrun {
+                len: 11,
+                free: 10,
+                ..
+            })
+        ));
         c.forwarded(BUF_ALLOC / 4);
         // The guest's view (last fwd_cnt sent: 0) is nearly empty: an update is owed.
         assert!(c.credit_update_pending);

@@ -17,7 +17,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::connection::{rst_reply, ConnectionState, Phase, ProtoError};
-use super::packet::{op, PacketError, PacketHeader, HDR_LEN, MAX_RX_PAYLOAD, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND};
+use super::packet::{
+    op, PacketError, PacketHeader, HDR_LEN, MAX_RX_PAYLOAD, SHUTDOWN_BOTH, SHUTDOWN_RCV,
+    SHUTDOWN_SEND,
+};
 use super::uring::{Completion, OpId, OpKind, Uring};
 use crate::devices::virtio::queue::{needs_interrupt, pop_head, walk_chain, Chain, ChainError};
 use crate::devices::virtio::{
@@ -135,7 +138,10 @@ pub enum VsockError {
 }
 
 fn ring_err(queue: &'static str) -> impl Fn(virtio_queue::Error) -> VsockError {
-    move |e| VsockError::Ring { queue, reason: e.to_string() }
+    move |e| VsockError::Ring {
+        queue,
+        reason: e.to_string(),
+    }
 }
 
 fn chain_err(queue: &'static str) -> impl Fn(ChainError) -> VsockError {
@@ -276,8 +282,10 @@ impl VsockDevice {
             }
             let _ = std::fs::remove_file(uds_path);
         }
-        let listener = UnixListener::bind(uds_path)
-            .map_err(|source| VsockError::Bind { path: uds_path.to_path_buf(), source })?;
+        let listener = UnixListener::bind(uds_path).map_err(|source| VsockError::Bind {
+            path: uds_path.to_path_buf(),
+            source,
+        })?;
         let mut queue_evts = Vec::with_capacity(QUEUE_SIZES.len());
         for _ in QUEUE_SIZES {
             queue_evts.push(EventFd::new(EFD_NONBLOCK).map_err(VsockError::HostIo)?);
@@ -314,10 +322,17 @@ impl VsockDevice {
             return Err(bad("the device was broken when it was saved".into()));
         }
         if saved.cid != abi::vsock::GUEST_CID {
-            return Err(bad(format!("guest cid {}, fnode guests have {}", saved.cid, abi::vsock::GUEST_CID)));
+            return Err(bad(format!(
+                "guest cid {}, fnode guests have {}",
+                saved.cid,
+                abi::vsock::GUEST_CID
+            )));
         }
         if saved.acked_features & !self.avail_features() != 0 {
-            return Err(bad(format!("features {:#x} the device does not offer", saved.acked_features)));
+            return Err(bad(format!(
+                "features {:#x} the device does not offer",
+                saved.acked_features
+            )));
         }
         self.restored_queues = match &saved.queues {
             None => None,
@@ -376,15 +391,23 @@ impl VsockDevice {
         match (self.active.as_mut(), queues) {
             (Some(a), Some(queues)) => {
                 if let Some(i) = queues.iter().position(|q| !q.is_valid(&a.mem)) {
-                    return Err(VsockError::BadState(format!("queue {i} is not inside guest memory")));
+                    return Err(VsockError::BadState(format!(
+                        "queue {i} is not inside guest memory"
+                    )));
                 }
                 a.queues = queues;
             }
             (None, None) => {}
-            _ => return Err(VsockError::BadState("the device's activation differs from the saved one".into())),
+            _ => {
+                return Err(VsockError::BadState(
+                    "the device's activation differs from the saved one".into(),
+                ))
+            }
         }
         for i in 0..self.conns.len() {
-            let Some(c) = self.conns[i].as_mut() else { continue };
+            let Some(c) = self.conns[i].as_mut() else {
+                continue;
+            };
             let same = saved
                 .connections
                 .iter()
@@ -400,7 +423,11 @@ impl VsockDevice {
             }
         }
         for s in &saved.connections {
-            let live = self.conns.iter().flatten().any(|c| c.st.local_port == s.local_port && c.st.peer_port == s.peer_port);
+            let live = self
+                .conns
+                .iter()
+                .flatten()
+                .any(|c| c.st.local_port == s.local_port && c.st.peer_port == s.peer_port);
             if !live {
                 self.park_connection(s.clone());
             }
@@ -422,7 +449,9 @@ impl VsockDevice {
 
     /// The guest page frames of the active queues' used rings (which the device writes).
     pub fn ring_pages(&self) -> Vec<u64> {
-        let Some(a) = &self.active else { return Vec::new() };
+        let Some(a) = &self.active else {
+            return Vec::new();
+        };
         let mut pages = Vec::new();
         for q in &a.queues {
             // flags, idx, ring[size] (8 bytes each), avail_event.
@@ -443,7 +472,8 @@ impl VsockDevice {
             left -= n;
             let start = seg.addr.0;
             if n > 0 {
-                self.written_pages.extend(start / PAGE_SIZE..=(start.saturating_add(n) - 1) / PAGE_SIZE);
+                self.written_pages
+                    .extend(start / PAGE_SIZE..=(start.saturating_add(n) - 1) / PAGE_SIZE);
             }
         }
         if self.written_pages.len() > WRITTEN_PAGES_COMPACT {
@@ -463,7 +493,10 @@ impl VsockDevice {
         VsockState {
             cid: self.cid,
             acked_features: self.acked_features,
-            queues: self.active.as_ref().map(|a| a.queues.iter().map(QueueStateData::from).collect()),
+            queues: self
+                .active
+                .as_ref()
+                .map(|a| a.queues.iter().map(QueueStateData::from).collect()),
             connections: self
                 .conns
                 .iter()
@@ -480,7 +513,9 @@ impl VsockDevice {
     /// whose `CONNECT` names its guest port attaches to it and gets `OK` at once, without a
     /// new handshake with the guest.
     pub fn park_connection(&mut self, st: ConnectionState) -> bool {
-        let Some(slot) = self.conns.iter().position(Option::is_none) else { return false };
+        let Some(slot) = self.conns.iter().position(Option::is_none) else {
+            return false;
+        };
         if st.phase != Phase::Established {
             return false;
         }
@@ -509,7 +544,10 @@ impl VsockDevice {
             return;
         }
         self.broken = true;
-        self.faults.report(DeviceFault { device: self.name().to_string(), message: error_chain(&err) });
+        self.faults.report(DeviceFault {
+            device: self.name().to_string(),
+            message: error_chain(&err),
+        });
         if let Some(a) = &self.active {
             let _ = a.interrupt.trigger(InterruptKind::Config);
         }
@@ -570,7 +608,9 @@ impl VsockDevice {
     // ----- guest -> host -----
 
     fn process_tx(&mut self) {
-        let Some(mut a) = self.active.take() else { return };
+        let Some(mut a) = self.active.take() else {
+            return;
+        };
         let r = self.tx_loop(&mut a);
         self.active = Some(a);
         if let Err(e) = r {
@@ -590,7 +630,10 @@ impl VsockDevice {
             let head = match pop_head(&mut a.queues[TXQ], &a.mem).map_err(chain_err("tx"))? {
                 Some(h) => h,
                 None => {
-                    if a.queues[TXQ].enable_notification(&a.mem).map_err(ring_err("tx"))? {
+                    if a.queues[TXQ]
+                        .enable_notification(&a.mem)
+                        .map_err(ring_err("tx"))?
+                    {
                         continue;
                     }
                     break;
@@ -602,14 +645,20 @@ impl VsockDevice {
                 return Err(VsockError::TxWritable { head });
             }
             if (chain.readable_len as usize) < HDR_LEN {
-                return Err(VsockError::TxPacket { head, source: PacketError::Short(chain.readable_len) });
+                return Err(VsockError::TxPacket {
+                    head,
+                    source: PacketError::Short(chain.readable_len),
+                });
             }
             let mut hb = [0u8; HDR_LEN];
             chain.read_at(&a.mem, 0, &mut hb).map_err(chain_err("tx"))?;
             let hdr = PacketHeader::decode(&hb);
-            hdr.check_from_guest(chain.readable_len).map_err(|source| VsockError::TxPacket { head, source })?;
+            hdr.check_from_guest(chain.readable_len)
+                .map_err(|source| VsockError::TxPacket { head, source })?;
             self.on_guest_packet(&a.mem, &chain, &hdr)?;
-            a.queues[TXQ].add_used(&a.mem, head, 0).map_err(ring_err("tx"))?;
+            a.queues[TXQ]
+                .add_used(&a.mem, head, 0)
+                .map_err(ring_err("tx"))?;
             used = true;
         }
         if used && needs_interrupt(&mut a.queues[TXQ], &a.mem).map_err(ring_err("tx"))? {
@@ -621,12 +670,19 @@ impl VsockDevice {
     fn find_conn(&self, local_port: u32, peer_port: u32) -> Option<usize> {
         self.conns.iter().position(|c| {
             c.as_ref().is_some_and(|c| {
-                c.st.phase != Phase::AwaitingConnect && c.st.local_port == local_port && c.st.peer_port == peer_port
+                c.st.phase != Phase::AwaitingConnect
+                    && c.st.local_port == local_port
+                    && c.st.peer_port == peer_port
             })
         })
     }
 
-    fn on_guest_packet(&mut self, mem: &GuestMemoryMmap, chain: &Chain, h: &PacketHeader) -> Result<(), VsockError> {
+    fn on_guest_packet(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: &Chain,
+        h: &PacketHeader,
+    ) -> Result<(), VsockError> {
         let Some(i) = self.find_conn(h.dst_port, h.src_port) else {
             // No such connection (or a guest-initiated connect, which fnode does not serve).
             if h.op != op::RST {
@@ -634,7 +690,9 @@ impl VsockDevice {
             }
             return Ok(());
         };
-        let Some(c) = self.conns[i].as_mut() else { return Ok(()) };
+        let Some(c) = self.conns[i].as_mut() else {
+            return Ok(());
+        };
         c.st.update_peer_credit(h).map_err(VsockError::Proto)?;
         match (c.st.phase, h.op) {
             (_, op::RST) => self.drop_conn(i, false),
@@ -651,7 +709,9 @@ impl VsockDevice {
                 c.st.received(h.len).map_err(VsockError::Proto)?;
                 let start = c.to_host.len();
                 c.to_host.resize(start + h.len as usize, 0);
-                chain.read_at(mem, HDR_LEN as u32, &mut c.to_host[start..]).map_err(chain_err("tx"))?;
+                chain
+                    .read_at(mem, HDR_LEN as u32, &mut c.to_host[start..])
+                    .map_err(chain_err("tx"))?;
             }
             (Phase::Established, op::CREDIT_UPDATE) => {}
             (Phase::Established, op::CREDIT_REQUEST) => c.st.credit_update_pending = true,
@@ -664,7 +724,11 @@ impl VsockDevice {
     }
 
     fn queue_rst(&mut self, local_port: u32, peer_port: u32, guest_triggered: bool) {
-        let cap = if guest_triggered { MAX_PENDING_RST / 4 } else { MAX_PENDING_RST };
+        let cap = if guest_triggered {
+            MAX_PENDING_RST / 4
+        } else {
+            MAX_PENDING_RST
+        };
         if self.rst_queue.len() < cap {
             self.rst_queue.push_back(rst_reply(local_port, peer_port));
         }
@@ -673,7 +737,9 @@ impl VsockDevice {
     /// Removes connection `i`, cancelling its host I/O (the host socket closes when the
     /// last op completes) and optionally telling the guest with an RST.
     fn drop_conn(&mut self, i: usize, send_rst: bool) {
-        let Some(c) = self.conns[i].take() else { return };
+        let Some(c) = self.conns[i].take() else {
+            return;
+        };
         if send_rst && c.st.phase != Phase::AwaitingConnect {
             self.queue_rst(c.st.local_port, c.st.peer_port, false);
         }
@@ -685,7 +751,9 @@ impl VsockDevice {
     // ----- host -> guest -----
 
     fn process_rx(&mut self) {
-        let Some(mut a) = self.active.take() else { return };
+        let Some(mut a) = self.active.take() else {
+            return;
+        };
         let r = self.rx_loop(&mut a);
         self.active = Some(a);
         if let Err(e) = r {
@@ -708,7 +776,10 @@ impl VsockDevice {
                 Some(h) => h,
                 None => {
                     // Out of guest buffers: ask to be notified when the driver adds some.
-                    if a.queues[RXQ].enable_notification(&a.mem).map_err(ring_err("rx"))? {
+                    if a.queues[RXQ]
+                        .enable_notification(&a.mem)
+                        .map_err(ring_err("rx"))?
+                    {
                         continue;
                     }
                     break;
@@ -720,7 +791,10 @@ impl VsockDevice {
                 return Err(VsockError::RxReadable { head });
             }
             if (chain.writable_len as usize) < HDR_LEN {
-                return Err(VsockError::RxShort { head, len: chain.writable_len });
+                return Err(VsockError::RxShort {
+                    head,
+                    len: chain.writable_len,
+                });
             }
             let room = (chain.writable_len as usize - HDR_LEN).min(RX_MAX);
             let Some((hdr, data)) = self.next_rx_packet(room) else {
@@ -728,17 +802,23 @@ impl VsockDevice {
                 a.queues[RXQ].go_to_previous_position();
                 break;
             };
-            chain.write_at(&a.mem, 0, &hdr.encode()).map_err(chain_err("rx"))?;
+            chain
+                .write_at(&a.mem, 0, &hdr.encode())
+                .map_err(chain_err("rx"))?;
             let mut len = HDR_LEN;
             if let Some((slot, start, count)) = data {
                 if let Some(c) = self.conns[slot].as_ref() {
                     let bytes = c.to_guest.get(start..start + count).unwrap_or(&[]);
-                    chain.write_at(&a.mem, HDR_LEN as u32, bytes).map_err(chain_err("rx"))?;
+                    chain
+                        .write_at(&a.mem, HDR_LEN as u32, bytes)
+                        .map_err(chain_err("rx"))?;
                     len += bytes.len();
                 }
             }
             self.note_written(&chain, len);
-            a.queues[RXQ].add_used(&a.mem, head, len as u32).map_err(ring_err("rx"))?;
+            a.queues[RXQ]
+                .add_used(&a.mem, head, len as u32)
+                .map_err(ring_err("rx"))?;
             used = true;
         }
         if used && needs_interrupt(&mut a.queues[RXQ], &a.mem).map_err(ring_err("rx"))? {
@@ -773,7 +853,9 @@ impl VsockDevice {
         let n = self.conns.len();
         for k in 0..n {
             let i = (self.rr + k) % n;
-            let Some(c) = self.conns[i].as_mut() else { continue };
+            let Some(c) = self.conns[i].as_mut() else {
+                continue;
+            };
             let pkt = match c.st.phase {
                 Phase::Connecting if !c.st.request_sent => {
                     c.st.request_sent = true;
@@ -782,13 +864,24 @@ impl VsockDevice {
                 Phase::Established => {
                     let pending = c.pending_to_guest();
                     let credit = c.st.peer_credit() as usize;
-                    if pending > 0 && c.st.peer_shutdown & SHUTDOWN_RCV == 0 && credit > 0 && room > 0 {
+                    if pending > 0
+                        && c.st.peer_shutdown & SHUTDOWN_RCV == 0
+                        && credit > 0
+                        && room > 0
+                    {
                         let count = pending.min(credit).min(room);
                         let start = c.to_guest_off;
                         c.to_guest_off += count;
                         c.st.tx_cnt = c.st.tx_cnt.wrapping_add(count as u32);
-                        Some((c.st.header(op::RW, count as u32, 0), Some((i, start, count))))
-                    } else if pending > 0 && c.st.peer_shutdown & SHUTDOWN_RCV == 0 && credit == 0 && !c.st.credit_request_sent {
+                        Some((
+                            c.st.header(op::RW, count as u32, 0),
+                            Some((i, start, count)),
+                        ))
+                    } else if pending > 0
+                        && c.st.peer_shutdown & SHUTDOWN_RCV == 0
+                        && credit == 0
+                        && !c.st.credit_request_sent
+                    {
                         c.st.credit_request_sent = true;
                         Some((c.st.header(op::CREDIT_REQUEST, 0, 0), None))
                     } else if pending == 0 && c.st.shutdown_to_send != 0 {
@@ -830,7 +923,9 @@ impl VsockDevice {
     }
 
     fn pump_conn(&mut self, i: usize) -> io::Result<()> {
-        let Some(c) = self.conns[i].as_mut() else { return Ok(()) };
+        let Some(c) = self.conns[i].as_mut() else {
+            return Ok(());
+        };
         let tag = c.tag(i);
         let drained = c.to_host.is_empty() && c.send_op.is_none();
         if c.st.phase == Phase::Established && drained && c.st.peer_shutdown == SHUTDOWN_BOTH {
@@ -839,8 +934,14 @@ impl VsockDevice {
             self.drop_conn(i, true);
             return Ok(());
         }
-        let Some(fd) = c.host.clone() else { return Ok(()) };
-        if c.st.phase == Phase::Established && drained && c.st.peer_shutdown & SHUTDOWN_SEND != 0 && !c.host_write_shut {
+        let Some(fd) = c.host.clone() else {
+            return Ok(());
+        };
+        if c.st.phase == Phase::Established
+            && drained
+            && c.st.peer_shutdown & SHUTDOWN_SEND != 0
+            && !c.host_write_shut
+        {
             // SAFETY: shutdown(2) on a socket this connection owns; no memory is involved.
             unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
             c.host_write_shut = true;
@@ -865,7 +966,11 @@ impl VsockDevice {
             }
             Phase::Established => {
                 let credit = c.st.peer_credit() as usize;
-                if !c.host_eof && c.st.peer_shutdown & SHUTDOWN_RCV == 0 && c.pending_to_guest() == 0 && credit > 0 {
+                if !c.host_eof
+                    && c.st.peer_shutdown & SHUTDOWN_RCV == 0
+                    && c.pending_to_guest() == 0
+                    && credit > 0
+                {
                     let mut buf = std::mem::take(&mut c.to_guest);
                     buf.clear();
                     // A large buffer from a bulk transfer is not kept while the client idles.
@@ -896,14 +1001,18 @@ impl VsockDevice {
     }
 
     fn top_up_conn(&mut self, i: usize) -> io::Result<()> {
-        let Some(c) = self.conns[i].as_mut() else { return Ok(()) };
+        let Some(c) = self.conns[i].as_mut() else {
+            return Ok(());
+        };
         if !c.bulk || c.recv_op.is_some() || c.host_eof || c.st.phase != Phase::Established {
             return Ok(());
         }
         if c.st.peer_shutdown & SHUTDOWN_RCV != 0 {
             return Ok(());
         }
-        let Some(fd) = c.host.clone() else { return Ok(()) };
+        let Some(fd) = c.host.clone() else {
+            return Ok(());
+        };
         let limit = (c.st.peer_credit() as usize).min(RX_MAX);
         if c.pending_to_guest() >= limit {
             return Ok(());
@@ -916,14 +1025,22 @@ impl VsockDevice {
             let want = limit - c.to_guest.len();
             if c.to_guest.capacity() == c.to_guest.len() {
                 // Grow by doubling (at least RX_CHUNK), never past the limit.
-                c.to_guest.reserve_exact(c.to_guest.len().max(RX_CHUNK).min(want));
+                c.to_guest
+                    .reserve_exact(c.to_guest.len().max(RX_CHUNK).min(want));
             }
             let spare = c.to_guest.spare_capacity_mut();
             let n = spare.len().min(want);
             // SAFETY: recv(2) writes at most `n` bytes at `spare`, which has room for at least
             // `n` bytes and is not otherwise borrowed; the fd is this connection's socket,
             // kept open by the Arc.
-            let r = unsafe { libc::recv(fd.as_raw_fd(), spare.as_mut_ptr().cast(), n, libc::MSG_DONTWAIT) };
+            let r = unsafe {
+                libc::recv(
+                    fd.as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    n,
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if r > 0 {
                 let len = c.to_guest.len() + r as usize;
                 // SAFETY: recv initialised the first `r` (<= n) bytes of the spare capacity.
@@ -953,7 +1070,9 @@ impl VsockDevice {
         }
         let slot = (comp.tag >> 32) as usize;
         let gen = comp.tag as u32;
-        let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else { return };
+        let Some(c) = self.conns.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
         if c.gen != gen {
             return;
         }
@@ -1017,7 +1136,14 @@ impl VsockDevice {
 
     fn on_accept(&mut self, result: i32, accepted: Option<OwnedFd>) {
         let Some(fd) = accepted else {
-            if ![libc::EINTR, libc::EAGAIN, libc::ECONNABORTED, libc::ECANCELED].contains(&-result) {
+            if ![
+                libc::EINTR,
+                libc::EAGAIN,
+                libc::ECONNABORTED,
+                libc::ECANCELED,
+            ]
+            .contains(&-result)
+            {
                 // Out of fds or the listener is gone: stop accepting rather than spin.
                 self.accept_failed = Some(-result);
             }
@@ -1028,12 +1154,18 @@ impl VsockDevice {
             return;
         };
         let gen = self.bump_gen();
-        self.conns[slot] = Some(Conn::new(gen, Some(Arc::new(fd)), ConnectionState::awaiting_connect()));
+        self.conns[slot] = Some(Conn::new(
+            gen,
+            Some(Arc::new(fd)),
+            ConnectionState::awaiting_connect(),
+        ));
     }
 
     /// Parses a client's `CONNECT <port>\n` once the line is complete.
     fn on_connect_line(&mut self, slot: usize) {
-        let Some(c) = self.conns[slot].as_mut() else { return };
+        let Some(c) = self.conns[slot].as_mut() else {
+            return;
+        };
         let Some(nl) = c.to_guest.iter().position(|&b| b == b'\n') else {
             if c.to_guest.len() >= CONNECT_LINE_MAX {
                 self.drop_conn(slot, false);
@@ -1051,10 +1183,14 @@ impl VsockDevice {
         let leftover = c.to_guest.split_off(nl + 1);
         // A restored connection to that guest port waiting for a client?
         let parked = self.conns.iter().position(|o| {
-            o.as_ref().is_some_and(|p| p.host.is_none() && p.st.phase == Phase::Established && p.st.peer_port == port)
+            o.as_ref().is_some_and(|p| {
+                p.host.is_none() && p.st.phase == Phase::Established && p.st.peer_port == port
+            })
         });
         if let Some(p) = parked {
-            let Some(mut client) = self.conns[slot].take() else { return };
+            let Some(mut client) = self.conns[slot].take() else {
+                return;
+            };
             if let Some(pc) = self.conns[p].as_mut() {
                 pc.host = client.host.take();
                 pc.queue_ok();
@@ -1131,7 +1267,10 @@ impl VirtioDevice for VsockDevice {
             return Err(ActivateError::Broken);
         }
         if ctx.queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount { expected: QUEUE_SIZES.len(), got: ctx.queues.len() });
+            return Err(ActivateError::QueueCount {
+                expected: QUEUE_SIZES.len(),
+                got: ctx.queues.len(),
+            });
         }
         self.acked_features = ctx.acked_features;
         // A restored device continues from its saved ring positions.
@@ -1144,7 +1283,11 @@ impl VirtioDevice for VsockDevice {
             }
             None => ctx.queues,
         };
-        self.active = Some(Active { mem: ctx.mem, queues, interrupt: ctx.interrupt });
+        self.active = Some(Active {
+            mem: ctx.mem,
+            queues,
+            interrupt: ctx.interrupt,
+        });
         // The event loop thread does the work.
         self.activate_evt.write(1).map_err(ActivateError::EventFd)
     }
@@ -1186,14 +1329,21 @@ impl VirtioDevice for VsockDevice {
 /// Queues from a saved state, checked (`Queue::try_from` validates each).
 fn restored_queues(saved: &[QueueStateData]) -> Result<Vec<Queue>, VsockError> {
     if saved.len() != QUEUE_SIZES.len() {
-        return Err(VsockError::BadState(format!("{} queues, the device has {}", saved.len(), QUEUE_SIZES.len())));
+        return Err(VsockError::BadState(format!(
+            "{} queues, the device has {}",
+            saved.len(),
+            QUEUE_SIZES.len()
+        )));
     }
     saved
         .iter()
         .enumerate()
         .map(|(i, q)| {
             if q.max_size != QUEUE_SIZE {
-                return Err(VsockError::BadState(format!("queue {i} max size {}", q.max_size)));
+                return Err(VsockError::BadState(format!(
+                    "queue {i} max size {}",
+                    q.max_size
+                )));
             }
             Queue::try_from(*q).map_err(|e| VsockError::BadState(format!("queue {i}: {e}")))
         })
@@ -1203,14 +1353,25 @@ fn restored_queues(saved: &[QueueStateData]) -> Result<Vec<Queue>, VsockError> {
 /// Saved connections: established, within the connection cap, no two with the same ports.
 fn check_connections(saved: &[ConnectionState]) -> Result<(), VsockError> {
     if saved.len() > MAX_CONNECTIONS {
-        return Err(VsockError::BadState(format!("{} connections, at most {MAX_CONNECTIONS}", saved.len())));
+        return Err(VsockError::BadState(format!(
+            "{} connections, at most {MAX_CONNECTIONS}",
+            saved.len()
+        )));
     }
     for (i, c) in saved.iter().enumerate() {
         if c.phase != Phase::Established {
-            return Err(VsockError::BadState(format!("connection {i} is {:?}, not established", c.phase)));
+            return Err(VsockError::BadState(format!(
+                "connection {i} is {:?}, not established",
+                c.phase
+            )));
         }
-        if saved[..i].iter().any(|o| o.local_port == c.local_port || o.peer_port == c.peer_port) {
-            return Err(VsockError::BadState(format!("connection {i} shares a port with another")));
+        if saved[..i]
+            .iter()
+            .any(|o| o.local_port == c.local_port || o.peer_port == c.peer_port)
+        {
+            return Err(VsockError::BadState(format!(
+                "connection {i} shares a port with another"
+            )));
         }
     }
     Ok(())

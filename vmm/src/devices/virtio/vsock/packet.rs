@@ -180,14 +180,27 @@ impl PacketHeader {
         }
         let avail = chain_len.saturating_sub(HDR_LEN as u32);
         if self.len > avail {
-            return Err(PacketError::BeyondChain { len: self.len, avail });
+            return Err(PacketError::BeyondChain {
+                len: self.len,
+                avail,
+            });
         }
         if self.op != op::RW && self.len != 0 {
-            return Err(PacketError::PayloadOnControl { op: self.op, len: self.len });
+            return Err(PacketError::PayloadOnControl {
+                op: self.op,
+                len: self.len,
+            });
         }
-        let allowed = if self.op == op::SHUTDOWN { SHUTDOWN_BOTH } else { 0 };
+        let allowed = if self.op == op::SHUTDOWN {
+            SHUTDOWN_BOTH
+        } else {
+            0
+        };
         if self.flags & !allowed != 0 {
-            return Err(PacketError::Flags { op: self.op, flags: self.flags });
+            return Err(PacketError::Flags {
+                op: self.op,
+                flags: self.flags,
+            });
         }
         Ok(())
     }
@@ -226,21 +239,59 @@ mod tests {
         let chain = HDR_LEN as u32 + 10;
         good().check_from_guest(chain).unwrap();
         let bad = |h: PacketHeader| h.check_from_guest(chain).unwrap_err();
-        assert_eq!(bad(PacketHeader { src_cid: 2, ..good() }), PacketError::SrcCid(2));
-        assert_eq!(bad(PacketHeader { dst_cid: 3, ..good() }), PacketError::DstCid(3));
-        assert_eq!(bad(PacketHeader { type_: 2, ..good() }), PacketError::Type(2));
+        assert_eq!(
+            bad(PacketHeader {
+                src_cid: 2,
+                ..good()
+            }),
+            PacketError::SrcCid(2)
+        );
+        assert_eq!(
+            bad(PacketHeader {
+                dst_cid: 3,
+                ..good()
+            }),
+            PacketError::DstCid(3)
+        );
+        assert_eq!(
+            bad(PacketHeader { type_: 2, ..good() }),
+            PacketError::Type(2)
+        );
         assert_eq!(bad(PacketHeader { op: 0, ..good() }), PacketError::Op(0));
         assert_eq!(bad(PacketHeader { op: 8, ..good() }), PacketError::Op(8));
-        assert_eq!(bad(PacketHeader { len: u32::MAX, ..good() }), PacketError::TooLong(u32::MAX));
-        assert_eq!(bad(PacketHeader { len: 11, ..good() }), PacketError::BeyondChain { len: 11, avail: 10 });
         assert_eq!(
-            bad(PacketHeader { op: op::CREDIT_UPDATE, ..good() }),
+            bad(PacketHeader {
+                len: u32::MAX,
+                ..good()
+            }),
+            PacketError::TooLong(u32::MAX)
+        );
+        assert_eq!(
+            bad(PacketHeader { len: 11, ..good() }),
+            PacketError::BeyondChain { len: 11, avail: 10 }
+        );
+        assert_eq!(
+            bad(PacketHeader {
+                op: op::CREDIT_UPDATE,
+                ..good()
+            }),
             PacketError::PayloadOnControl { op: 6, len: 10 }
         );
-        assert_eq!(bad(PacketHeader { flags: 1, ..good() }), PacketError::Flags { op: 5, flags: 1 });
-        let shut = PacketHeader { op: op::SHUTDOWN, len: 0, flags: SHUTDOWN_BOTH, ..good() };
+        assert_eq!(
+            bad(PacketHeader { flags: 1, ..good() }),
+            PacketError::Flags { op: 5, flags: 1 }
+        );
+        let shut = PacketHeader {
+            op: op::SHUTDOWN,
+            len: 0,
+            flags: SHUTDOWN_BOTH,
+            ..good()
+        };
         shut.check_from_guest(chain).unwrap();
-        assert!(matches!(bad(PacketHeader { flags: 4, ..shut }), PacketError::Flags { .. }));
+        assert!(matches!(
+            bad(PacketHeader { flags: 4, ..shut }),
+            PacketError::Flags { .. }
+        ));
         assert_eq!(
             PacketError::BeyondChain { len: 11, avail: 10 }.to_string(),
             "payload length 11 exceeds the 10 bytes the descriptor chain holds after the header"

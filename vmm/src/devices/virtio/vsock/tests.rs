@@ -15,13 +15,17 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::connection::{ConnectionState, Phase, BUF_ALLOC};
 use super::device::{VsockDevice, VsockState};
-use super::packet::{op, PacketHeader, HDR_LEN, MAX_PKT_PAYLOAD, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM};
+use super::packet::{
+    op, PacketHeader, HDR_LEN, MAX_PKT_PAYLOAD, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM,
+};
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::event_loop::{EventLoop, Subscriber};
 use crate::devices::virtio::mmio::tests::{negotiate, r, setup_queue, w};
 use crate::devices::virtio::mmio::{MmioSlot, MmioTransport};
 use crate::devices::virtio::queue::tests::TestQueue;
-use crate::devices::virtio::{fault_channel, features, status, DeviceFault, FaultReceiver, VirtioDevice};
+use crate::devices::virtio::{
+    fault_channel, features, status, DeviceFault, FaultReceiver, VirtioDevice,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const RXQ: u32 = 0;
@@ -61,8 +65,19 @@ impl Guest {
         Self::with(name, rx_buf, rx_count, |_| {})
     }
 
-    fn with(name: &str, rx_buf: u32, rx_count: u16, before_start: impl FnOnce(&mut VsockDevice)) -> Guest {
-        Self::with_features(name, rx_buf, rx_count, features::VERSION_1 | features::RING_EVENT_IDX, before_start)
+    fn with(
+        name: &str,
+        rx_buf: u32,
+        rx_count: u16,
+        before_start: impl FnOnce(&mut VsockDevice),
+    ) -> Guest {
+        Self::with_features(
+            name,
+            rx_buf,
+            rx_count,
+            features::VERSION_1 | features::RING_EVENT_IDX,
+            before_start,
+        )
     }
 
     fn with_features(
@@ -114,7 +129,10 @@ impl Guest {
     /// `rx_buf` bytes.
     fn start(&mut self, rx_count: u16, driver_features: u64) {
         let g = self;
-        assert_eq!(r(&mut g.t, reg::VIRTIO_MMIO_DEVICE_ID), abi::virtio::DEVICE_ID_VSOCK);
+        assert_eq!(
+            r(&mut g.t, reg::VIRTIO_MMIO_DEVICE_ID),
+            abi::virtio::DEVICE_ID_VSOCK
+        );
         let mut cid = [0u8; 8];
         g.t.read(0x100, &mut cid);
         assert_eq!(u64::from_le_bytes(cid), abi::vsock::GUEST_CID);
@@ -129,7 +147,14 @@ impl Guest {
         // every interrupt.
         let rx_buf = g.rx_buf;
         for i in 0..rx_count {
-            g.rx.set_desc(&g.mem, i, RX_BUF_BASE + u64::from(i) * u64::from(rx_buf), rx_buf, 2, 0);
+            g.rx.set_desc(
+                &g.mem,
+                i,
+                RX_BUF_BASE + u64::from(i) * u64::from(rx_buf),
+                rx_buf,
+                2,
+                0,
+            );
             g.rx.publish(&g.mem, i);
         }
         g.notify(RXQ);
@@ -172,14 +197,26 @@ impl Guest {
         let slot = self.tx_sent % TX_SLOTS;
         self.tx_sent = self.tx_sent.wrapping_add(1);
         let base = TX_BUF_BASE + u64::from(slot) * TX_SLOT;
-        self.mem.write_slice(&h.encode(), GuestAddress(base)).unwrap();
+        self.mem
+            .write_slice(&h.encode(), GuestAddress(base))
+            .unwrap();
         let (d0, d1) = (slot * 2, slot * 2 + 1);
         if payload.is_empty() {
             self.tx.set_desc(&self.mem, d0, base, HDR_LEN as u32, 0, 0);
         } else {
-            self.mem.write_slice(payload, GuestAddress(base + 0x100)).unwrap();
-            self.tx.set_desc(&self.mem, d0, base, HDR_LEN as u32, VRING_DESC_F_NEXT as u16, d1);
-            self.tx.set_desc(&self.mem, d1, base + 0x100, payload.len() as u32, 0, 0);
+            self.mem
+                .write_slice(payload, GuestAddress(base + 0x100))
+                .unwrap();
+            self.tx.set_desc(
+                &self.mem,
+                d0,
+                base,
+                HDR_LEN as u32,
+                VRING_DESC_F_NEXT as u16,
+                d1,
+            );
+            self.tx
+                .set_desc(&self.mem, d1, base + 0x100, payload.len() as u32, 0, 0);
         }
         self.tx.publish(&self.mem, d0);
     }
@@ -195,7 +232,10 @@ impl Guest {
         let deadline = Instant::now() + TIMEOUT;
         while self.tx.used_seen != self.tx.avail_idx {
             if self.tx.take_used(&self.mem).is_none() {
-                assert!(Instant::now() < deadline, "device did not consume tx packets");
+                assert!(
+                    Instant::now() < deadline,
+                    "device did not consume tx packets"
+                );
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
@@ -211,11 +251,17 @@ impl Guest {
                 self.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
                 let hb: [u8; HDR_LEN] = b[..HDR_LEN].try_into().unwrap();
                 let h = PacketHeader::decode(&hb);
-                assert_eq!(h.len as usize, b.len() - HDR_LEN, "used length matches the header");
+                assert_eq!(
+                    h.len as usize,
+                    b.len() - HDR_LEN,
+                    "used length matches the header"
+                );
                 self.rx.publish(&self.mem, id as u16);
                 // used_event (after the avail ring): interrupt me for the next buffer too.
                 let used_event = self.rx.avail + 4 + 2 * u64::from(self.rx.size);
-                self.mem.write_obj(self.rx.used_seen, GuestAddress(used_event)).unwrap();
+                self.mem
+                    .write_obj(self.rx.used_seen, GuestAddress(used_event))
+                    .unwrap();
                 self.notify(RXQ);
                 return Some((h, b.split_off(HDR_LEN)));
             }
@@ -227,9 +273,14 @@ impl Guest {
     }
 
     fn expect(&mut self, op: u16) -> (PacketHeader, Vec<u8>) {
-        let (h, d) = self.recv().unwrap_or_else(|| panic!("no packet (expected op {op})"));
+        let (h, d) = self
+            .recv()
+            .unwrap_or_else(|| panic!("no packet (expected op {op})"));
         assert_eq!(h.op, op, "unexpected packet {h:?}");
-        assert_eq!((h.src_cid, h.dst_cid, h.type_), (abi::vsock::HOST_CID, abi::vsock::GUEST_CID, TYPE_STREAM));
+        assert_eq!(
+            (h.src_cid, h.dst_cid, h.type_),
+            (abi::vsock::HOST_CID, abi::vsock::GUEST_CID, TYPE_STREAM)
+        );
         (h, d)
     }
 
@@ -241,7 +292,11 @@ impl Guest {
             let (h, d) = self.expect(op::RW);
             self.rx_total = self.rx_total.wrapping_add(h.len);
             let outstanding = self.rx_total.wrapping_sub(self.fwd_cnt);
-            assert!(outstanding <= self.buf_alloc, "device sent {outstanding} > buf_alloc {}", self.buf_alloc);
+            assert!(
+                outstanding <= self.buf_alloc,
+                "device sent {outstanding} > buf_alloc {}",
+                self.buf_alloc
+            );
             out.extend_from_slice(&d);
         }
         out
@@ -269,12 +324,18 @@ impl Guest {
     }
 
     fn fault(&self) -> DeviceFault {
-        self.faults.recv_timeout(TIMEOUT).expect("the device reported no fault")
+        self.faults
+            .recv_timeout(TIMEOUT)
+            .expect("the device reported no fault")
     }
 
     fn quiet(&mut self) {
         std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(self.rx.take_used(&self.mem), None, "the device sent a packet it should not have");
+        assert_eq!(
+            self.rx.take_used(&self.mem),
+            None,
+            "the device sent a packet it should not have"
+        );
     }
 
     /// Stops the event loop: it must end cleanly (no panic, no epoll error).
@@ -294,7 +355,9 @@ fn read_line(c: &mut UnixStream) -> String {
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
@@ -401,7 +464,11 @@ fn two_connections_without_event_idx_and_interrupts() {
     let mut g = Guest::with_features("two", 4096, 16, features::VERSION_1, |_| {});
     let mut a = g.connect_as(1024, LOCAL_PORT);
     let mut b = g.connect_as(1025, LOCAL_PORT + 1);
-    assert_ne!(g.t.irqfd().read().unwrap(), 0, "packets to the guest raise the irqfd");
+    assert_ne!(
+        g.t.irqfd().read().unwrap(),
+        0,
+        "packets to the guest raise the irqfd"
+    );
     assert_eq!(r(&mut g.t, reg::VIRTIO_MMIO_INTERRUPT_STATUS) & 1, 1);
     w(&mut g.t, reg::VIRTIO_MMIO_INTERRUPT_ACK, 1);
     a.write_all(b"to-a").unwrap();
@@ -414,7 +481,10 @@ fn two_connections_without_event_idx_and_interrupts() {
     seen.sort();
     assert_eq!(
         seen,
-        vec![(LOCAL_PORT, 1024, b"to-a".to_vec()), (LOCAL_PORT + 1, 1025, b"to-b".to_vec())]
+        vec![
+            (LOCAL_PORT, 1024, b"to-a".to_vec()),
+            (LOCAL_PORT + 1, 1025, b"to-b".to_vec())
+        ]
     );
     let mut h = g.hdr(op::RW, LOCAL_PORT + 1, 4, 0);
     h.src_port = 1025;
@@ -501,7 +571,12 @@ fn parked_connection_attaches_without_a_handshake() {
         peer_buf_alloc: 1 << 20,
         ..ConnectionState::awaiting_connect()
     };
-    let mut g = Guest::with("parked", 4096, 8, |d| assert!(d.park_connection(st.clone())));
+    let mut g = Guest::with(
+        "parked",
+        4096,
+        8,
+        |d| assert!(d.park_connection(st.clone())),
+    );
     assert_eq!(g.dev.lock().unwrap().state().connections, vec![st]);
     let mut c = UnixStream::connect(&g.path).unwrap();
     c.set_read_timeout(Some(TIMEOUT)).unwrap();
@@ -566,7 +641,9 @@ fn a_client_that_connects_before_the_driver_starts_gets_ok() {
     c.set_read_timeout(Some(TIMEOUT)).unwrap();
     c.write_all(b"CONNECT 1024\nearly").unwrap();
     let dev = g.dev.clone();
-    wait_until("the CONNECT line", || dev.lock().unwrap().connection_phases() == [Phase::Connecting]);
+    wait_until("the CONNECT line", || {
+        dev.lock().unwrap().connection_phases() == [Phase::Connecting]
+    });
     // The driver's mandatory start-up reset keeps the client; the request reaches the
     // driver once it is active.
     w(&mut g.t, reg::VIRTIO_MMIO_STATUS, 0);
@@ -594,7 +671,9 @@ fn a_driver_reset_closes_established_connections_and_keeps_pending_ones() {
     let mut quiet = UnixStream::connect(&g.path).unwrap();
     quiet.set_read_timeout(Some(TIMEOUT)).unwrap();
     let dev = g.dev.clone();
-    wait_until("the third client", || dev.lock().unwrap().connection_count() == 3);
+    wait_until("the third client", || {
+        dev.lock().unwrap().connection_count() == 3
+    });
     // The driver resets before answering: the established client sees EOF; the other
     // request reaches the new driver.
     g.restart(8);
@@ -630,9 +709,15 @@ fn assert_broken(g: Guest, expect: &str) {
 
 fn check_broken(mut g: Guest, f: DeviceFault, expect: &str) {
     assert_eq!(f.device, "virtio-vsock");
-    assert!(f.message.contains(expect), "fault {f:?} does not mention {expect:?}");
+    assert!(
+        f.message.contains(expect),
+        "fault {f:?} does not mention {expect:?}"
+    );
     assert!(g.dev.lock().unwrap().is_broken());
-    assert_ne!(r(&mut g.t, reg::VIRTIO_MMIO_STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    assert_ne!(
+        r(&mut g.t, reg::VIRTIO_MMIO_STATUS) & status::DEVICE_NEEDS_RESET,
+        0
+    );
     // A broken device ignores further packets and reports nothing more.
     g.queue_tx(&g.hdr(op::RW, LOCAL_PORT, 0, 0), &[]);
     g.notify(TXQ);
@@ -649,7 +734,10 @@ fn tx_descriptor_loop_breaks_the_device() {
     g.tx.publish(&g.mem, 3);
     g.notify(TXQ);
     let f = g.fault();
-    assert_eq!(f.to_string(), "virtio-vsock: tx queue: descriptor chain at head 3 loops (descriptor 4 links back to 3)");
+    assert_eq!(
+        f.to_string(),
+        "virtio-vsock: tx queue: descriptor chain at head 3 loops (descriptor 4 links back to 3)"
+    );
     check_broken(g, f, "loops");
 }
 
@@ -668,7 +756,10 @@ fn absurd_length_breaks_the_device() {
     let h = g.hdr(op::RW, LOCAL_PORT, 1_000_000, 0);
     g.queue_tx(&h, &[0u8; 16]);
     g.notify(TXQ);
-    assert_broken(g, "tx queue: bad packet at head 0: payload length 1000000 exceeds the 65536-byte limit");
+    assert_broken(
+        g,
+        "tx queue: bad packet at head 0: payload length 1000000 exceeds the 65536-byte limit",
+    );
 }
 
 #[test]
@@ -693,9 +784,14 @@ fn short_packet_breaks_the_device() {
 #[test]
 fn avail_index_jump_breaks_the_device() {
     let mut g = Guest::new("avail", 4096, 8);
-    g.mem.write_obj(1000u16, GuestAddress(g.tx.avail + 2)).unwrap();
+    g.mem
+        .write_obj(1000u16, GuestAddress(g.tx.avail + 2))
+        .unwrap();
     g.notify(TXQ);
-    assert_broken(g, "avail ring index 1000 is 1000 entries ahead of the device, more than the queue size 64");
+    assert_broken(
+        g,
+        "avail ring index 1000 is 1000 entries ahead of the device, more than the queue size 64",
+    );
 }
 
 #[test]
@@ -709,7 +805,10 @@ fn readable_rx_buffer_breaks_the_device() {
     let mut c = UnixStream::connect(&g.path).unwrap();
     c.write_all(b"CONNECT 1024\n").unwrap();
     let f = g.fault();
-    assert_eq!(f.message, "rx queue: descriptor chain at head 0 has device-readable buffers");
+    assert_eq!(
+        f.message,
+        "rx queue: descriptor chain at head 0 has device-readable buffers"
+    );
     check_broken(g, f, "device-readable");
     // The client's socket is still open (the VMM stops the VM and with it the device).
     drop(c);
@@ -731,7 +830,8 @@ fn credit_overrun_breaks_the_device() {
         }
         g.notify(TXQ);
         wait_until("the tx batch", || {
-            dev.lock().unwrap().is_broken() || (g.tx.take_used(&g.mem).is_none() && g.tx.used_seen == g.tx.avail_idx)
+            dev.lock().unwrap().is_broken()
+                || (g.tx.take_used(&g.mem).is_none() && g.tx.used_seen == g.tx.avail_idx)
         });
         if dev.lock().unwrap().is_broken() {
             break;
@@ -755,14 +855,19 @@ fn fwd_cnt_beyond_sent_breaks_the_device() {
 fn wrong_queue_size_breaks_the_device() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let (sink, faults) = fault_channel().unwrap();
-    let dev = Arc::new(Mutex::new(VsockDevice::new(&sock_path("qsize"), sink.clone()).unwrap()));
+    let dev = Arc::new(Mutex::new(
+        VsockDevice::new(&sock_path("qsize"), sink.clone()).unwrap(),
+    ));
     let mut t = MmioTransport::new(mem, dev.clone(), MmioSlot::nth(0).unwrap(), sink).unwrap();
     assert!(negotiate(&mut t, features::VERSION_1));
     w(&mut t, reg::VIRTIO_MMIO_QUEUE_SEL, 0);
     assert_eq!(r(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
     w(&mut t, reg::VIRTIO_MMIO_QUEUE_NUM, 512);
     let f = faults.try_recv().unwrap();
-    assert_eq!(f.to_string(), "virtio-vsock@0xd0000000: queue 0 size 512 is not a power of two in 1..=256");
+    assert_eq!(
+        f.to_string(),
+        "virtio-vsock@0xd0000000: queue 0 size 512 is not a power of two in 1..=256"
+    );
     assert!(dev.lock().unwrap().is_broken());
 }
 
@@ -800,9 +905,17 @@ fn vsock_state_round_trip_parks_the_connection_and_resumes_the_rings() {
     // Restore on a new device and transport over the same memory (the guest's rings).
     let path = sock_path("persist-b");
     let (sink, faults) = fault_channel().unwrap();
-    let args = VsockArgs { uds_path: path.clone(), faults: sink.clone() };
+    let args = VsockArgs {
+        uds_path: path.clone(),
+        faults: sink.clone(),
+    };
     let dev = Arc::new(Mutex::new(VsockDevice::restore(args, &saved_dev).unwrap()));
-    let targs = TransportArgs { mem: g.mem.clone(), device: dev.clone(), slot: MmioSlot::nth(0).unwrap(), faults: sink };
+    let targs = TransportArgs {
+        mem: g.mem.clone(),
+        device: dev.clone(),
+        slot: MmioSlot::nth(0).unwrap(),
+        faults: sink,
+    };
     let t = MmioTransport::restore(targs, &saved_t).unwrap();
     assert_eq!(t.save(), saved_t);
     assert_eq!(dev.lock().unwrap().save(), saved_dev);
@@ -832,19 +945,40 @@ fn vsock_state_round_trip_parks_the_connection_and_resumes_the_rings() {
 
     // Garbage is refused.
     let bad_states = [
-        VsockState { broken: true, ..saved_dev.clone() },
-        VsockState { cid: 9, ..saved_dev.clone() },
-        VsockState { queues: Some(vec![]), ..saved_dev.clone() },
         VsockState {
-            connections: vec![ConnectionState { phase: Phase::Connecting, ..saved_dev.connections[0].clone() }],
+            broken: true,
             ..saved_dev.clone()
         },
-        VsockState { connections: vec![saved_dev.connections[0].clone(); 2], ..saved_dev.clone() },
+        VsockState {
+            cid: 9,
+            ..saved_dev.clone()
+        },
+        VsockState {
+            queues: Some(vec![]),
+            ..saved_dev.clone()
+        },
+        VsockState {
+            connections: vec![ConnectionState {
+                phase: Phase::Connecting,
+                ..saved_dev.connections[0].clone()
+            }],
+            ..saved_dev.clone()
+        },
+        VsockState {
+            connections: vec![saved_dev.connections[0].clone(); 2],
+            ..saved_dev.clone()
+        },
     ];
     for bad in bad_states {
         let (sink, _f) = fault_channel().unwrap();
-        let args = VsockArgs { uds_path: sock_path("persist-c"), faults: sink };
+        let args = VsockArgs {
+            uds_path: sock_path("persist-c"),
+            faults: sink,
+        };
         let err = VsockDevice::restore(args, &bad).unwrap_err();
-        assert!(matches!(err, super::device::VsockError::BadState(_)), "{err:?}");
+        assert!(
+            matches!(err, super::device::VsockError::BadState(_)),
+            "{err:?}"
+        );
     }
 }

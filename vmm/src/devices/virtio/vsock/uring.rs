@@ -87,7 +87,9 @@ pub struct Uring {
 
 impl std::fmt::Debug for Uring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Uring").field("in_flight", &self.in_flight).finish_non_exhaustive()
+        f.debug_struct("Uring")
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
     }
 }
 
@@ -97,7 +99,14 @@ impl Uring {
         let ring = IoUring::new(RING_ENTRIES)?;
         let evt = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(evt.as_raw_fd())?;
-        Ok(Uring { ring, evt, slots: Vec::new(), free: Vec::new(), in_flight: 0, unsubmitted: false })
+        Ok(Uring {
+            ring,
+            evt,
+            slots: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+            unsubmitted: false,
+        })
     }
 
     /// Readable when completions are waiting.
@@ -112,33 +121,79 @@ impl Uring {
 
     /// Accepts a connection on `listener`.
     pub fn accept(&mut self, tag: u64, listener: Arc<OwnedFd>) -> io::Result<OpId> {
-        let sqe = opcode::Accept::new(types::Fd(listener.as_raw_fd()), std::ptr::null_mut(), std::ptr::null_mut())
-            .flags(libc::SOCK_CLOEXEC)
-            .build();
-        self.push(sqe, InFlight { tag, kind: OpKind::Accept, buf: Vec::new(), offset: 0, fd: listener })
+        let sqe = opcode::Accept::new(
+            types::Fd(listener.as_raw_fd()),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .flags(libc::SOCK_CLOEXEC)
+        .build();
+        self.push(
+            sqe,
+            InFlight {
+                tag,
+                kind: OpKind::Accept,
+                buf: Vec::new(),
+                offset: 0,
+                fd: listener,
+            },
+        )
     }
 
     /// Receives up to `max` bytes (at most the spare capacity) at the end of `buf`.
-    pub fn recv(&mut self, tag: u64, fd: Arc<OwnedFd>, mut buf: Vec<u8>, max: usize) -> io::Result<OpId> {
+    pub fn recv(
+        &mut self,
+        tag: u64,
+        fd: Arc<OwnedFd>,
+        mut buf: Vec<u8>,
+        max: usize,
+    ) -> io::Result<OpId> {
         let spare = buf.spare_capacity_mut();
         let len = u32::try_from(spare.len().min(max)).unwrap_or(u32::MAX);
-        let sqe = opcode::Recv::new(types::Fd(fd.as_raw_fd()), spare.as_mut_ptr().cast(), len).build();
-        self.push(sqe, InFlight { tag, kind: OpKind::Recv, buf, offset: 0, fd })
+        let sqe =
+            opcode::Recv::new(types::Fd(fd.as_raw_fd()), spare.as_mut_ptr().cast(), len).build();
+        self.push(
+            sqe,
+            InFlight {
+                tag,
+                kind: OpKind::Recv,
+                buf,
+                offset: 0,
+                fd,
+            },
+        )
     }
 
     /// Sends `buf[offset..]`.
-    pub fn send(&mut self, tag: u64, fd: Arc<OwnedFd>, buf: Vec<u8>, offset: usize) -> io::Result<OpId> {
+    pub fn send(
+        &mut self,
+        tag: u64,
+        fd: Arc<OwnedFd>,
+        buf: Vec<u8>,
+        offset: usize,
+    ) -> io::Result<OpId> {
         let rest = buf.get(offset..).unwrap_or(&[]);
         let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
         let sqe = opcode::Send::new(types::Fd(fd.as_raw_fd()), rest.as_ptr(), len)
             .flags(libc::MSG_NOSIGNAL)
             .build();
-        self.push(sqe, InFlight { tag, kind: OpKind::Send, buf, offset, fd })
+        self.push(
+            sqe,
+            InFlight {
+                tag,
+                kind: OpKind::Send,
+                buf,
+                offset,
+                fd,
+            },
+        )
     }
 
     /// Asks the kernel to cancel `id`; its completion still arrives (usually `-ECANCELED`).
     pub fn cancel(&mut self, id: OpId) {
-        let sqe = opcode::AsyncCancel::new(id.0).build().user_data(CANCEL_USER_DATA);
+        let sqe = opcode::AsyncCancel::new(id.0)
+            .build()
+            .user_data(CANCEL_USER_DATA);
         // SAFETY: a cancel request references no memory.
         if unsafe { self.ring.submission().push(&sqe) }.is_err() {
             let _ = self.ring.submit();
@@ -198,11 +253,15 @@ impl Uring {
             }
             let index = (ud & 0xffff_ffff) as usize;
             let gen = (ud >> 32) as u32;
-            let Some(slot) = self.slots.get_mut(index) else { continue };
+            let Some(slot) = self.slots.get_mut(index) else {
+                continue;
+            };
             if slot.gen != gen {
                 continue;
             }
-            let Some(mut op) = slot.op.take() else { continue };
+            let Some(mut op) = slot.op.take() else {
+                continue;
+            };
             self.free.push(index as u32);
             self.in_flight -= 1;
             let result = cqe.result();
@@ -292,7 +351,10 @@ mod tests {
         let mut out = Vec::new();
         wait(&mut u, &mut out);
         let c = out.pop().unwrap();
-        assert_eq!((c.tag, c.kind, c.result, &c.buf[..]), (7, OpKind::Recv, 5, &b"hello"[..]));
+        assert_eq!(
+            (c.tag, c.kind, c.result, &c.buf[..]),
+            (7, OpKind::Recv, 5, &b"hello"[..])
+        );
 
         u.send(8, b.clone(), b"xxworld".to_vec(), 2).unwrap();
         u.submit().unwrap();

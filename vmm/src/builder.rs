@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use fnode_guest::abi;
 use vm_memory::GuestAddress;
 
-use crate::devices::bus::{BusError, Buses, SharedDevice};
+use crate::devices;
+use crate::devices::bus::{BusError, Buses};
 use crate::devices::control::{ControlDevice, ControlSignal};
 use crate::devices::exit::{ExitDevice, ExitSignal};
 use crate::devices::serial::{SerialDevice, SerialError};
@@ -215,32 +216,15 @@ pub fn build(
         .map_err(BuildError::Vm)?;
     let serial = Arc::new(Mutex::new(serial));
     let exit = ExitSignal::new();
-    let mut buses = Buses::default();
-    let serial_dev: SharedDevice = serial.clone();
-    buses
-        .pio
-        .insert(
-            serial_dev,
-            u64::from(abi::serial::COM1_PORT),
-            u64::from(abi::serial::COM1_LEN),
-        )
-        .map_err(BuildError::Bus)?;
-    let exit_dev: SharedDevice = Arc::new(Mutex::new(ExitDevice::new(exit.clone())));
-    // The status is 1, 2 or 4 bytes wide at the port: the device claims 4 ports.
-    buses
-        .pio
-        .insert(exit_dev, u64::from(abi::exit::PORT), 4)
-        .map_err(BuildError::Bus)?;
     let control = ControlSignal::new();
-    let control_dev: SharedDevice = Arc::new(Mutex::new(ControlDevice::new(control.clone())));
-    buses
-        .pio
-        .insert(
-            control_dev,
-            u64::from(abi::control::PORT),
-            u64::from(abi::control::LEN),
-        )
-        .map_err(BuildError::Bus)?;
+    let mut buses = Buses::default();
+    devices::insert_legacy(
+        &mut buses.pio,
+        serial.clone(),
+        ExitDevice::new(exit.clone()),
+        ControlDevice::new(control.clone()),
+    )
+    .map_err(BuildError::Bus)?;
     // vCPU events; devices report faults on the same channel so `MicroVm::wait` wakes up.
     let (events_tx, events) = mpsc::channel();
     let fault_tx = events_tx.clone();

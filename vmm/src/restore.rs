@@ -22,7 +22,8 @@ use fnode_snapshot::{
 };
 use vm_memory::{FileOffset, MmapRegion};
 
-use crate::devices::bus::{BusError, Buses, SharedDevice};
+use crate::devices;
+use crate::devices::bus::{BusError, Buses};
 use crate::devices::control::{ControlDevice, ControlSignal};
 use crate::devices::exit::{ExitDevice, ExitSignal};
 use crate::devices::serial::{SerialDevice, SerialError};
@@ -228,30 +229,7 @@ pub fn restore_with(
         Err(never) => match never {},
     };
     let mut buses = Buses::default();
-    let serial_dev: SharedDevice = serial.clone();
-    buses
-        .pio
-        .insert(
-            serial_dev,
-            u64::from(abi::serial::COM1_PORT),
-            u64::from(abi::serial::COM1_LEN),
-        )
-        .map_err(RestoreError::Bus)?;
-    buses
-        .pio
-        .insert(
-            Arc::new(Mutex::new(exit_dev)),
-            u64::from(abi::exit::PORT),
-            4,
-        )
-        .map_err(RestoreError::Bus)?;
-    buses
-        .pio
-        .insert(
-            Arc::new(Mutex::new(control_dev)),
-            u64::from(abi::control::PORT),
-            u64::from(abi::control::LEN),
-        )
+    devices::insert_legacy(&mut buses.pio, serial.clone(), exit_dev, control_dev)
         .map_err(RestoreError::Bus)?;
     // vCPU events; devices report faults on the same channel so `MicroVm::wait` wakes up.
     let (events_tx, events) = mpsc::channel();

@@ -148,6 +148,23 @@ fn chain_err(queue: &'static str) -> impl Fn(ChainError) -> VsockError {
     move |source| VsockError::Queue { queue, source }
 }
 
+/// The head of the next available chain on queue `q` (`name` in errors), or `None` when the
+/// ring is empty. An empty ring turns the driver's notifications back on and is looked at once
+/// more, so that a chain added in between is not missed.
+fn next_head(a: &mut Active, q: usize, name: &'static str) -> Result<Option<u16>, VsockError> {
+    loop {
+        if let Some(head) = pop_head(&mut a.queues[q], &a.mem).map_err(chain_err(name))? {
+            return Ok(Some(head));
+        }
+        if !a.queues[q]
+            .enable_notification(&a.mem)
+            .map_err(ring_err(name))?
+        {
+            return Ok(None);
+        }
+    }
+}
+
 /// The device's state as plain data (for snapshots; see the module doc).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockState {
@@ -627,17 +644,8 @@ impl VsockDevice {
                 let _ = self.queue_evts[TXQ].write(1);
                 break;
             }
-            let head = match pop_head(&mut a.queues[TXQ], &a.mem).map_err(chain_err("tx"))? {
-                Some(h) => h,
-                None => {
-                    if a.queues[TXQ]
-                        .enable_notification(&a.mem)
-                        .map_err(ring_err("tx"))?
-                    {
-                        continue;
-                    }
-                    break;
-                }
+            let Some(head) = next_head(a, TXQ, "tx")? else {
+                break;
             };
             n += 1;
             let chain = walk_chain(&a.mem, &a.queues[TXQ], head).map_err(chain_err("tx"))?;
@@ -772,18 +780,9 @@ impl VsockDevice {
             if !self.has_rx_work() {
                 break;
             }
-            let head = match pop_head(&mut a.queues[RXQ], &a.mem).map_err(chain_err("rx"))? {
-                Some(h) => h,
-                None => {
-                    // Out of guest buffers: ask to be notified when the driver adds some.
-                    if a.queues[RXQ]
-                        .enable_notification(&a.mem)
-                        .map_err(ring_err("rx"))?
-                    {
-                        continue;
-                    }
-                    break;
-                }
+            // Out of guest buffers: `next_head` asks to be notified when the driver adds some.
+            let Some(head) = next_head(a, RXQ, "rx")? else {
+                break;
             };
             n += 1;
             let chain = walk_chain(&a.mem, &a.queues[RXQ], head).map_err(chain_err("rx"))?;

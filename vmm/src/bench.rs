@@ -2,9 +2,10 @@
 //!
 //! [`raw_floor`]: `KVM_CREATE_VM`, the TSS address, guest memory (mapped and registered),
 //! `KVM_CREATE_VCPU`, the entry registers, then `KVM_RUN` of three instructions ending in
-//! `hlt`. No irqchip, no devices, no CPUID. Benchmarks run it next to fnode's real boot (and
-//! later restore) paths in the same run and report the ratio, so host noise cancels out:
-//! [`boot_vs_floor`] interleaves floor runs and cold boots and reports percentiles.
+//! `hlt`. No irqchip, no devices, no CPUID. Benchmarks run it next to fnode's real paths in the
+//! same run and report ratios, so host noise cancels out: [`boot_vs_floor`] interleaves floor
+//! runs with cold boots (and whole `fnode-vmm` and QEMU microvm processes), [`restore_vs_floor`]
+//! with restores; both report percentiles of every phase in a [`PhaseReport`].
 
 use std::fmt;
 use std::io;
@@ -285,49 +286,33 @@ impl Series {
     }
 }
 
-/// The result of [`boot_vs_floor`].
+/// The result of [`boot_vs_floor`] and [`restore_vs_floor`]: percentiles of every timed
+/// phase (floor phases first), and the p50 ratios that compare them, all from one run.
 #[derive(Debug)]
-pub struct BootBenchReport {
-    /// Floor phases, then the floor total.
-    pub floor: Vec<Series>,
-    /// Boot build phases, the build total, the guest run and build + run.
-    pub boot: Vec<Series>,
-    /// Whole-process boots (spawn to exit): `process.fnode-vmm` and peers such as
-    /// `process.qemu-microvm`, added by the caller with [`Series::record`].
-    pub process: Vec<Series>,
+pub struct PhaseReport {
+    /// Every series, in the order printed.
+    pub series: Vec<Series>,
+    /// Pairs `(a, b)` whose `p50(a) / p50(b)` the report prints.
+    pub ratios: &'static [(&'static str, &'static str)],
 }
 
-impl BootBenchReport {
-    fn series(list: &[Series], name: &str) -> Option<Duration> {
-        list.iter()
-            .find(|s| s.name == name)
-            .map(|s| s.quantile(0.5))
-    }
-
-    /// p50 of series `a` over p50 of series `b` (any of the report's series).
+impl PhaseReport {
+    /// p50 of series `a` over p50 of series `b`.
     pub fn p50_ratio(&self, a: &str, b: &str) -> Option<f64> {
-        let all = || self.floor.iter().chain(&self.boot).chain(&self.process);
-        let a = all().find(|s| s.name == a)?.quantile(0.5);
-        let b = all().find(|s| s.name == b)?.quantile(0.5);
+        let p50 = |name: &str| Some(self.series.iter().find(|s| s.name == name)?.quantile(0.5));
+        let (a, b) = (p50(a)?, p50(b)?);
         (!b.is_zero()).then(|| a.as_secs_f64() / b.as_secs_f64())
     }
-
-    /// p50 of the VM build over p50 of the floor (both measured in this run).
-    pub fn build_over_floor_p50(&self) -> Option<f64> {
-        let build = Self::series(&self.boot, "build.total")?;
-        let floor = Self::series(&self.floor, "floor.total")?;
-        (!floor.is_zero()).then(|| build.as_secs_f64() / floor.as_secs_f64())
-    }
 }
 
-impl fmt::Display for BootBenchReport {
+impl fmt::Display for PhaseReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "{:<24} {:>6} {:>10} {:>10} {:>10} {:>10}",
             "phase", "n", "p50 us", "p90 us", "p99 us", "max us"
         )?;
-        for s in self.floor.iter().chain(&self.boot).chain(&self.process) {
+        for s in &self.series {
             let us = |q: f64| s.quantile(q).as_secs_f64() * 1e6;
             writeln!(
                 f,
@@ -340,14 +325,7 @@ impl fmt::Display for BootBenchReport {
                 us(1.0)
             )?;
         }
-        if let Some(r) = self.build_over_floor_p50() {
-            writeln!(f, "build.total p50 / floor.total p50 = {r:.2}")?;
-        }
-        for (a, b) in [
-            ("boot.total", "floor.total"),
-            ("process.fnode-vmm", "process.qemu-microvm"),
-            ("boot.total", "process.qemu-microvm"),
-        ] {
+        for &(a, b) in self.ratios {
             if let Some(r) = self.p50_ratio(a, b) {
                 writeln!(f, "{a} p50 / {b} p50 = {r:.3}")?;
             }
@@ -377,7 +355,7 @@ pub fn boot_vs_floor(
     runs: u32,
     timeout: Duration,
     mut processes: Vec<ProcessBoot>,
-) -> Result<BootBenchReport, BenchError> {
+) -> Result<PhaseReport, BenchError> {
     const FLOOR: [&str; 8] = [
         "floor.create_vm",
         "floor.set_tss",
@@ -444,66 +422,15 @@ pub fn boot_vs_floor(
             s.record(process_sample(&mut p.command, p.expected)?);
         }
     }
-    Ok(BootBenchReport {
-        floor,
-        boot,
-        process,
+    Ok(PhaseReport {
+        series: floor.into_iter().chain(boot).chain(process).collect(),
+        ratios: &[
+            ("build.total", "floor.total"),
+            ("boot.total", "floor.total"),
+            ("process.fnode-vmm", "process.qemu-microvm"),
+            ("boot.total", "process.qemu-microvm"),
+        ],
     })
-}
-
-/// The result of [`restore_vs_floor`].
-#[derive(Debug)]
-pub struct RestoreBenchReport {
-    /// Floor phases over the snapshot's memory file mapped `MAP_PRIVATE`, then
-    /// `floor.to_run` (everything before `KVM_RUN`) and the floor total.
-    pub floor: Vec<Series>,
-    /// Restore phases, `restore.total` (to a paused VM), `restore.to_first_run` ("restore
-    /// requested" to the first `KVM_RUN`, resume included), the guest's run to its exit and
-    /// `restore.to_exit`.
-    pub restore: Vec<Series>,
-}
-
-impl RestoreBenchReport {
-    /// p50 of series `a` over p50 of series `b`.
-    pub fn p50_ratio(&self, a: &str, b: &str) -> Option<f64> {
-        let all = || self.floor.iter().chain(&self.restore);
-        let a = all().find(|s| s.name == a)?.quantile(0.5);
-        let b = all().find(|s| s.name == b)?.quantile(0.5);
-        (!b.is_zero()).then(|| a.as_secs_f64() / b.as_secs_f64())
-    }
-}
-
-impl fmt::Display for RestoreBenchReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "{:<24} {:>6} {:>10} {:>10} {:>10} {:>10}",
-            "phase", "n", "p50 us", "p90 us", "p99 us", "max us"
-        )?;
-        for s in self.floor.iter().chain(&self.restore) {
-            let us = |q: f64| s.quantile(q).as_secs_f64() * 1e6;
-            writeln!(
-                f,
-                "{:<24} {:>6} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-                s.name,
-                s.len(),
-                us(0.5),
-                us(0.9),
-                us(0.99),
-                us(1.0)
-            )?;
-        }
-        for (a, b) in [
-            ("restore.to_first_run", "floor.to_run"),
-            ("restore.total", "floor.to_run"),
-            ("restore.to_exit", "floor.total"),
-        ] {
-            if let Some(r) = self.p50_ratio(a, b) {
-                writeln!(f, "{a} p50 / {b} p50 = {r:.2}")?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Runs `runs` floor runs over the memory file of the snapshot in `dir` (mapped
@@ -514,7 +441,7 @@ pub fn restore_vs_floor(
     dir: &Path,
     runs: u32,
     timeout: Duration,
-) -> Result<RestoreBenchReport, BenchError> {
+) -> Result<PhaseReport, BenchError> {
     const FLOOR: [&str; 9] = [
         "floor.create_vm",
         "floor.set_tss",
@@ -612,7 +539,14 @@ pub fn restore_vs_floor(
             s.record(d);
         }
     }
-    Ok(RestoreBenchReport { floor, restore })
+    Ok(PhaseReport {
+        series: floor.into_iter().chain(restore).collect(),
+        ratios: &[
+            ("restore.to_first_run", "floor.to_run"),
+            ("restore.total", "floor.to_run"),
+            ("restore.to_exit", "floor.total"),
+        ],
+    })
 }
 
 #[cfg(test)]

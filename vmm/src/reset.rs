@@ -2,7 +2,7 @@
 //! instead of building a new one ([`MicroVm::reset`]).
 //!
 //! A VM restored with [`crate::restore::RestoreOptions::reset`] keeps the decoded snapshot
-//! ([`ResetState`]) and has KVM log the pages the guest writes (`KVM_MEM_LOG_DIRTY_PAGES`).
+//! (`ResetState`) and has KVM log the pages the guest writes (`KVM_MEM_LOG_DIRTY_PAGES`).
 //! A reset takes the vCPUs out of the guest, holds the virtio devices still, and then:
 //! 1. memory: the pages the guest dirtied (`KVM_GET_DIRTY_LOG`) and the pages the devices
 //!    wrote (which the dirty log does not see: packets in receive buffers, the used rings)

@@ -71,7 +71,7 @@ pub enum BuildError {
 pub struct BuildArgs {
     /// The function crate's folder (holding its Cargo.toml).
     pub crate_dir: PathBuf,
-    /// Where to write the image (default: <cargo target dir>/fnode/<name>.elf).
+    /// Where to write the image (default: `<cargo target dir>/fnode/<name>.elf`).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
     /// Build the function with the release profile (the default).

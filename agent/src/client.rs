@@ -1,5 +1,5 @@
 //! The host end of the invocation channel: one connection to a VM's hybrid-vsock socket
-//! carrying [`abi::frame`] frames.
+//! carrying `abi::frame` frames.
 //!
 //! A [`Connection`] connects to the Unix socket the VMM binds for a VM, writes
 //! `CONNECT <port>\n`, reads `OK <hostport>\n` (Firecracker's hybrid-vsock handshake), and then
@@ -7,7 +7,7 @@
 //! one vectored write (the payload is not copied into a new buffer), and
 //! [`Connection::read_reply`] reads the guest's RESPONSE or ERROR, validating the header on
 //! the way in: the guest is untrusted, so its id must match, its kind must be a reply and its
-//! length is bounded by [`abi::frame::MAX_PAYLOAD`] before anything is allocated.
+//! length is bounded by `abi::frame::MAX_PAYLOAD` before anything is allocated.
 //!
 //! Everything is blocking `std` I/O with a deadline. While blocked, the caller's `watch`
 //! closure is called every [`WATCH_INTERVAL`]: it returns `false` to stop waiting (the VM

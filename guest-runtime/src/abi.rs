@@ -354,8 +354,8 @@ pub mod virtio {
 /// Fresh entropy for restored VMs.
 ///
 /// VMs restored from one snapshot start with the same memory, random generator state
-/// included. Before a restored (or reset) guest runs again, the VMM writes a [`Seed`] at
-/// [`ADDR`]: a fresh 256-bit seed from the host's generator and a generation that differs
+/// included. Before a restored (or reset) guest runs again, the VMM writes a
+/// [`Seed`](entropy::Seed) at [`ADDR`](entropy::ADDR): a fresh 256-bit seed from the host's generator and a generation that differs
 /// every time. The guest kernel keys its random source with it (mixed with `rdrand` where the
 /// CPU has it), so two restores of one snapshot never hand out the same random bytes. A guest
 /// that finds no valid seed (a cold boot, QEMU) uses `rdrand` alone.
@@ -441,9 +441,11 @@ pub mod vsock {
 
 /// Invocation frames, carried over the vsock stream in both directions.
 ///
-/// A frame is a [`Header`] of [`HEADER_LEN`] bytes (little-endian) followed by `len` payload
-/// bytes. The host sends [`KIND_REQUEST`]; the guest answers with a frame carrying the same
-/// `id` and [`KIND_RESPONSE`] (the function's bytes) or [`KIND_ERROR`] (a UTF-8 message).
+/// A frame is a [`Header`](frame::Header) of [`HEADER_LEN`](frame::HEADER_LEN) bytes
+/// (little-endian) followed by `len` payload bytes. The host sends
+/// [`KIND_REQUEST`](frame::KIND_REQUEST); the guest answers with a frame carrying the same `id`
+/// and [`KIND_RESPONSE`](frame::KIND_RESPONSE) (the function's bytes) or
+/// [`KIND_ERROR`](frame::KIND_ERROR) (a UTF-8 message).
 pub mod frame {
     /// Largest request or response payload: 6 MiB, AWS Lambda's synchronous limit.
     pub const MAX_PAYLOAD: usize = 6 * 1024 * 1024;
@@ -767,8 +769,8 @@ pub mod user {
     /// runs with interrupts off (nothing preempts it); the kernel never touches the x87/SSE
     /// state, so user code may use SSE freely.
     ///
-    /// At the entry point: `rdi` = [`START_ADDR`](super::START_ADDR), `rsp` =
-    /// [`ENTRY_RSP`](super::ENTRY_RSP), `rflags` = `0x2`.
+    /// At the entry point: `rdi` = [`START_ADDR`], `rsp` =
+    /// [`ENTRY_RSP`], `rflags` = `0x2`.
     pub mod sys {
         /// `next(kind, ptr, len) -> request_len`: deliver the previous invocation's result
         /// (`kind` = [`RESULT_NONE`] on the first call, after `init`; else

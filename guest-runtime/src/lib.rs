@@ -2,8 +2,8 @@
 //!
 //! - [`abi`] is the guest↔host contract: ports, memory layout, exit codes, report and frame
 //!   formats. The guest kernel and every host crate import it; no number in it is written twice.
-//! - With the `runtime` feature, the function SDK: the [`Function`] trait, the [`entry!`]
-//!   macro, the heap allocator ([`heap`]), the system calls ([`sys`]) and [`println!`].
+//! - With the `runtime` feature, the function SDK: the `Function` trait, the `entry!`
+//!   macro, the heap allocator (`heap`), the system calls (`sys`) and `println!`.
 //!
 //! This crate is `no_std` so that the guest kernel and functions can use it. It owns no
 //! device driver and no host code.
@@ -35,7 +35,7 @@
 //!
 //! `init` runs once, before the VM is snapshotted; every invocation then runs `handle` on a
 //! VM restored from that snapshot. The function runs in guest user mode: it reaches the
-//! outside world only through the kernel's system calls ([`sys`]).
+//! outside world only through the kernel's system calls (`sys`).
 #![no_std]
 
 pub mod abi;

@@ -14,7 +14,7 @@
 //! The checksum is CRC-64/XZ over, for each non-zero page in ascending order, the page's index
 //! (u64 little-endian) followed by its bytes. Hole pages are not in it, so computing it costs
 //! only the pages that hold data.
-//! - When a snapshot is taken ([`write`] then [`verify`]): the whole checksum, by reading the
+//! - When a snapshot is taken ([`write()`] then [`verify`]): the whole checksum, by reading the
 //!   file back (from the page cache, walking only its data extents). This catches a short
 //!   write or a filesystem that lost data before the snapshot is ever used.
 //! - On every restore ([`open`]): the size only. Restore never reads the memory file: it maps
@@ -55,7 +55,7 @@ pub struct MemoryFileInfo {
     pub checksum: u64,
 }
 
-/// Which pages of guest memory [`write`] looks at.
+/// Which pages of guest memory [`write()`] looks at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scan {
     /// Every page (memory backed by a file: its pages may hold data without being resident).

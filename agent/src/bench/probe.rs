@@ -82,7 +82,7 @@ impl PageMap {
         Ok(self.count(addr, len)?.0)
     }
 
-    /// [`PageMap::present_pages`], and of those the private anonymous ones (in a
+    /// `present_pages`, and of those the private anonymous ones (in a
     /// `MAP_PRIVATE` file mapping: the pages written since they were mapped).
     fn count(&mut self, addr: u64, len: u64) -> Result<(u64, u64), ProbeError> {
         let first = addr / self.page;
@@ -115,7 +115,7 @@ impl PageMap {
         Ok((count, private))
     }
 
-    /// Guest pages of `vm` the host has backed (see [`PageMap::present_pages`]), in guest
+    /// Guest pages of `vm` the host has backed (see `present_pages`), in guest
     /// pages (the host page size on x86-64).
     pub fn guest_pages(&mut self, vm: &MicroVm) -> Result<u64, ProbeError> {
         Ok(self.guest_pages_split(vm)?.0)

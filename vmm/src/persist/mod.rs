@@ -1,6 +1,6 @@
 //! Taking a snapshot of a running microVM: [`snapshot`] pauses it, saves the state of its
 //! vCPUs, VM and devices into the snapshot directory's state file and its memory into the
-//! sparse memory file (`fnode-snapshot` owns both formats). [`crate::restore`] builds a VM
+//! sparse memory file (`fnode-snapshot` owns both formats). [`crate::restore::restore`] builds a VM
 //! back from such a directory.
 //!
 //! [`MicroVmState`] is everything a snapshot keeps besides memory. A new device adds its

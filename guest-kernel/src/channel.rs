@@ -140,7 +140,9 @@ impl FrameRx {
     /// Takes stream bytes up to the end of the current frame: header bytes into the header,
     /// payload bytes into `buf`. Returns how many bytes were taken and, when the frame is
     /// complete, its id and payload length.
-    #[inline]
+    // Always inlined: the usual small request is settled here in a straight line, without a
+    // call and its register saves (kernel code may be emulated one instruction at a time).
+    #[inline(always)]
     fn feed(
         &mut self,
         bytes: &[u8],
@@ -163,6 +165,17 @@ impl FrameRx {
                 }
             }
         }
+        self.feed_pieces(bytes, buf)
+    }
+
+    /// [`feed`](Self::feed) for everything but a whole small frame at the start of `bytes`:
+    /// a header in pieces, a payload over several packets, or a frame to refuse.
+    #[inline(never)]
+    fn feed_pieces(
+        &mut self,
+        bytes: &[u8],
+        buf: &mut [u8],
+    ) -> Result<(usize, Option<(u64, usize)>), Rejection> {
         let mut taken = 0;
         let (id, len, mut have) = match self.payload {
             Some(p) => p,
@@ -367,6 +380,8 @@ impl<T: Transport> Channel<T> {
     /// Waits (halting the CPU) until a whole REQUEST frame has arrived on the open
     /// connection, accepting a connection first if none is open. Returns the request id and
     /// the payload length; the payload is in the request buffer ([`request`](Self::request)).
+    // Always inlined into the run loop's `NEXT`: one call frame less per invocation.
+    #[inline(always)]
     pub fn wait_request(&mut self) -> Result<(u64, usize), ChannelError> {
         let request = self.receive_frame()?;
         // Hand the device a buffer again now, not when the next wait starts: a host that
@@ -490,6 +505,8 @@ impl<T: Transport> Channel<T> {
     /// Sends a RESPONSE ([`frame::KIND_RESPONSE`]) or ERROR ([`frame::KIND_ERROR`]) frame for
     /// request `id`. Returns once the device no longer needs `payload` (small payloads are
     /// copied; large ones are read by the device where they lie).
+    // Always inlined into the run loop's `NEXT`, like `wait_request`.
+    #[inline(always)]
     pub fn send_response(
         &mut self,
         id: u64,
@@ -530,7 +547,8 @@ impl<T: Transport> Channel<T> {
 
     /// Sends `head ++ body` on the open connection and waits until the device no longer
     /// needs `body`.
-    #[inline]
+    // Always inlined: the usual small response is one `send_small`; the rest is out of line.
+    #[inline(always)]
     fn send_stream(&mut self, head: &[u8], body: &[u8]) -> Result<(), ChannelError> {
         if !self.vsock.is_open() {
             return Err(ChannelError::Closed);
@@ -538,6 +556,13 @@ impl<T: Transport> Channel<T> {
         if self.vsock.send_small(head, body)? {
             return Ok(());
         }
+        self.send_stream_large(head, body)
+    }
+
+    /// [`send_stream`](Self::send_stream) for what `send_small` cannot send now: large
+    /// payloads, or no credit or free slot yet.
+    #[inline(never)]
+    fn send_stream_large(&mut self, head: &[u8], body: &[u8]) -> Result<(), ChannelError> {
         let total = head.len() + body.len();
         let mut offset = 0;
         loop {

@@ -490,6 +490,7 @@ pub mod frame {
     impl Header {
         /// Encodes the header. Layout (little-endian): `magic: u32`, `version: u16`,
         /// `kind: u16`, `len: u32`, `reserved: u32` (zero), `id: u64`.
+        #[inline]
         pub fn encode(&self) -> [u8; HEADER_LEN] {
             let mut b = [0u8; HEADER_LEN];
             b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -509,6 +510,7 @@ pub mod frame {
         }
 
         /// Decodes and validates a header received from the peer (untrusted).
+        #[inline]
         pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Self, HeaderError> {
             let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
             let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);

@@ -341,11 +341,11 @@ pub fn map_device_windows() -> Result<(), MmioError> {
     Ok(())
 }
 
+#[cfg(target_os = "none")]
+use crate::x86::PTE_ADDR as ADDR_MASK;
 use crate::x86::{
     HUGE_PAGE, PTE_CACHE_DISABLE, PTE_HUGE, PTE_PRESENT, PTE_WRITABLE, PTE_WRITE_THROUGH,
 };
-#[cfg(target_os = "none")]
-use crate::x86::PTE_ADDR as ADDR_MASK;
 
 /// A page directory: 512 entries, page-aligned.
 #[repr(C, align(4096))]

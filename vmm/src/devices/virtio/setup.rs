@@ -222,25 +222,43 @@ pub fn attach(
     faults: FaultSink,
 ) -> Result<VirtioDevices, SetupError> {
     let mut devices = VirtioDevices::default();
-    let mut subscribers: Vec<Subscriber> = Vec::new();
     if let (Some(uds), Some(slot)) = (set.vsock_uds, MmioSlot::nth(VSOCK_SLOT)) {
         let dev = Arc::new(Mutex::new(
             VsockDevice::new(uds, faults.clone()).map_err(SetupError::Vsock)?,
         ));
         let transport = MmioTransport::new(mem.clone(), dev.clone(), slot, faults.clone())
             .map_err(SetupError::Transport)?;
-        transport
-            .register_with_vm(vm)
-            .map_err(SetupError::Transport)?;
-        let transport = Arc::new(Mutex::new(transport));
-        let shared: SharedDevice = transport.clone();
-        mmio.insert(shared, slot.base, abi::virtio::MMIO_SIZE)
-            .map_err(SetupError::Bus)?;
-        subscribers.push(dev.clone());
-        devices.vsock = Some(dev);
-        devices.vsock_transport = Some(transport);
+        plug_vsock(&mut devices, vm, mmio, dev, transport, slot)?;
     }
-    if !subscribers.is_empty() {
+    start(devices)
+}
+
+/// Registers the vsock `transport`'s irqfd and ioeventfds with `vm`, puts it on the MMIO bus
+/// at `slot` and keeps it and its device in `devices` — for a new VM and a restored one alike.
+fn plug_vsock(
+    devices: &mut VirtioDevices,
+    vm: &VmFd,
+    mmio: &mut Bus,
+    dev: Arc<Mutex<VsockDevice>>,
+    transport: MmioTransport,
+    slot: MmioSlot,
+) -> Result<(), SetupError> {
+    transport
+        .register_with_vm(vm)
+        .map_err(SetupError::Transport)?;
+    let transport = Arc::new(Mutex::new(transport));
+    let shared: SharedDevice = transport.clone();
+    mmio.insert(shared, slot.base, abi::virtio::MMIO_SIZE)
+        .map_err(SetupError::Bus)?;
+    devices.vsock = Some(dev);
+    devices.vsock_transport = Some(transport);
+    Ok(())
+}
+
+/// Starts the event loop that runs `devices` (if there are any).
+fn start(mut devices: VirtioDevices) -> Result<VirtioDevices, SetupError> {
+    if let Some(dev) = &devices.vsock {
+        let subscribers: Vec<Subscriber> = vec![dev.clone()];
         devices.event_loop = Some(EventLoop::spawn(subscribers).map_err(SetupError::EventLoop)?);
     }
     Ok(devices)
@@ -259,7 +277,6 @@ pub fn restore(
     faults: FaultSink,
 ) -> Result<VirtioDevices, SetupError> {
     let mut devices = VirtioDevices::default();
-    let mut subscribers: Vec<Subscriber> = Vec::new();
     if let Some(vs) = &saved.vsock {
         let uds = vsock_uds.ok_or(SetupError::NoVsockPath)?;
         let slot = MmioSlot::nth(VSOCK_SLOT).ok_or(SetupError::Mismatch)?;
@@ -278,21 +295,9 @@ pub fn restore(
         };
         let transport =
             MmioTransport::restore(targs, &vs.transport).map_err(SetupError::Transport)?;
-        transport
-            .register_with_vm(vm)
-            .map_err(SetupError::Transport)?;
-        let transport = Arc::new(Mutex::new(transport));
-        let shared: SharedDevice = transport.clone();
-        mmio.insert(shared, slot.base, abi::virtio::MMIO_SIZE)
-            .map_err(SetupError::Bus)?;
-        subscribers.push(dev.clone());
-        devices.vsock = Some(dev);
-        devices.vsock_transport = Some(transport);
+        plug_vsock(&mut devices, vm, mmio, dev, transport, slot)?;
     }
-    if !subscribers.is_empty() {
-        devices.event_loop = Some(EventLoop::spawn(subscribers).map_err(SetupError::EventLoop)?);
-    }
-    Ok(devices)
+    start(devices)
 }
 
 #[cfg(test)]

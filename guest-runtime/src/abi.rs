@@ -437,6 +437,45 @@ pub mod vsock {
     pub const GUEST_CID: u64 = 3;
     /// The port the guest runtime listens on for invocations.
     pub const INVOKE_PORT: u32 = 1024;
+
+    /// The socket device's packet format (virtio 1.x, 5.10.6), which the guest driver and the
+    /// host device both speak: the header is 44 bytes, little-endian:
+    ///
+    /// ```text
+    ///  0 src_cid  u64    8 dst_cid  u64   16 src_port u32   20 dst_port u32
+    /// 24 len      u32   28 type     u16   30 op       u16   32 flags    u32
+    /// 36 buf_alloc u32  40 fwd_cnt  u32
+    /// ```
+    pub mod packet {
+        /// Encoded header size.
+        pub const HDR_LEN: usize = 44;
+        /// `type`: stream socket.
+        pub const TYPE_STREAM: u16 = 1;
+        /// SHUTDOWN `flags`: the sender will receive no more data.
+        pub const SHUTDOWN_RCV: u32 = 1;
+        /// SHUTDOWN `flags`: the sender will send no more data.
+        pub const SHUTDOWN_SEND: u32 = 2;
+        /// Event id on the event queue: the transport was reset (connections are gone).
+        pub const EVENT_TRANSPORT_RESET: u32 = 0;
+
+        /// `op` values.
+        pub mod op {
+            /// Connection request.
+            pub const REQUEST: u16 = 1;
+            /// Connection accepted.
+            pub const RESPONSE: u16 = 2;
+            /// Connection reset (refused, or closed for good).
+            pub const RST: u16 = 3;
+            /// The sender will not receive and/or send any more (see `flags`).
+            pub const SHUTDOWN: u16 = 4;
+            /// Data.
+            pub const RW: u16 = 5;
+            /// The sender's `buf_alloc`/`fwd_cnt` changed.
+            pub const CREDIT_UPDATE: u16 = 6;
+            /// Asks the peer for a CREDIT_UPDATE.
+            pub const CREDIT_REQUEST: u16 = 7;
+        }
+    }
 }
 
 /// Invocation frames, carried over the vsock stream in both directions.

@@ -55,8 +55,10 @@ pub const QUEUE_TX: u16 = 1;
 /// Event queue index.
 pub const QUEUE_EVENT: u16 = 2;
 
-/// Size of `struct virtio_vsock_hdr`.
-pub const HDR_LEN: usize = 44;
+pub use fnode_guest::abi::vsock::packet::{op, HDR_LEN};
+use fnode_guest::abi::vsock::packet::{
+    EVENT_TRANSPORT_RESET, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+};
 /// Bytes of the driver's inline receive buffer: a frame header and a small payload. Data
 /// here is copied once more (by `rep movsq`, ~0.5 us per 8 bytes where kernel code is
 /// emulated); 1 KiB costs about what one more packet round trip into a window costs.
@@ -73,31 +75,6 @@ pub const MAX_PACKET: usize = 64 * 1024;
 /// The receive buffer space the driver advertises: one whole frame.
 pub const BUF_ALLOC: u32 = (frame::HEADER_LEN + frame::MAX_PAYLOAD) as u32;
 
-/// `type` of stream packets.
-const TYPE_STREAM: u16 = 1;
-/// Packet operations.
-pub mod op {
-    /// Connect.
-    pub const REQUEST: u16 = 1;
-    /// Accept a connection.
-    pub const RESPONSE: u16 = 2;
-    /// Reset (refuse or abort) a connection.
-    pub const RST: u16 = 3;
-    /// Stop sending and/or receiving (`flags`).
-    pub const SHUTDOWN: u16 = 4;
-    /// Stream data.
-    pub const RW: u16 = 5;
-    /// Credit information only.
-    pub const CREDIT_UPDATE: u16 = 6;
-    /// Ask the peer for a credit update.
-    pub const CREDIT_REQUEST: u16 = 7;
-}
-/// `OP_SHUTDOWN` flag: the sender will receive no more.
-const SHUTDOWN_RCV: u32 = 1;
-/// `OP_SHUTDOWN` flag: the sender will send no more.
-const SHUTDOWN_SEND: u32 = 2;
-/// Event id: the transport was reset (connections are gone, the CID may have changed).
-const EVENT_TRANSPORT_RESET: u32 = 0;
 /// Offset of `guest_cid` in the configuration space.
 #[cfg(target_os = "none")]
 const CONFIG_GUEST_CID: usize = 0;

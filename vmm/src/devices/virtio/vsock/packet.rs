@@ -1,17 +1,10 @@
-//! The virtio-vsock packet header (virtio 1.x, 5.10.6): 44 bytes, little-endian.
-//!
-//! ```text
-//!  0 src_cid  u64    8 dst_cid  u64   16 src_port u32   20 dst_port u32
-//! 24 len      u32   28 type     u16   30 op       u16   32 flags    u32
-//! 36 buf_alloc u32  40 fwd_cnt  u32
-//! ```
-//! Headers the guest sends are untrusted: [`PacketHeader::check_from_guest`] validates every
+//! The virtio-vsock packet header (virtio 1.x, 5.10.6; its layout and values are in
+//! `abi::vsock::packet`, shared with the guest driver). Headers the guest sends are untrusted: [`PacketHeader::check_from_guest`] validates every
 //! field that has a fixed meaning before the device acts on it.
 
 use fnode_guest::abi;
+pub use fnode_guest::abi::vsock::packet::{op, HDR_LEN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 
-/// Encoded header size.
-pub const HDR_LEN: usize = 44;
 /// Largest payload fnode accepts in one packet from the guest (Linux's default rx buffer is
 /// 4 KiB, its largest 64 KiB; fnode's guest driver sends at most 64 KiB too).
 pub const MAX_PKT_PAYLOAD: u32 = 64 * 1024;
@@ -20,31 +13,6 @@ pub const MAX_PKT_PAYLOAD: u32 = 64 * 1024;
 /// allows. Each packet is further bounded by the buffer the driver posted and its credit.
 pub const MAX_RX_PAYLOAD: u32 = (abi::frame::HEADER_LEN + abi::frame::MAX_PAYLOAD) as u32;
 
-/// `type`: stream socket.
-pub const TYPE_STREAM: u16 = 1;
-
-/// `op` values.
-pub mod op {
-    /// Connection request.
-    pub const REQUEST: u16 = 1;
-    /// Connection accepted.
-    pub const RESPONSE: u16 = 2;
-    /// Connection reset (refused, or closed for good).
-    pub const RST: u16 = 3;
-    /// The sender will not receive and/or send any more (see `flags`).
-    pub const SHUTDOWN: u16 = 4;
-    /// Data.
-    pub const RW: u16 = 5;
-    /// The sender's `buf_alloc`/`fwd_cnt` changed.
-    pub const CREDIT_UPDATE: u16 = 6;
-    /// Asks the peer for a CREDIT_UPDATE.
-    pub const CREDIT_REQUEST: u16 = 7;
-}
-
-/// SHUTDOWN `flags`: the sender will receive no more data.
-pub const SHUTDOWN_RCV: u32 = 1;
-/// SHUTDOWN `flags`: the sender will send no more data.
-pub const SHUTDOWN_SEND: u32 = 2;
 /// Both shutdown flags.
 pub const SHUTDOWN_BOTH: u32 = SHUTDOWN_RCV | SHUTDOWN_SEND;
 

@@ -54,17 +54,34 @@ enum Command {
 }
 
 #[derive(Debug, clap::Args)]
-struct SnapshotArgs {
-    /// The PVH ELF kernel image.
+struct GuestArgs {
+    /// The PVH ELF kernel image (scripts/build-guest.sh prints the path of fnode's).
     image: PathBuf,
-    /// The snapshot directory to write (created if needed; a snapshot there is replaced).
-    dir: PathBuf,
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEM_MIB)]
     mem: u64,
-    /// Kernel command line (e.g. "snapshot-test=1").
+    /// Kernel command line (e.g. "fault=ud2", "snapshot-test=1").
     #[arg(long, value_name = "STR", default_value = "")]
     cmdline: String,
+}
+
+impl GuestArgs {
+    /// The VM these options describe (one vCPU, no virtio devices).
+    fn config(self) -> VmConfig {
+        VmConfig {
+            mem_mib: self.mem,
+            cmdline: self.cmdline,
+            ..VmConfig::new(self.image)
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct SnapshotArgs {
+    #[command(flatten)]
+    guest: GuestArgs,
+    /// The snapshot directory to write (created if needed; a snapshot there is replaced).
+    dir: PathBuf,
     /// Give up if the guest has not signalled READY after this many milliseconds.
     #[arg(long, value_name = "N", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -89,17 +106,12 @@ struct RestoreArgs {
 
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
-    /// The PVH ELF kernel image.
-    image: PathBuf,
+    /// The guest (the floor maps as much memory).
+    #[command(flatten)]
+    guest: GuestArgs,
     /// Number of boots (and as many floor runs).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
-    /// Guest memory in MiB (the floor maps as much).
-    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEM_MIB)]
-    mem: u64,
-    /// Kernel command line.
-    #[arg(long, value_name = "STR", default_value = "")]
-    cmdline: String,
     /// Do not boot the image under QEMU microvm (the peer) in the same run.
     #[arg(long)]
     no_qemu: bool,
@@ -111,14 +123,8 @@ struct BenchArgs {
 
 #[derive(Debug, clap::Args)]
 struct BootArgs {
-    /// The PVH ELF kernel image (scripts/build-guest.sh prints the path of fnode's).
-    image: PathBuf,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = DEFAULT_MEM_MIB)]
-    mem: u64,
-    /// Kernel command line (e.g. "fault=ud2").
-    #[arg(long, value_name = "STR", default_value = "")]
-    cmdline: String,
+    #[command(flatten)]
+    guest: GuestArgs,
     /// Stop the guest if it has not exited after this many milliseconds.
     #[arg(long, value_name = "N", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -163,10 +169,8 @@ fn boot(args: BootArgs) -> anyhow::Result<u8> {
     };
     let kvm = KvmContext::new()?;
     let config = VmConfig {
-        mem_mib: args.mem,
-        cmdline: args.cmdline,
         vsock_uds: args.vsock,
-        ..VmConfig::new(args.image)
+        ..args.guest.config()
     };
     let mut vm = builder::build(&kvm, &config, console)?;
     let report = match vm.run(Duration::from_millis(args.timeout_ms)) {
@@ -202,11 +206,7 @@ fn boot(args: BootArgs) -> anyhow::Result<u8> {
 
 fn bench(args: BenchArgs) -> anyhow::Result<u8> {
     let kvm = KvmContext::new()?;
-    let config = VmConfig {
-        mem_mib: args.mem,
-        cmdline: args.cmdline,
-        ..VmConfig::new(args.image)
-    };
+    let config = args.guest.config();
     // Whole processes, spawn to exit: fnode-vmm itself next to the QEMU peer.
     let mut fnode_vmm = std::process::Command::new(
         std::env::current_exe().context("cannot find the fnode-vmm executable")?,
@@ -255,11 +255,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<u8> {
 
 fn snapshot(args: SnapshotArgs) -> anyhow::Result<u8> {
     let kvm = KvmContext::new()?;
-    let config = VmConfig {
-        mem_mib: args.mem,
-        cmdline: args.cmdline,
-        ..VmConfig::new(args.image)
-    };
+    let config = args.guest.config();
     let mut vm = builder::build(&kvm, &config, Box::new(std::io::stdout()))?;
     match vm.run_until_ready(Duration::from_millis(args.timeout_ms))? {
         UntilReady::Ready => {}

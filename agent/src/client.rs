@@ -31,9 +31,9 @@ use fnode_guest::abi::frame::{
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(10);
 /// Longest handshake reply line accepted (`OK <u32>\n` is at most 14 bytes).
 const HANDSHAKE_MAX: usize = 64;
-/// First pause between refused connection attempts; it doubles up to [`RETRY_MAX`]. Short:
-/// a connection made while the guest boots is refused when its driver resets the device,
-/// and the next attempt is the one that counts.
+/// First pause between refused connection attempts; it doubles up to [`RETRY_MAX`]. The
+/// device keeps a client that connects before the guest's driver is up, so a guest that
+/// accepts needs one attempt; the retries are for a guest that refuses and listens later.
 const RETRY_FIRST: Duration = Duration::from_micros(100);
 const RETRY_MAX: Duration = Duration::from_millis(20);
 

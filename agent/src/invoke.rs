@@ -2,19 +2,20 @@
 //! invocation channel and writes the response to stdout, byte for byte.
 //!
 //! The VM gets a hybrid-vsock device whose Unix socket lives in a private temporary folder
-//! (removed afterwards). The host connects to `abi::vsock::INVOKE_PORT` as soon as the VM
-//! runs: the guest accepts the connection once the function's `init` is done and the kernel
-//! waits for requests, so the `OK` of the handshake is the function's "ready". One REQUEST
-//! frame goes out, one RESPONSE or ERROR comes back ([`crate::client`]).
+//! (removed afterwards). The host connects to `abi::vsock::INVOKE_PORT` while the guest boots
+//! (the device holds the connection until the guest's driver is up); the guest accepts it
+//! once the function's `init` is done and then signals READY (`abi::control::READY`), where
+//! the VMM pauses it. The host notes the time and its counts there, resumes the guest and
+//! sends one REQUEST frame; one RESPONSE or ERROR comes back ([`crate::client`]).
 //!
 //! Everything, boot and init included, must finish within `--timeout-ms`; a guest that takes
 //! longer (a function that loops forever) is stopped. While the host waits it keeps an eye on
 //! the VM, so a guest that faults, exits or breaks its device is reported at once with the
 //! VMM's one-line outcome.
 //!
-//! `--timings` prints the phases on stderr (VM build, boot to the function's entry, init,
-//! invoke) and what the invocation cost the host in userspace exits and guest pages first
-//! touched.
+//! `--timings` prints the phases on stderr (VM build; boot, up to the guest's BOOTED; init, up
+//! to its READY; invoke) and what the invocation cost the host in userspace exits and guest
+//! pages first touched.
 //!
 //! Given a snapshot directory (`fnode snapshot` writes it) instead of an image, the VM is
 //! restored from it rather than booted ([`crate::restored`]); `--repeat` then invokes
@@ -26,7 +27,11 @@ use std::{
     os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
     process::ExitCode,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
@@ -34,6 +39,7 @@ use anyhow::Context;
 use fnode_guest::abi::{frame::MAX_PAYLOAD, vsock::INVOKE_PORT};
 use fnode_vmm::{
     builder::{self, VmConfig, DEFAULT_MEM_MIB},
+    microvm::UntilReady,
     outcome::exit_code,
     KvmContext, MicroVm, Outcome,
 };
@@ -58,8 +64,6 @@ const LAST_WORDS_GRACE: Duration = Duration::from_millis(200);
 /// How long the host waits for the VM to end after an error reply (a panicking or faulting
 /// function ends its VM right after its error; one that returned an error goes on serving).
 const END_AFTER_ERROR_GRACE: Duration = Duration::from_millis(50);
-/// The console line the kernel prints just before it enters the function: the end of boot.
-const FUNCTION_ENTRY_MARK: &[u8] = b"function: entry ";
 /// Console bytes kept to show when an invocation fails.
 const CONSOLE_TAIL: usize = 16 * 1024;
 
@@ -78,7 +82,9 @@ pub struct InvokeArgs {
     #[arg(long, value_name = "N", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_ms: u64,
-    /// Print the time of each phase and the host-side counts on stderr.
+    /// Print the time of each phase and the host-side counts on stderr. The phases: VM
+    /// build, boot (to the kernel's BOOTED signal), init (to the function's READY) and
+    /// invoke.
     #[arg(long)]
     pub timings: bool,
     /// Guest memory in MiB, for an image [default: 64]. A snapshot keeps its own.
@@ -178,14 +184,64 @@ fn invoke(args: &InvokeArgs) -> Result<u8, Failure> {
         .map_err(Failure::Setup)?;
     let mut t = Timeline::new(start, vm.build_timings().total);
 
+    // Connect while the guest boots: the device holds the connection until the guest's
+    // driver is up, and the guest accepts it once `init` is done, just before READY.
+    let connector = Connector::start(socket, deadline);
+    t.resumed = Some(Instant::now());
+    let until = vm.run_until_ready(deadline.saturating_duration_since(Instant::now()));
+    match until {
+        Ok(UntilReady::Ready) => {
+            t.ready = Some(Instant::now());
+            t.booted = vm.booted_at();
+            if args.timings {
+                // The VM is paused at READY: these are the counts of boot and init exactly.
+                t.at_ready = Some(Counts::of(&vm));
+            }
+        }
+        Ok(UntilReady::Ended(outcome)) => {
+            let connected = connector.cancel();
+            vm.flush_console();
+            // A connection that failed on its own (not stopped here) is why the guest
+            // waited in vain.
+            if let Err(e) = &connected {
+                if !matches!(e, ClientError::Cancelled | ClientError::TimedOut) {
+                    eprintln!("fnode: {}", chain(e));
+                }
+            }
+            let code = match outcome {
+                Outcome::TimedOut { .. } => {
+                    eprintln!(
+                        "fnode: function did not finish booting and its init within {} ms; \
+                         stopped it",
+                        args.timeout_ms
+                    );
+                    exit_code::TIMEOUT
+                }
+                o => report_failure(&ClientError::Closed, Some(o), None, args.timeout_ms),
+            };
+            console.show_tail();
+            if args.timings {
+                t.print();
+            }
+            return Ok(code);
+        }
+        Err(e) => {
+            let _ = connector.cancel();
+            eprintln!("fnode: lost control of the VM: {e}");
+            return Ok(exit_code::VM_ERROR);
+        }
+    }
     if let Err(e) = vm.resume() {
-        eprintln!("fnode: cannot start the VM: {e}");
+        let _ = connector.cancel();
+        eprintln!("fnode: cannot resume the VM after READY: {e}");
         return Ok(exit_code::VM_ERROR);
     }
-    t.resumed = Some(Instant::now());
+    // READY comes after the guest accepted; the host has its `OK` at about the same time
+    // (the device answers it on its own thread).
+    let connected = connector.finish();
     let mut watcher = Watcher::new(&mut vm);
     let result = exchange(
-        &socket,
+        connected,
         &payload,
         deadline,
         &mut watcher,
@@ -194,7 +250,6 @@ fn invoke(args: &InvokeArgs) -> Result<u8, Failure> {
     );
     let ended = watcher.ended.take().map(|(o, _)| o);
     let vm_error = watcher.error.take();
-    t.entered = console.entry_mark();
 
     let code = match result {
         Ok(Reply::Response(bytes)) => {
@@ -211,7 +266,11 @@ fn invoke(args: &InvokeArgs) -> Result<u8, Failure> {
                 String::from_utf8_lossy(&message)
             );
             // A function that panicked or faulted ends its VM right after its error; one
-            // that returned an error goes on serving.
+            // that returned an error goes on serving. Neither the frame nor the VM can say
+            // which yet: the frame has no such field (and its text is the function's), and
+            // the kernel sends the error before it ends the VM, so the end may still be on
+            // its way. Wait briefly: the wait returns as soon as an ending VM ends, so only
+            // a function that returned an error costs the whole grace.
             let ended = ended.or_else(|| settle(&mut vm, END_AFTER_ERROR_GRACE));
             match ended {
                 Some(o) if !o.is_success() => {
@@ -243,27 +302,58 @@ fn invoke(args: &InvokeArgs) -> Result<u8, Failure> {
     Ok(code)
 }
 
-/// Connects, sends the request, reads the reply; records the phases in `t`.
+/// The host's side of the invocation connection, opened on its own thread while the VM runs
+/// to READY.
+struct Connector {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<Connection, ClientError>>,
+}
+
+impl Connector {
+    /// Starts connecting to guest port `INVOKE_PORT` behind `socket`. One attempt is enough:
+    /// the device keeps a client that connects before the guest's driver is up and answers
+    /// `OK` once the guest accepts.
+    fn start(socket: PathBuf, deadline: Instant) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut watch = || !stop.load(Ordering::Acquire);
+                Connection::connect(&socket, INVOKE_PORT, deadline, &mut watch)
+            })
+        };
+        Connector { stop, thread }
+    }
+
+    /// The connection, once the handshake is done.
+    fn finish(self) -> Result<Connection, ClientError> {
+        self.thread.join().unwrap_or(Err(ClientError::Cancelled))
+    }
+
+    /// Stops waiting for the handshake (within `client::WATCH_INTERVAL`); what the
+    /// connection came to.
+    fn cancel(self) -> Result<Connection, ClientError> {
+        self.stop.store(true, Ordering::Release);
+        self.finish()
+    }
+}
+
+/// Sends the request on the open connection and reads the reply; records the phases in `t`.
 fn exchange(
-    socket: &Path,
+    connected: Result<Connection, ClientError>,
     payload: &[u8],
     deadline: Instant,
     watcher: &mut Watcher<'_>,
     t: &mut Timeline,
     count: bool,
 ) -> Result<Reply, ClientError> {
-    let mut watch = || watcher.keep_waiting();
-    let mut conn = Connection::connect_retrying(socket, INVOKE_PORT, deadline, &mut watch)?;
-    t.ready = Some(Instant::now());
-    if count {
-        t.at_ready = Some(watcher.counts());
-    }
+    let mut conn = connected?;
     let mut watch = || watcher.keep_waiting();
     t.sent = Some(Instant::now());
     let reply = conn.call(payload, deadline, &mut watch)?;
     t.answered = Some(Instant::now());
     if count {
-        t.at_answer = Some(watcher.counts());
+        t.at_answer = Some(Counts::of(watcher.vm));
     }
     Ok(reply)
 }
@@ -405,14 +495,6 @@ impl<'a> Watcher<'a> {
             }
         }
     }
-
-    /// The host-side counts so far.
-    fn counts(&self) -> Counts {
-        Counts {
-            exits: self.vm.exit_count(),
-            resident_pages: resident_pages(self.vm),
-        }
-    }
 }
 
 /// Host-side counts at one point of an invocation.
@@ -423,6 +505,16 @@ struct Counts {
     /// Guest pages the host has backed so far (touched by the guest or a device), if the
     /// kernel could say.
     resident_pages: Option<u64>,
+}
+
+impl Counts {
+    /// The host-side counts of `vm` so far.
+    fn of(vm: &MicroVm) -> Self {
+        Counts {
+            exits: vm.exit_count(),
+            resident_pages: resident_pages(vm),
+        }
+    }
 }
 
 /// Guest memory pages backed by host memory (`mincore`): guest memory is anonymous and
@@ -454,9 +546,9 @@ struct Timeline {
     /// The VM build alone (`fnode_vmm::build`), without opening `/dev/kvm` before it.
     vm_build: Duration,
     resumed: Option<Instant>,
-    /// The kernel printed that it enters the function.
-    entered: Option<Instant>,
-    /// The guest accepted the connection: init is done.
+    /// The guest signalled BOOTED: its kernel is up and the function's init starts.
+    booted: Option<Instant>,
+    /// The guest signalled READY: init is done and the connection is open.
     ready: Option<Instant>,
     sent: Option<Instant>,
     answered: Option<Instant>,
@@ -472,7 +564,7 @@ impl Timeline {
             built: Instant::now(),
             vm_build,
             resumed: None,
-            entered: None,
+            booted: None,
             ready: None,
             sent: None,
             answered: None,
@@ -493,16 +585,16 @@ impl Timeline {
             ms(self.vm_build),
             ms(setup)
         );
+        // The guest signals BOOTED when its kernel is up and init starts, READY when init is
+        // done; without BOOTED (an older image) the two are one phase.
         match (
-            span(self.resumed, self.entered),
-            span(self.entered, self.ready),
+            span(self.resumed, self.booted),
+            span(self.booted, self.ready),
         ) {
-            (Some(boot), Some(init)) => {
-                line += &format!(", boot {}, init {}", ms(boot), ms(init));
-            }
+            (Some(boot), Some(init)) => line += &format!(", boot {}, init {}", ms(boot), ms(init)),
             _ => {
                 if let Some(d) = span(self.resumed, self.ready) {
-                    line += &format!(", boot+init {}", ms(d));
+                    line += &format!(", boot + init {}", ms(d));
                 }
             }
         }
@@ -558,15 +650,13 @@ impl Drop for PrivateDir {
     }
 }
 
-/// The guest's serial console: kept (its tail) to show on failure, or streamed to stderr;
-/// the time the kernel said it enters the function is noted.
+/// The guest's serial console: kept (its tail) to show on failure, or streamed to stderr.
 #[derive(Clone)]
 struct Console(Arc<Mutex<ConsoleInner>>);
 
 struct ConsoleInner {
     stream: bool,
     tail: Vec<u8>,
-    entry_mark: Option<Instant>,
 }
 
 impl fmt::Debug for Console {
@@ -580,15 +670,7 @@ impl Console {
         Console(Arc::new(Mutex::new(ConsoleInner {
             stream,
             tail: Vec::new(),
-            entry_mark: None,
         })))
-    }
-
-    fn entry_mark(&self) -> Option<Instant> {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry_mark
     }
 
     /// Prints the console's last lines on stderr (unless it was streamed there already).
@@ -605,13 +687,6 @@ impl Console {
 impl Write for Console {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut inner = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if inner.entry_mark.is_none()
-            && data
-                .windows(FUNCTION_ENTRY_MARK.len())
-                .any(|w| w == FUNCTION_ENTRY_MARK)
-        {
-            inner.entry_mark = Some(Instant::now());
-        }
         if inner.stream {
             let _ = io::stderr().write_all(data);
         }
@@ -679,13 +754,10 @@ mod tests {
     }
 
     #[test]
-    fn console_keeps_its_tail_and_notes_the_entry() {
+    fn console_keeps_its_tail() {
         let mut c = Console::new(false);
         c.write_all(b"fnode guest-kernel 0.1.0\n").unwrap();
-        assert!(c.entry_mark().is_none());
-        c.write_all(b"fnode guest-kernel: function: entry 0x2201150\n")
-            .unwrap();
-        assert!(c.entry_mark().is_some());
+        assert_eq!(c.0.lock().unwrap().tail, b"fnode guest-kernel 0.1.0\n");
         c.write_all(&vec![b'x'; CONSOLE_TAIL * 2]).unwrap();
         assert_eq!(c.0.lock().unwrap().tail.len(), CONSOLE_TAIL);
     }

@@ -197,6 +197,13 @@ fn timings_name_the_phases_and_counts() {
     for phase in ["build ", "boot ", "init ", "invoke ", "exits", "pages"] {
         assert!(err.contains(phase), "no {phase:?} in:\n{err}");
     }
+    // Boot ends at the guest's BOOTED, init at its READY: two phases.
+    assert!(!err.contains("boot + init "), "{err}");
+    // One line of phases, one of counts.
+    for line in ["fnode: timings: ", "fnode: counts: "] {
+        let n = err.lines().filter(|l| l.starts_with(line)).count();
+        assert_eq!(n, 1, "{line:?} in:\n{err}");
+    }
 }
 
 #[test]

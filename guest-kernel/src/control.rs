@@ -8,10 +8,20 @@ use fnode_guest::abi;
 /// ([`abi::control::READY`]). A VMM taking a snapshot pauses the guest on this write and a
 /// restored guest continues right after it; otherwise (or under QEMU) it costs one exit.
 pub fn ready() {
+    write(abi::control::READY);
+}
+
+/// Tells the VMM that the kernel is up and the function's `init` starts now
+/// ([`abi::control::BOOTED`]); one exit, on cold starts only.
+pub fn booted() {
+    write(abi::control::BOOTED);
+}
+
+fn write(message: u32) {
     // SAFETY: a 32-bit write to the control port touches no guest memory; the VMM at most
     // pauses the vCPU, which resumes here.
     unsafe {
-        asm!("out dx, eax", in("dx") abi::control::PORT, in("eax") abi::control::READY,
+        asm!("out dx, eax", in("dx") abi::control::PORT, in("eax") message,
              options(nomem, nostack, preserves_flags))
     };
 }

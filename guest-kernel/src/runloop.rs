@@ -298,6 +298,7 @@ mod imp {
             .dec((layout.user_end - layout.heap_start) >> 20)
             .str(" MiB");
         serial::write_line(&mut line);
+        crate::control::booted();
         user::enter(&layout)
     }
 

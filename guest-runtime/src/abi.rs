@@ -41,6 +41,10 @@ pub mod control {
     /// served from: it pauses the vCPU on this write, saves the VM, and a restored guest
     /// continues right after the write. A VMM that takes no snapshot lets the guest go on.
     pub const READY: u32 = u32::from_le_bytes(*b"REDY");
+    /// "The kernel is up; the function's `init` starts now": written once, just before the
+    /// kernel first enters the function. It splits a cold start's boot from its init (one
+    /// exit, on cold starts only: a restored guest is past it). The VMM only notes the time.
+    pub const BOOTED: u32 = u32::from_le_bytes(*b"BOOT");
 }
 
 /// Guest physical memory layout. Everything below [`KERNEL_START`](layout::KERNEL_START)

@@ -214,6 +214,12 @@ impl MicroVm {
         }
     }
 
+    /// When the guest signalled BOOTED (`abi::control::BOOTED`: kernel up, init starting),
+    /// if it did since this VM was built.
+    pub fn booted_at(&self) -> Option<Instant> {
+        self.control.booted_at()
+    }
+
     /// Resumes the VM and waits until the guest signals READY (`abi::control::READY`), then
     /// pauses it there: the point to snapshot it (see [`crate::persist::snapshot`]). Resume
     /// it to let the guest go on. A guest that exits, fails or takes longer than `timeout`

@@ -1,5 +1,6 @@
 //! The control device at `abi::control::PORT`: the guest tells the VMM where it is in its
-//! life. Today one message: [`abi::control::READY`], written once the guest's init is done.
+//! life: [`abi::control::BOOTED`] when the kernel is up and init starts (the device notes the
+//! time), and [`abi::control::READY`], written once the guest's init is done.
 //!
 //! Like the exit device, the device only records the message in a [`ControlSignal`]; the vCPU
 //! thread that made the write checks the signal after every write exit. When the VMM asked
@@ -7,7 +8,8 @@
 //! there and reports `VcpuEvent::Ready`; otherwise the guest just goes on.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use fnode_guest::abi;
 use fnode_snapshot::Persist;
@@ -24,6 +26,8 @@ struct Inner {
     pending: AtomicBool,
     /// READY messages seen.
     ready_count: AtomicU32,
+    /// When the guest first wrote BOOTED.
+    booted_at: OnceLock<Instant>,
 }
 
 /// A VM's control messages, shared by the control device, the vCPU threads and the VMM.
@@ -47,6 +51,11 @@ impl ControlSignal {
         if self.0.armed.load(Ordering::Acquire) {
             self.0.pending.store(true, Ordering::Release);
         }
+    }
+
+    /// When the guest wrote BOOTED (its kernel was up and its init started), if it did.
+    pub fn booted_at(&self) -> Option<Instant> {
+        self.0.booted_at.get().copied()
     }
 
     /// Whether a READY the vCPU should pause for arrived; clears it.
@@ -80,8 +89,15 @@ impl BusDevice for ControlDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         // A message is a 4-byte write at the port; anything else is reserved and ignored.
-        if offset == 0 && data.len() == 4 && decode_status(data) == Some(abi::control::READY) {
-            self.signal.ready();
+        if offset != 0 || data.len() != 4 {
+            return;
+        }
+        match decode_status(data) {
+            Some(abi::control::READY) => self.signal.ready(),
+            Some(abi::control::BOOTED) => {
+                let _ = self.signal.0.booted_at.set(Instant::now());
+            }
+            _ => {}
         }
     }
 }
@@ -132,6 +148,20 @@ mod tests {
         assert!(signal.take_ready());
         assert!(!signal.take_ready());
         assert_eq!(signal.ready_count(), 2);
+    }
+
+    #[test]
+    fn booted_notes_the_first_time_and_never_pauses() {
+        let signal = ControlSignal::new();
+        signal.arm_ready(true);
+        let mut dev = ControlDevice::new(signal.clone());
+        assert_eq!(signal.booted_at(), None);
+        dev.write(0, &abi::control::BOOTED.to_le_bytes());
+        let first = signal.booted_at().unwrap();
+        dev.write(0, &abi::control::BOOTED.to_le_bytes());
+        assert_eq!(signal.booted_at(), Some(first));
+        assert!(!signal.take_ready());
+        assert_eq!(signal.ready_count(), 0);
     }
 
     #[test]

@@ -102,6 +102,63 @@ fn hostile_functions_end_their_vm_with_an_error() {
     }
 }
 
+/// A function that faults with the direction flag set gets an intact fault report: the
+/// kernel clears the flag on entry (its copies, `rep movs`, assume it clear).
+#[test]
+fn a_fault_with_the_direction_flag_set_is_reported_intact() {
+    if !require_kvm() {
+        return;
+    }
+    let (outcome, console) = boot(&image("badmem"), "invoke=df-fault");
+    match outcome {
+        Outcome::Faulted { report: Some(r) } => {
+            assert_eq!((r.vector, r.cs & 3), (6, 3), "{console}")
+        }
+        other => panic!("expected a user #UD, got {other}\n{console}"),
+    }
+    let line = invoke_line(&console);
+    assert!(line.contains("function fault: #UD (vector 6)"), "{line}");
+
+    // A `NEXT` call made by jumping to the system call entry (which faults in user mode, and
+    // the kernel serves as the call) with the flag set: the response arrives intact.
+    let image = image("badmem");
+    let entry = symbol(&image, "fnode_syscall_entry");
+    let (outcome, console) = boot(&image, &format!("invoke=df-next:{entry:x}"));
+    assert!(outcome.is_success(), "{outcome}\n{console}");
+    let line = invoke_line(&console);
+    assert!(
+        line.contains("the kernel copied this response intact"),
+        "{line}"
+    );
+}
+
+/// The value of symbol `name` in the ELF file `image` (its `.symtab`).
+fn symbol(image: &Path, name: &str) -> u64 {
+    let b = std::fs::read(image).unwrap();
+    let u16_at = |o: usize| usize::from(u16::from_le_bytes(b[o..o + 2].try_into().unwrap()));
+    let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    // Elf64_Ehdr: e_shoff, e_shentsize, e_shnum; Elf64_Shdr: sh_type, sh_offset, sh_size,
+    // sh_link, sh_entsize; Elf64_Sym: st_name, st_value.
+    let (shoff, shentsize, shnum) = (u64_at(0x28) as usize, u16_at(0x3a), u16_at(0x3c));
+    let section = |i: usize| shoff + i * shentsize;
+    for s in (0..shnum).map(section).filter(|&s| u32_at(s + 4) == 2) {
+        let (off, size, entsize) = (u64_at(s + 0x18), u64_at(s + 0x20), u64_at(s + 0x38));
+        let strtab = u64_at(section(u32_at(s + 0x28)) + 0x18) as usize;
+        for sym in (off..off + size)
+            .step_by(entsize as usize)
+            .map(|o| o as usize)
+        {
+            let start = strtab + u32_at(sym);
+            let end = start + b[start..].iter().position(|&c| c == 0).unwrap();
+            if &b[start..end] == name.as_bytes() {
+                return u64_at(sym + 8);
+            }
+        }
+    }
+    panic!("no symbol {name} in {}", image.display());
+}
+
 /// A hybrid-vsock client of the invocation port.
 struct Client(UnixStream);
 

@@ -144,6 +144,7 @@ mod imp {
 
         .global fnode_exception_common
     fnode_exception_common:
+        cld                         /* user mode may have set DF; Rust code assumes it clear */
         movq %rsp, %rdi             /* &TrapFrame */
         andq $-16, %rsp             /* the call's ABI alignment; the handler never returns */
         call {handler}

@@ -88,7 +88,9 @@ mod imp {
     // delivers a #PF from user mode with rip = LSTAR on the same trap stack, the registers
     // still as `syscall` left them. The page fault stub recognises that case and turns the
     // fault's frame into the same `iretq` frame (return to rcx). A user program jumping to
-    // LSTAR itself gains nothing a `syscall` would not give it.
+    // LSTAR itself gains nothing a `syscall` would not give it. The stub clears the direction
+    // flag first, as every exception entry does: a fault does not clear it (SFMASK does, for
+    // a real `syscall`), user mode may have set it, and the kernel's copies assume it clear.
     global_asm!(
         r#"
         .section .text.fnode_syscall, "ax"
@@ -119,6 +121,7 @@ mod imp {
         /* IDT vector 14. Stack: error code, rip, cs, rflags, rsp, ss. */
         .global fnode_page_fault_entry
     fnode_page_fault_entry:
+        cld                             /* user mode may have set DF; Rust code assumes it clear */
         cmp qword ptr [rsp + 8], offset fnode_syscall_entry
         jne 1f
         add rsp, 8                      /* drop the error code */

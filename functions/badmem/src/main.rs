@@ -3,7 +3,11 @@
 //! and ends the VM.
 //!
 //! The request picks the access: `kernel` (default: read the kernel's first page),
-//! `write-kernel` (write it), `unmapped` (read above guest RAM), `null` (read address 0).
+//! `write-kernel` (write it), `unmapped` (read above guest RAM), `null` (read address 0),
+//! `df-fault` (set the direction flag, then fault: the kernel must clear the flag before its
+//! own code runs, or its copies run backwards over its memory), `df-next:<hex>` (set the
+//! direction flag and make the `NEXT` call by jumping to the kernel's system call entry at
+//! `<hex>`, answering with [`DF_ANSWER`]: the kernel must send it intact).
 #![no_std]
 #![no_main]
 
@@ -11,12 +15,56 @@ use fnode_guest::{abi, Function, Response};
 
 struct BadMem;
 
+/// The response `df-next` sends.
+pub const DF_ANSWER: &[u8] = b"the kernel copied this response intact";
+
+/// `hex` (hex digits, no `0x`) as a number.
+fn parse_hex(hex: &[u8]) -> Option<u64> {
+    hex.iter().try_fold(0u64, |v, &c| {
+        let d = (c as char).to_digit(16)?;
+        v.checked_mul(16)?.checked_add(u64::from(d))
+    })
+}
+
 impl Function for BadMem {
     fn init() -> Self {
         BadMem
     }
 
     fn handle(&mut self, request: &[u8]) -> Response<'_> {
+        if request == b"df-fault" {
+            // SAFETY: deliberately hostile: sets the direction flag and raises #UD, which ends
+            // the function; the kernel must report the fault intact.
+            unsafe { core::arch::asm!("std", "ud2", options(noreturn, nostack)) };
+        }
+        if let Some(hex) = request.strip_prefix(b"df-next:") {
+            let Some(entry) = parse_hex(hex) else {
+                return Err("df-next needs the kernel's system call entry in hex".into());
+            };
+            // SAFETY: deliberately hostile: a `NEXT` call made by jumping to the kernel's
+            // entry with the direction flag set. It returns (to label 2, with the flag
+            // cleared again) only if another request comes, which `invoke=` never sends.
+            unsafe {
+                core::arch::asm!(
+                    "std",
+                    "lea rcx, [rip + 2f]",
+                    "jmp {entry}",
+                    "2:",
+                    "cld",
+                    entry = in(reg) entry,
+                    inout("rax") abi::user::sys::NEXT => _,
+                    inout("rdi") u64::from(abi::frame::KIND_RESPONSE) => _,
+                    inout("rsi") DF_ANSWER.as_ptr() => _,
+                    inout("rdx") DF_ANSWER.len() => _,
+                    out("rcx") _,
+                    out("r8") _,
+                    out("r9") _,
+                    out("r10") _,
+                    out("r11") _,
+                )
+            };
+            return Err("NEXT returned after the last request".into());
+        }
         let addr = match request {
             b"unmapped" => abi::layout::IDENTITY_MAP_END + 0x1000,
             b"null" => 0,

@@ -308,8 +308,9 @@ impl SplitQueue {
         self.in_flight
     }
 
-    /// The next chain the device returned, if any. The id is only range-checked against the
-    /// queue size; whether it is a chain the driver handed over is the caller's check.
+    /// The next chain the device returned, if any. Only the count is checked here (no more
+    /// chains than are in flight); the id and length are the device's word: whether the id
+    /// is a chain the driver handed over, and the length within it, are the caller's checks.
     #[inline]
     pub fn pop_used(&mut self) -> Result<Option<UsedElem>, QueueError> {
         let used_idx = self.used_idx_atomic().load(Ordering::Acquire);

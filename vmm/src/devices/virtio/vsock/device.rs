@@ -151,8 +151,12 @@ fn chain_err(queue: &'static str) -> impl Fn(ChainError) -> VsockError {
 /// The head of the next available chain on queue `q` (`name` in errors), or `None` when the
 /// ring is empty. An empty ring turns the driver's notifications back on and is looked at once
 /// more, so that a chain added in between is not missed.
+///
+/// A driver only moves the avail index forward, so the second look finds the chain the ring
+/// announced; a ring that announces work and then has none again moved its index back, and
+/// the device stops rather than spin on it.
 fn next_head(a: &mut Active, q: usize, name: &'static str) -> Result<Option<u16>, VsockError> {
-    loop {
+    for _ in 0..2 {
         if let Some(head) = pop_head(&mut a.queues[q], &a.mem).map_err(chain_err(name))? {
             return Ok(Some(head));
         }
@@ -163,6 +167,10 @@ fn next_head(a: &mut Active, q: usize, name: &'static str) -> Result<Option<u16>
             return Ok(None);
         }
     }
+    Err(VsockError::Ring {
+        queue: name,
+        reason: "the avail index announced a chain and then moved back".into(),
+    })
 }
 
 /// The device's state as plain data (for snapshots; see the module doc).

@@ -225,12 +225,7 @@ pub fn build(
         ControlDevice::new(control.clone()),
     )
     .map_err(BuildError::Bus)?;
-    // vCPU events; devices report faults on the same channel so `MicroVm::wait` wakes up.
-    let (events_tx, events) = mpsc::channel();
-    let fault_tx = events_tx.clone();
-    let faults = FaultSink::new(move |f| {
-        let _ = fault_tx.send(VcpuEvent::DeviceFault(f));
-    });
+    let (events_tx, events, faults) = event_channel();
     let virtio = virtio::attach(
         vm.fd(),
         &guest_memory,
@@ -288,6 +283,21 @@ pub fn build(
     );
     microvm.set_vcpu_io(&io);
     Ok(microvm)
+}
+
+/// The channel a VM's vCPU threads report on, and a device fault sink that reports on the same
+/// channel, so that `MicroVm::wait` wakes up for either.
+pub(crate) fn event_channel() -> (
+    mpsc::Sender<VcpuEvent>,
+    mpsc::Receiver<VcpuEvent>,
+    FaultSink,
+) {
+    let (events_tx, events) = mpsc::channel();
+    let fault_tx = events_tx.clone();
+    let faults = FaultSink::new(move |f| {
+        let _ = fault_tx.send(VcpuEvent::DeviceFault(f));
+    });
+    (events_tx, events, faults)
 }
 
 #[cfg(test)]

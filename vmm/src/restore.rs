@@ -13,7 +13,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fnode_guest::abi;
@@ -28,14 +28,13 @@ use crate::devices::control::{ControlDevice, ControlSignal};
 use crate::devices::exit::{ExitDevice, ExitSignal};
 use crate::devices::serial::{SerialDevice, SerialError};
 use crate::devices::virtio::setup::{self as virtio_setup, SetupError};
-use crate::devices::virtio::FaultSink;
 use crate::kvm::KvmContext;
 use crate::microvm::{MicroVm, VmState as RunState};
 use crate::persist::cpu::{self, CpuCompatError};
 use crate::persist::{MicroVmState, FORMAT};
 use crate::reset::{ResetMode, ResetState};
 use crate::vstate::memory::{self, MemoryBacking, MemoryError};
-use crate::vstate::vcpu::{FirstRun, Vcpu, VcpuError, VcpuEvent, VcpuIo};
+use crate::vstate::vcpu::{FirstRun, Vcpu, VcpuError, VcpuIo};
 use crate::vstate::vcpu_persist::VcpuPersistError;
 use crate::vstate::vm::{Vm, VmError};
 use crate::vstate::vm_persist::VmPersistError;
@@ -231,12 +230,7 @@ pub fn restore_with(
     let mut buses = Buses::default();
     devices::insert_legacy(&mut buses.pio, serial.clone(), exit_dev, control_dev)
         .map_err(RestoreError::Bus)?;
-    // vCPU events; devices report faults on the same channel so `MicroVm::wait` wakes up.
-    let (events_tx, events) = mpsc::channel();
-    let fault_tx = events_tx.clone();
-    let faults = FaultSink::new(move |f| {
-        let _ = fault_tx.send(VcpuEvent::DeviceFault(f));
-    });
+    let (events_tx, events, faults) = crate::builder::event_channel();
     let virtio = virtio_setup::restore(
         vm.fd(),
         &guest_memory,

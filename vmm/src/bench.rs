@@ -119,6 +119,48 @@ pub struct FloorTimings {
     pub total: Duration,
 }
 
+/// The floor's series names, in [`FloorTimings::phases`] order.
+const FLOOR_SERIES: [&str; 9] = [
+    "floor.create_vm",
+    "floor.set_tss",
+    "floor.map_memory",
+    "floor.register_memory",
+    "floor.create_vcpu",
+    "floor.set_registers",
+    "floor.to_run",
+    "floor.run_to_hlt",
+    "floor.total",
+];
+
+impl FloorTimings {
+    /// Every phase in [`FLOOR_SERIES`] order; `to_run` is everything before `KVM_RUN`.
+    fn phases(&self) -> [Duration; 9] {
+        [
+            self.create_vm,
+            self.set_tss,
+            self.map_memory,
+            self.register_memory,
+            self.create_vcpu,
+            self.set_registers,
+            self.total.saturating_sub(self.run_to_hlt),
+            self.run_to_hlt,
+            self.total,
+        ]
+    }
+}
+
+/// Empty series for the floor's phases.
+fn floor_series() -> Vec<Series> {
+    FLOOR_SERIES.iter().map(|n| Series::new(n)).collect()
+}
+
+/// Records one floor run in `series` (made by [`floor_series`]).
+fn record_floor(series: &mut [Series], t: &FloorTimings) {
+    for (s, d) in series.iter_mut().zip(t.phases()) {
+        s.record(d);
+    }
+}
+
 /// Runs the floor once with `mem_size` bytes of guest memory backed by `backing`.
 pub fn raw_floor(
     kvm: &KvmContext,
@@ -356,16 +398,6 @@ pub fn boot_vs_floor(
     timeout: Duration,
     mut processes: Vec<ProcessBoot>,
 ) -> Result<PhaseReport, BenchError> {
-    const FLOOR: [&str; 8] = [
-        "floor.create_vm",
-        "floor.set_tss",
-        "floor.map_memory",
-        "floor.register_memory",
-        "floor.create_vcpu",
-        "floor.set_registers",
-        "floor.run_to_hlt",
-        "floor.total",
-    ];
     const BOOT: [&str; 12] = [
         "build.create_vm",
         "build.map_memory",
@@ -380,25 +412,13 @@ pub fn boot_vs_floor(
         "boot.guest_run",
         "boot.total",
     ];
-    let mut floor: Vec<Series> = FLOOR.iter().map(|n| Series::new(n)).collect();
+    let mut floor = floor_series();
     let mut boot: Vec<Series> = BOOT.iter().map(|n| Series::new(n)).collect();
     let mut process: Vec<Series> = processes.iter().map(|p| Series::new(p.name)).collect();
     let mem_size = usize::try_from(config.mem_mib << 20).unwrap_or(usize::MAX);
     for _ in 0..runs {
         let t = raw_floor(kvm, mem_size, MemoryBacking::Anonymous)?;
-        let phases = [
-            t.create_vm,
-            t.set_tss,
-            t.map_memory,
-            t.register_memory,
-            t.create_vcpu,
-            t.set_registers,
-            t.run_to_hlt,
-            t.total,
-        ];
-        for (s, d) in floor.iter_mut().zip(phases) {
-            s.record(d);
-        }
+        record_floor(&mut floor, &t);
         let b = boot_sample(kvm, config, timeout)?;
         let p = b.build;
         let phases = [
@@ -442,17 +462,6 @@ pub fn restore_vs_floor(
     runs: u32,
     timeout: Duration,
 ) -> Result<PhaseReport, BenchError> {
-    const FLOOR: [&str; 9] = [
-        "floor.create_vm",
-        "floor.set_tss",
-        "floor.map_memory",
-        "floor.register_memory",
-        "floor.create_vcpu",
-        "floor.set_registers",
-        "floor.to_run",
-        "floor.run_to_hlt",
-        "floor.total",
-    ];
     const RESTORE: [&str; 14] = [
         "restore.validate",
         "restore.create_vm",
@@ -469,7 +478,7 @@ pub fn restore_vs_floor(
         "restore.to_exit",
         "restore.teardown",
     ];
-    let mut floor: Vec<Series> = FLOOR.iter().map(|n| Series::new(n)).collect();
+    let mut floor = floor_series();
     let mut restore: Vec<Series> = RESTORE.iter().map(|n| Series::new(n)).collect();
     let memory_path = fnode_snapshot::SnapshotDir::new(dir).memory_path();
     for _ in 0..runs {
@@ -490,20 +499,7 @@ pub fn restore_vs_floor(
             usize::try_from(mem_size).unwrap_or(usize::MAX),
             MemoryBacking::PrivateFile(file),
         )?;
-        let phases = [
-            t.create_vm,
-            t.set_tss,
-            t.map_memory,
-            t.register_memory,
-            t.create_vcpu,
-            t.set_registers,
-            t.total - t.run_to_hlt,
-            t.run_to_hlt,
-            t.total,
-        ];
-        for (s, d) in floor.iter_mut().zip(phases) {
-            s.record(d);
-        }
+        record_floor(&mut floor, &t);
 
         let mut vm =
             crate::restore::restore(kvm, dir, Box::new(io::sink())).map_err(BenchError::Restore)?;

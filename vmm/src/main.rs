@@ -92,6 +92,16 @@ struct SnapshotArgs {
 struct RestoreArgs {
     /// The snapshot directory.
     dir: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
+    /// Also print the time of each restore phase on stderr.
+    #[arg(long)]
+    timings: bool,
+}
+
+/// How a VM runs: how long it may take and where its console goes.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
     /// Stop the guest if it has not exited after this many milliseconds.
     #[arg(long, value_name = "N", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -99,9 +109,23 @@ struct RestoreArgs {
     /// Write the serial console to FILE instead of stdout.
     #[arg(long, value_name = "FILE")]
     serial_out: Option<PathBuf>,
-    /// Also print the time of each restore phase on stderr.
-    #[arg(long)]
-    timings: bool,
+}
+
+impl RunArgs {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// The console: the `--serial-out` file, or stdout.
+    fn console(&self) -> anyhow::Result<Box<dyn Write + Send>> {
+        Ok(match &self.serial_out {
+            Some(path) => Box::new(
+                File::create(path)
+                    .with_context(|| format!("cannot create serial output {}", path.display()))?,
+            ),
+            None => Box::new(std::io::stdout()),
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -125,13 +149,8 @@ struct BenchArgs {
 struct BootArgs {
     #[command(flatten)]
     guest: GuestArgs,
-    /// Stop the guest if it has not exited after this many milliseconds.
-    #[arg(long, value_name = "N", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    timeout_ms: u64,
-    /// Write the serial console to FILE instead of stdout.
-    #[arg(long, value_name = "FILE")]
-    serial_out: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
     /// Also print the time of each VM build phase on stderr.
     #[arg(long)]
     timings: bool,
@@ -160,20 +179,14 @@ fn main() -> ExitCode {
 
 fn boot(args: BootArgs) -> anyhow::Result<u8> {
     let start = Instant::now();
-    let console: Box<dyn Write + Send> = match &args.serial_out {
-        Some(path) => Box::new(
-            File::create(path)
-                .with_context(|| format!("cannot create serial output {}", path.display()))?,
-        ),
-        None => Box::new(std::io::stdout()),
-    };
+    let console = args.run.console()?;
     let kvm = KvmContext::new()?;
     let config = VmConfig {
         vsock_uds: args.vsock,
         ..args.guest.config()
     };
     let mut vm = builder::build(&kvm, &config, console)?;
-    let report = match vm.run(Duration::from_millis(args.timeout_ms)) {
+    let report = match vm.run(args.run.timeout()) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("error: VM failed: {e}");
@@ -274,16 +287,10 @@ fn snapshot(args: SnapshotArgs) -> anyhow::Result<u8> {
 }
 
 fn restore(args: RestoreArgs) -> anyhow::Result<u8> {
-    let console: Box<dyn Write + Send> = match &args.serial_out {
-        Some(path) => Box::new(
-            File::create(path)
-                .with_context(|| format!("cannot create serial output {}", path.display()))?,
-        ),
-        None => Box::new(std::io::stdout()),
-    };
+    let console = args.run.console()?;
     let kvm = KvmContext::new()?;
     let mut vm = fnode_vmm::restore::restore(&kvm, &args.dir, console)?;
-    let report = match vm.run(Duration::from_millis(args.timeout_ms)) {
+    let report = match vm.run(args.run.timeout()) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("error: VM failed: {e}");

@@ -149,6 +149,20 @@ impl FloorTimings {
     }
 }
 
+impl FloorTimings {
+    /// The phases before `KVM_RUN` (the floor's host share), named as a restore's are.
+    pub fn host_phases(&self) -> [(&'static str, Duration); 6] {
+        [
+            ("create_vm", self.create_vm),
+            ("set_tss", self.set_tss),
+            ("map_memory", self.map_memory),
+            ("register_memory", self.register_memory),
+            ("create_vcpu", self.create_vcpu),
+            ("set_registers", self.set_registers),
+        ]
+    }
+}
+
 /// Empty series for the floor's phases.
 fn floor_series() -> Vec<Series> {
     FLOOR_SERIES.iter().map(|n| Series::new(n)).collect()

@@ -324,6 +324,18 @@ pub struct ResetPhases {
     pub vcpus: Duration,
 }
 
+impl ResetPhases {
+    /// Each phase's name and time, in order (what benchmarks print).
+    pub fn phases(&self) -> [(&'static str, Duration); 4] {
+        [
+            ("pause", self.pause),
+            ("memory", self.memory),
+            ("vm_and_devices", self.vm_and_devices),
+            ("vcpus", self.vcpus),
+        ]
+    }
+}
+
 /// A fresh seed for the guest's random source.
 pub(crate) fn fresh_seed() -> abi::entropy::Seed {
     let mut words = [0u64; 5];

@@ -119,6 +119,23 @@ pub struct RestoreTimings {
     pub total: Duration,
 }
 
+impl RestoreTimings {
+    /// Each phase's name and time, in order (what benchmarks print).
+    pub fn phases(&self) -> [(&'static str, Duration); 9] {
+        [
+            ("validate", self.validate),
+            ("create_vm", self.create_vm),
+            ("map_memory", self.map_memory),
+            ("register_memory", self.register_memory),
+            ("irqchip", self.irqchip),
+            ("vm_state", self.vm_state),
+            ("devices", self.devices),
+            ("vcpus", self.vcpus),
+            ("start_threads", self.start_threads),
+        ]
+    }
+}
+
 /// How to restore a snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RestoreOptions {

@@ -21,7 +21,7 @@ use fnode_vmm::{
 };
 
 use super::probe::{PageMap, ProbeError};
-use super::stats::OpSample;
+use super::stats::{OpSample, Phases};
 use crate::client::{ClientError, Connection, Reply};
 use crate::restored::RestoredFunction;
 use crate::snapshot::ConsoleBuf;
@@ -246,6 +246,7 @@ impl Cold<'_> {
             exits: Some(vm.exit_count()),
             pages: Some(pages.guest_pages(&vm).map_err(OpError::Probe)?),
             dirtied: None,
+            phases: Phases::default(),
         };
         drop(conn);
         Ok((sample, vm))
@@ -278,6 +279,11 @@ pub fn floor_sample(kvm: &KvmContext, memory: &FloorMemory) -> Result<OpSample, 
         exits: Some(1),
         pages: None,
         dirtied: None,
+        phases: {
+            let mut phases = Phases::default();
+            phases.extend(&t.host_phases());
+            phases
+        },
     })
 }
 
@@ -343,6 +349,12 @@ impl Restore<'_> {
             .restore_to_first_run
             .ok_or(OpError::NoHostTime("first ran after its restore"))?;
         let exits = f.vm().exit_count();
+        let mut phases = Phases::default();
+        if let Some(t) = f.vm().restore_timings() {
+            phases.extend(&t.phases());
+            // From the threads started to the guest's first KVM_RUN.
+            phases.push("to_first_run", host.saturating_sub(t.total));
+        }
         let (touched, written) = restored_pages(&mut f, pages)?;
         Ok((
             OpSample {
@@ -351,6 +363,7 @@ impl Restore<'_> {
                 exits: Some(exits),
                 pages: Some(touched),
                 dirtied: Some(written),
+                phases,
             },
             f,
         ))
@@ -378,6 +391,10 @@ impl Restore<'_> {
             ResetMode::CopyBack => 0,
         };
         let run = stats.run.unwrap_or_default();
+        let mut phases = Phases::default();
+        phases.extend(&put_back.phases.phases());
+        // From the reset's return to the guest's first KVM_RUN.
+        phases.push("to_first_run", host.saturating_sub(put_back.reset_time));
         Ok(OpSample {
             total,
             host: Some(host),
@@ -386,6 +403,7 @@ impl Restore<'_> {
             // reset, where the reset unmapped the ones it dropped (they fault in again).
             pages: Some((after + dropped).saturating_sub(before)),
             dirtied: stats.run.map(|_| run.dirtied_pages + run.device_pages),
+            phases,
         })
     }
 }

@@ -20,6 +20,44 @@ pub struct OpSample {
     pub pages: Option<u64>,
     /// Guest pages written during the operation (by the guest or a device).
     pub dirtied: Option<u64>,
+    /// Where the host's share went, phase by phase.
+    pub phases: Phases,
+}
+
+/// The most phases an operation reports.
+const MAX_PHASES: usize = 12;
+
+/// Named phases of one operation, in order (a fixed array: samples stay `Copy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Phases {
+    names: [&'static str; MAX_PHASES],
+    times: [Duration; MAX_PHASES],
+    len: usize,
+}
+
+impl Phases {
+    /// Appends a phase (past [`MAX_PHASES`] it is dropped).
+    pub fn push(&mut self, name: &'static str, time: Duration) {
+        if self.len < MAX_PHASES {
+            self.names[self.len] = name;
+            self.times[self.len] = time;
+            self.len += 1;
+        }
+    }
+
+    /// Appends each of `phases`.
+    pub fn extend(&mut self, phases: &[(&'static str, Duration)]) {
+        for &(name, time) in phases {
+            self.push(name, time);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&'static str, Duration)> + '_ {
+        self.names[..self.len]
+            .iter()
+            .copied()
+            .zip(self.times[..self.len].iter().copied())
+    }
 }
 
 /// A benchmark mode's name and what it measures.
@@ -77,6 +115,8 @@ pub struct ModeStats {
     exits: Counter,
     pages: Counter,
     dirtied: Counter,
+    /// Each phase's name and times, in the order first seen.
+    phases: Vec<(&'static str, Series)>,
 }
 
 /// Sum and number of a per-operation count.
@@ -120,6 +160,7 @@ impl ModeStats {
             exits: Counter::default(),
             pages: Counter::default(),
             dirtied: Counter::default(),
+            phases: Vec::new(),
         }
     }
 
@@ -133,6 +174,24 @@ impl ModeStats {
         self.exits.add(s.exits);
         self.pages.add(s.pages);
         self.dirtied.add(s.dirtied);
+        for (name, time) in s.phases.iter() {
+            match self.phases.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, series)) => series.record(time),
+                None => {
+                    let mut series = Series::new(name);
+                    series.record(time);
+                    self.phases.push((name, series));
+                }
+            }
+        }
+    }
+
+    /// Each phase's p50, in order.
+    pub fn phase_p50s(&self) -> Vec<(&'static str, Duration)> {
+        self.phases
+            .iter()
+            .map(|(name, series)| (*name, series.quantile(0.5)))
+            .collect()
     }
 
     /// Number of operations.
@@ -189,6 +248,14 @@ impl ModeStats {
         if let Some(p) = self.dirtied.mean() {
             m.insert("pages_dirtied_per_op".into(), json!(round1(p)));
         }
+        if !self.phases.is_empty() {
+            let phases: Map<String, Value> = self
+                .phase_p50s()
+                .into_iter()
+                .map(|(name, d)| (name.to_owned(), json!(us(d))))
+                .collect();
+            m.insert("host_phases_p50_us".into(), Value::Object(phases));
+        }
         Value::Object(m)
     }
 
@@ -239,6 +306,13 @@ pub fn table(modes: &[&ModeStats]) -> String {
             opt(m.dirtied.mean(), 1),
         );
     }
+    for m in modes.iter().filter(|m| !m.phases.is_empty()) {
+        out += &format!("{} host phases, p50 us:", m.kind.name());
+        for (name, d) in m.phase_p50s() {
+            out += &format!(" {name} {:.1}", us(d));
+        }
+        out += "\n";
+    }
     out
 }
 
@@ -253,6 +327,7 @@ mod tests {
             exits: Some(3),
             pages: Some(10),
             dirtied: Some(2),
+            phases: Phases::default(),
         }
     }
 

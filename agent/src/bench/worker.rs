@@ -118,20 +118,11 @@ struct Idle(RestoredFunction, Vec<(&'static str, Duration)>);
 
 impl Idle {
     fn new(mut f: RestoredFunction) -> Self {
-        let phases = match f.vm().restore_timings() {
-            Some(t) => vec![
-                ("validate", t.validate),
-                ("create_vm", t.create_vm),
-                ("map_memory", t.map_memory),
-                ("register_memory", t.register_memory),
-                ("irqchip", t.irqchip),
-                ("vm_state", t.vm_state),
-                ("devices", t.devices),
-                ("vcpus", t.vcpus),
-                ("start_threads", t.start_threads),
-            ],
-            None => Vec::new(),
-        };
+        let phases = f
+            .vm()
+            .restore_timings()
+            .map(|t| t.phases().to_vec())
+            .unwrap_or_default();
         Idle(f, phases)
     }
 }

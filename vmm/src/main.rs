@@ -97,6 +97,11 @@ struct RestoreArgs {
     /// Also print the time of each restore phase on stderr.
     #[arg(long)]
     timings: bool,
+    /// The Unix socket PATH the restored vsock device listens at (required when the
+    /// snapshot has a vsock device, as `fnode snapshot`'s do; a fresh path per VM). The
+    /// snapshot's connection is parked there: write "CONNECT <port>\n" and read "OK <port>\n".
+    #[arg(long, value_name = "PATH")]
+    vsock: Option<PathBuf>,
 }
 
 /// How a VM runs: how long it may take and where its console goes.
@@ -289,7 +294,11 @@ fn snapshot(args: SnapshotArgs) -> anyhow::Result<u8> {
 fn restore(args: RestoreArgs) -> anyhow::Result<u8> {
     let console = args.run.console()?;
     let kvm = KvmContext::new()?;
-    let mut vm = fnode_vmm::restore::restore(&kvm, &args.dir, console)?;
+    let options = fnode_vmm::RestoreOptions {
+        vsock_uds: args.vsock.clone(),
+        ..Default::default()
+    };
+    let mut vm = fnode_vmm::restore_with(&kvm, &args.dir, console, &options)?;
     let report = match vm.run(args.run.timeout()) {
         Ok(report) => report,
         Err(e) => {
@@ -312,7 +321,12 @@ fn restore(args: RestoreArgs) -> anyhow::Result<u8> {
     }
     if args.timings {
         if let Some(t) = timings {
-            eprintln!("fnode-vmm: restore phases: {t:?}");
+            let phases: Vec<String> = t
+                .phases()
+                .iter()
+                .map(|(name, d)| format!("{name} {:.1} us", d.as_secs_f64() * 1e6))
+                .collect();
+            eprintln!("fnode-vmm: restore phases: {}", phases.join(", "));
         }
     }
     Ok(outcome.exit_code())

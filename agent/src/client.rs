@@ -129,6 +129,9 @@ pub struct Connection {
     /// Bytes read past the handshake line (none from a well-behaved VMM).
     pending: Vec<u8>,
     next_id: u64,
+    /// The guest port whose `OK` line is still to be read
+    /// ([`connect_pipelined`](Self::connect_pipelined)).
+    awaiting_ok: Option<u32>,
 }
 
 impl Connection {
@@ -173,6 +176,47 @@ impl Connection {
         }
     }
 
+    /// A connection over `stream`, before its handshake.
+    fn over(stream: UnixStream) -> Connection {
+        Connection {
+            stream,
+            pending: Vec::new(),
+            next_id: 1,
+            awaiting_ok: None,
+        }
+    }
+
+    /// Connects to the hybrid-vsock socket at `path` and writes the `CONNECT <port>` line
+    /// without waiting for the answer: the first request can follow at once, and its
+    /// [`read_reply`](Self::read_reply) reads the `OK` line first. For a port the VMM holds
+    /// an established connection for (a restored VM's), which it answers without the guest,
+    /// this saves a round trip. A refusal then shows as that first call's error.
+    pub fn connect_pipelined(
+        path: &Path,
+        port: u32,
+        deadline: Instant,
+        watch: &mut dyn FnMut() -> bool,
+    ) -> Result<Connection, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
+        Connection::pipelined(stream, port, deadline, watch)
+    }
+
+    /// [`connect_pipelined`](Self::connect_pipelined) on a connected stream.
+    pub fn pipelined(
+        stream: UnixStream,
+        port: u32,
+        deadline: Instant,
+        watch: &mut dyn FnMut() -> bool,
+    ) -> Result<Connection, ClientError> {
+        let mut conn = Connection::over(stream);
+        conn.send_connect(port, deadline, watch)?;
+        conn.awaiting_ok = Some(port);
+        Ok(conn)
+    }
+
     /// Does the handshake on a connected stream.
     pub fn handshake(
         stream: UnixStream,
@@ -180,18 +224,35 @@ impl Connection {
         deadline: Instant,
         watch: &mut dyn FnMut() -> bool,
     ) -> Result<Connection, ClientError> {
-        let mut conn = Connection {
-            stream,
-            pending: Vec::new(),
-            next_id: 1,
-        };
+        let mut conn = Connection::over(stream);
+        conn.send_connect(port, deadline, watch)?;
+        conn.read_ok(port, deadline, watch)?;
+        Ok(conn)
+    }
+
+    /// Writes the `CONNECT <port>` line.
+    fn send_connect(
+        &mut self,
+        port: u32,
+        deadline: Instant,
+        watch: &mut dyn FnMut() -> bool,
+    ) -> Result<(), ClientError> {
         let line = format!("CONNECT {port}\n");
         // A socket closed this early is a refusal too (the line met a closed connection).
-        conn.write_all(&mut [IoSlice::new(line.as_bytes())], deadline, watch)
+        self.write_all(&mut [IoSlice::new(line.as_bytes())], deadline, watch)
             .map_err(|e| match e {
                 ClientError::Closed => ClientError::Refused { port },
                 e => e,
-            })?;
+            })
+    }
+
+    /// Reads the VMM's `OK <hostport>` line; bytes after it are kept for the first reply.
+    fn read_ok(
+        &mut self,
+        port: u32,
+        deadline: Instant,
+        watch: &mut dyn FnMut() -> bool,
+    ) -> Result<(), ClientError> {
         let mut buf = [0u8; HANDSHAKE_MAX];
         let mut got = 0;
         let end = loop {
@@ -203,7 +264,12 @@ impl Connection {
                     String::from_utf8_lossy(&buf).into_owned(),
                 ));
             }
-            match conn.read_some(&mut buf[got..], deadline, watch)? {
+            // A reset (the VMM closed with our request unread) is a refusal too.
+            let read = match self.read_some(&mut buf[got..], deadline, watch) {
+                Err(ClientError::Closed) => Ok(0),
+                other => other,
+            };
+            match read? {
                 0 => {
                     return Err(if got == 0 {
                         ClientError::Refused { port }
@@ -223,8 +289,8 @@ impl Connection {
                 String::from_utf8_lossy(reply).into_owned(),
             ));
         }
-        conn.pending.extend_from_slice(&buf[end + 1..got]);
-        Ok(conn)
+        self.pending.extend_from_slice(&buf[end + 1..got]);
+        Ok(())
     }
 
     /// Sends one REQUEST frame carrying `payload`; returns its id.
@@ -246,11 +312,17 @@ impl Connection {
             len,
         }
         .encode();
+        let awaiting_ok = self.awaiting_ok;
         self.write_all(
             &mut [IoSlice::new(&header), IoSlice::new(payload)],
             deadline,
             watch,
-        )?;
+        )
+        .map_err(|e| match (e, awaiting_ok) {
+            // Closed before its OK line: the VMM refused the pipelined connection.
+            (ClientError::Closed, Some(port)) => ClientError::Refused { port },
+            (e, _) => e,
+        })?;
         Ok(id)
     }
 
@@ -261,6 +333,9 @@ impl Connection {
         deadline: Instant,
         watch: &mut dyn FnMut() -> bool,
     ) -> Result<Reply, ClientError> {
+        if let Some(port) = self.awaiting_ok.take() {
+            self.read_ok(port, deadline, watch)?;
+        }
         let mut raw = [0u8; HEADER_LEN];
         self.read_exact(&mut raw, deadline, watch)?;
         let header =
@@ -452,14 +527,7 @@ mod tests {
     /// A connection whose other end plays the VMM and guest (handshake already done).
     fn pair() -> (Connection, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
-        (
-            Connection {
-                stream: a,
-                pending: Vec::new(),
-                next_id: 1,
-            },
-            b,
-        )
+        (Connection::over(a), b)
     }
 
     /// Reads one request frame from the guest's end.
@@ -536,6 +604,37 @@ mod tests {
                 "{reply:?}: {err:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_pipelined_request_goes_out_before_the_ok_line() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let mut conn = Connection::pipelined(host, 5, soon(), &mut go_on()).unwrap();
+        let id = conn.send_request(b"ping", soon(), &mut go_on()).unwrap();
+        // The VMM's side sees the line and the request before it answered anything.
+        let mut line = [0u8; 10];
+        guest.read_exact(&mut line).unwrap();
+        assert_eq!(&line, b"CONNECT 5\n");
+        let (h, payload) = read_request(&mut guest);
+        assert_eq!((h.id, payload.as_slice()), (id, &b"ping"[..]));
+        let mut answer = b"OK 9\n".to_vec();
+        answer.extend_from_slice(&encode_header(KIND_RESPONSE, id, 4));
+        answer.extend_from_slice(b"pong");
+        guest.write_all(&answer).unwrap();
+        assert_eq!(
+            conn.read_reply(id, soon(), &mut go_on()).unwrap(),
+            Reply::Response(b"pong".to_vec())
+        );
+
+        // A refusal (the socket closed instead of OK) is the first reply's error.
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let mut conn = Connection::pipelined(host, 6, soon(), &mut go_on()).unwrap();
+        let id = conn.send_request(b"x", soon(), &mut go_on()).unwrap();
+        let mut line = [0u8; 10];
+        guest.read_exact(&mut line).unwrap();
+        drop(guest);
+        let err = conn.read_reply(id, soon(), &mut go_on()).unwrap_err();
+        assert!(matches!(err, ClientError::Refused { port: 6 }), "{err:?}");
     }
 
     #[test]

@@ -135,7 +135,9 @@ impl RestoredFunction {
             .with_context(|| format!("cannot restore the snapshot {}", dir.display()))?;
         let mut ended = None;
         let mut watch = || keep_waiting(&mut vm, &mut ended);
-        let conn = Connection::connect(&socket, INVOKE_PORT, deadline, &mut watch)
+        // The parked connection is answered by the VMM alone: the first request goes out
+        // with the CONNECT line, without waiting for its OK.
+        let conn = Connection::connect_pipelined(&socket, INVOKE_PORT, deadline, &mut watch)
             .context("cannot attach to the restored VM's invocation connection")?;
         Ok(RestoredFunction {
             vm,

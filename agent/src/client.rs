@@ -143,11 +143,7 @@ impl Connection {
         deadline: Instant,
         watch: &mut dyn FnMut() -> bool,
     ) -> Result<Connection, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
-        Connection::handshake(stream, port, deadline, watch)
+        Connection::handshake(open(path)?, port, deadline, watch)
     }
 
     /// [`Connection::connect`], retried while the guest refuses (it has not started
@@ -197,11 +193,7 @@ impl Connection {
         deadline: Instant,
         watch: &mut dyn FnMut() -> bool,
     ) -> Result<Connection, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: path.to_owned(),
-            source,
-        })?;
-        Connection::pipelined(stream, port, deadline, watch)
+        Connection::pipelined(open(path)?, port, deadline, watch)
     }
 
     /// [`connect_pipelined`](Self::connect_pipelined) on a connected stream.
@@ -491,6 +483,14 @@ impl Connection {
             _ => Err(ClientError::Io(e)),
         }
     }
+}
+
+/// Connects to the Unix socket at `path`.
+fn open(path: &Path) -> Result<UnixStream, ClientError> {
+    UnixStream::connect(path).map_err(|source| ClientError::Connect {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Time left before `deadline`, or [`ClientError::TimedOut`]. Never zero: a zero socket

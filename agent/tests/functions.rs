@@ -132,6 +132,32 @@ fn a_fault_with_the_direction_flag_set_is_reported_intact() {
     );
 }
 
+/// A system call whose return address is not canonical (made by jumping to the entry with a
+/// chosen `rcx`) is the function's fault: a user-mode #GP at that address, reported with an
+/// error frame, not an `iretq` that faults inside the kernel.
+#[test]
+fn a_non_canonical_return_address_is_the_functions_fault() {
+    if !require_kvm() {
+        return;
+    }
+    let image = image("badmem");
+    let entry = symbol(&image, "fnode_syscall_entry");
+    // A kernel that took the call would send DF_ANSWER and end the VM with success.
+    let (outcome, console) = boot(&image, &format!("invoke=bad-return:{entry:x}"));
+    let bad = 0x8000_0000_0000_0000u64;
+    match outcome {
+        Outcome::Faulted { report: Some(r) } => {
+            assert_eq!((r.vector, r.rip, r.cs & 3), (13, bad, 3), "{console}")
+        }
+        other => panic!("expected a user #GP, got {other}\n{console}"),
+    }
+    let line = invoke_line(&console);
+    assert!(
+        line.contains(&format!("function fault: #GP (vector 13) at rip={bad:#x}")),
+        "{line}"
+    );
+}
+
 /// The value of symbol `name` in the ELF file `image` (its `.symtab`).
 fn symbol(image: &Path, name: &str) -> u64 {
     let b = std::fs::read(image).unwrap();

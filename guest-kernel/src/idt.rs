@@ -28,6 +28,9 @@ pub const EXCEPTION_VECTORS: u64 = 32;
 const VECTOR_SLOT: u64 = 16;
 /// The double-fault vector (it gets its own stack).
 const DOUBLE_FAULT_VECTOR: u64 = 8;
+/// The general-protection vector (also what a system call with a bad return address is
+/// reported as, see [`crate::syscall`]).
+pub const GENERAL_PROTECTION_VECTOR: u64 = 13;
 /// The page-fault vector (its stub goes through [`crate::syscall`]'s check first).
 pub const PAGE_FAULT_VECTOR: u64 = 14;
 /// Vectors for which the CPU pushes an error code: #DF, #TS, #NP, #SS, #GP, #PF, #AC, #CP,

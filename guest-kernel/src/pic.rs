@@ -8,9 +8,11 @@
 //! which passes PIC interrupts through.
 //!
 //! The PIC's IRQs 0-15 arrive on vectors [`VECTOR_BASE`]`..+16`. All sixteen share one
-//! two-instruction handler that sets a flag and returns: work is done by the code that
-//! waits (`wait_for_interrupt`), not in interrupt context. Every IRQ line starts masked;
-//! drivers unmask theirs (`unmask`).
+//! handler that only returns: work is done by the code that waits (`wait_for_interrupt`),
+//! not in interrupt context. The kernel runs with interrupts off everywhere but in that
+//! wait (`sti; hlt`), so an interrupt is taken only there, and one that arrived earlier waits
+//! in the PIC until then: the wait needs no flag to remember it. Every IRQ line starts
+//! masked; drivers unmask theirs (`unmask`).
 
 // On the host (unit tests) the port writes are not compiled and their values only tested.
 #![cfg_attr(not(target_os = "none"), allow(dead_code))]
@@ -27,6 +29,8 @@ const SLAVE_CMD: u16 = 0xa0;
 const SLAVE_DATA: u16 = 0xa1;
 /// ICW1: edge-triggered, cascaded, ICW4 follows.
 const ICW1_INIT: u8 = 0x11;
+/// OCW3: the next read of the command port returns the interrupt request register.
+const OCW3_READ_IRR: u8 = 0x0a;
 /// ICW4: 8086 mode, automatic end of interrupt.
 const ICW4_8086_AEOI: u8 = 0x03;
 /// The master's input the slave is wired to.
@@ -57,34 +61,31 @@ const INIT_SEQUENCE: [(u16, u8); 10] = [
 ];
 
 #[cfg(target_os = "none")]
-pub use imp::{init, unmask, wait_for_interrupt};
+pub use imp::{forget_pending, init, unmask, wait_for_interrupt};
 
 #[cfg(target_os = "none")]
 mod imp {
     use core::{
         arch::{asm, global_asm},
-        sync::atomic::{AtomicBool, AtomicU16, Ordering},
+        sync::atomic::{AtomicU16, Ordering},
     };
 
     use super::*;
 
-    /// Set by the interrupt handler, cleared by [`wait_for_interrupt`].
-    static PENDING: AtomicBool = AtomicBool::new(false);
     /// IRQ lines unmasked so far (bit `n` = IRQ `n`).
     static ENABLED: AtomicU16 = AtomicU16::new(0);
 
     // The handler of all 16 PIC vectors (the IDT's gates 32-47 point here). Auto-EOI mode
-    // needs no end-of-interrupt write; the interrupt gate keeps interrupts off until iretq.
+    // needs no end-of-interrupt write; taking the interrupt is all the waiting code needs
+    // (its `hlt` returns).
     global_asm!(
         r#"
         .section .text.fnode_pic, "ax"
         .balign 16
         .global fnode_pic_irq
     fnode_pic_irq:
-        movb $1, {pending}(%rip)
         iretq
         "#,
-        pending = sym PENDING,
         options(att_syntax)
     );
 
@@ -120,24 +121,64 @@ mod imp {
         true
     }
 
-    /// Returns once an interrupt has arrived since the previous call: at once if one already
-    /// did, otherwise after halting the CPU until one does. Race-free: the flag is checked
-    /// with interrupts off, and `sti; hlt` enables them only for the `hlt` (the instruction
-    /// after `sti` runs before any interrupt is taken). The caller's interrupt flag is
-    /// restored.
-    pub fn wait_for_interrupt() {
-        let rflags: u64;
-        // SAFETY: reads RFLAGS (through the stack, balanced) and disables interrupts.
+    fn inb(port: u16) -> u8 {
+        let value: u8;
+        // SAFETY: the callers read only the PIC's command ports.
         unsafe {
-            asm!("pushfq", "pop {}", "cli", out(reg) rflags, options(nomem, preserves_flags))
+            asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
         };
-        if !PENDING.swap(false, Ordering::Relaxed) {
-            // SAFETY: halts until an interrupt; the handler only sets PENDING.
-            unsafe { asm!("sti", "hlt", "cli", options(nostack)) };
-            PENDING.store(false, Ordering::Relaxed);
+        value
+    }
+
+    /// The interrupt request register of both PICs (bit `n` = IRQ `n` waits to be taken).
+    /// Two or four port accesses: not for a hot path.
+    fn pending_lines() -> u16 {
+        let enabled = ENABLED.load(Ordering::Relaxed);
+        outb(MASTER_CMD, OCW3_READ_IRR);
+        let mut irr = u16::from(inb(MASTER_CMD));
+        if enabled & 0xff00 != 0 {
+            outb(SLAVE_CMD, OCW3_READ_IRR);
+            irr |= u16::from(inb(SLAVE_CMD)) << 8;
         }
-        // SAFETY: restores the caller's RFLAGS (its interrupt flag) read above.
-        unsafe { asm!("push {}", "popfq", in(reg) rflags, options(nomem)) };
+        irr & enabled
+    }
+
+    /// Takes the interrupts waiting for the CPU, so that the next [`wait_for_interrupt`]
+    /// halts until a new one arrives: for a state about to be snapshotted (a restored guest
+    /// would otherwise wake at once for one its snapshotted self handled).
+    ///
+    /// An interrupt the host has already taken from the PIC for the CPU is delivered when
+    /// the host next enters the guest with interrupts on: interrupts go on for one
+    /// instruction that exits to the host (a port write to the PIC, harmless: it selects the
+    /// request register for reading), which a host that emulates kernel code needs (it may
+    /// not deliver interrupts between emulated instructions). One still in the PIC shows in
+    /// its request register, and `hlt` takes it and returns at once. Three or four exits:
+    /// not for a hot path. The caller's interrupt flag is restored.
+    pub fn forget_pending() {
+        // SAFETY: interrupts are on for the port write only (the instruction after `sti`
+        // runs before any is taken, and one that is taken is taken right after it); the
+        // handler only returns. The write selects the PIC's IRR for reads, which nothing
+        // else reads. RFLAGS goes through the stack, balanced.
+        unsafe {
+            asm!("pushfq", "sti", "out dx, al", "popfq",
+                 in("dx") MASTER_CMD, in("al") OCW3_READ_IRR, options(nomem))
+        };
+        if pending_lines() != 0 {
+            wait_for_interrupt();
+        }
+    }
+
+    /// Returns once an interrupt has arrived since the previous call: at once if one is
+    /// waiting in the PIC (it arrived while interrupts were off), otherwise after halting
+    /// the CPU until one does. Race-free: `sti; hlt` enables interrupts only for the `hlt`
+    /// (the instruction after `sti` runs before any interrupt is taken). The caller's
+    /// interrupt flag is restored. Four instructions: kernel code may be emulated one at a
+    /// time, and this is on every request's path.
+    #[inline(always)]
+    pub fn wait_for_interrupt() {
+        // SAFETY: halts until an interrupt, whose handler only returns; RFLAGS (the caller's
+        // interrupt flag) goes through the stack, balanced.
+        unsafe { asm!("pushfq", "sti", "hlt", "popfq", options(nomem)) };
     }
 }
 

@@ -6,8 +6,14 @@
 //! builds there, calls `dispatch`, clears the caller-saved
 //! registers (no kernel values leak to user mode) and returns with `iretq` (`sysretq`
 //! triple-faults on some hosts). It saves nothing else: `dispatch` is a Rust function, which
-//! preserves the callee-saved registers the contract promises. That is 20 instructions around
+//! preserves the callee-saved registers the contract promises. That is 22 instructions around
 //! the call; the kernel's code may be emulated one instruction at a time.
+//!
+//! The return address is the function's to choose (a jump to the entry sets `rcx` at will),
+//! so the entry checks it lies in the identity map, where user memory is, before anything
+//! else: `iretq` to a non-canonical address would raise #GP in the kernel. A bad one is the
+//! function's fault, reported as a user-mode #GP at that address (the request in flight gets
+//! an error frame, the VM ends).
 //!
 //! Every pointer from user mode is checked against user memory
 //! ([`abi::user::in_user_memory`]) before the kernel touches it. The function is suspended
@@ -78,6 +84,12 @@ mod imp {
     /// the direction flag clear, whatever user mode left.
     const SFMASK: u64 = 1 << 8 | 1 << 9 | 1 << 10 | 1 << 14 | 1 << 18;
 
+    /// Return addresses from system calls must lie below this: the identity map, which holds
+    /// all of user memory (checked at build time). A compare with a sign-extended 32-bit
+    /// immediate, so the bound must fit one.
+    const RETURN_END: u64 = fnode_guest::abi::layout::IDENTITY_MAP_END;
+    const _: () = assert!(RETURN_END <= i32::MAX as u64);
+
     /// Whether the CPU has `rdrand` (set once, before the function runs).
     static HAS_RDRAND: AtomicBool = AtomicBool::new(false);
 
@@ -104,6 +116,11 @@ mod imp {
         push {user_cs}
         push rcx                        /* user rip */
     fnode_syscall_framed:
+        /* The return address (rcx, also at [rsp]) must lie in the identity map, where all
+           user memory is. A jump to LSTAR can hand the kernel any rcx, and `iretq` to a
+           non-canonical one raises #GP in the kernel: refuse it as the function's fault. */
+        cmp rcx, {return_end}
+        jae fnode_syscall_bad_return
         sub rsp, 8                      /* 16-byte alignment at the call */
         mov rcx, rax                    /* dispatch(a0 = rdi, a1 = rsi, a2 = rdx, number) */
         call {dispatch}
@@ -117,6 +134,14 @@ mod imp {
         xor r10d, r10d
         xor r11d, r11d
         iretq
+
+        /* A bad return address: report a #GP (error code 0) at it, from user mode. The frame
+           already is the CPU's (rip, cs, rflags, rsp, ss); the exception handler answers the
+           request in flight and ends the VM, as for any user fault. */
+    fnode_syscall_bad_return:
+        push 0
+        push {gp_vector}
+        jmp fnode_exception_common
 
         /* IDT vector 14. Stack: error code, rip, cs, rflags, rsp, ss. */
         .global fnode_page_fault_entry
@@ -136,6 +161,8 @@ mod imp {
         user_cs = const gdt::USER_CODE_SELECTOR,
         rflags = const USER_RFLAGS,
         page_fault_vector = const crate::idt::PAGE_FAULT_VECTOR,
+        gp_vector = const crate::idt::GENERAL_PROTECTION_VECTOR,
+        return_end = const RETURN_END,
         dispatch = sym dispatch,
     );
 

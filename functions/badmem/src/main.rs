@@ -7,7 +7,10 @@
 //! `df-fault` (set the direction flag, then fault: the kernel must clear the flag before its
 //! own code runs, or its copies run backwards over its memory), `df-next:<hex>` (set the
 //! direction flag and make the `NEXT` call by jumping to the kernel's system call entry at
-//! `<hex>`, answering with [`DF_ANSWER`]: the kernel must send it intact).
+//! `<hex>`, answering with [`DF_ANSWER`]: the kernel must send it intact), `bad-return:<hex>`
+//! (make the `NEXT` call by jumping to the kernel's system call entry at `<hex>` with the
+//! non-canonical return address [`BAD_RETURN`] in `rcx`: the kernel must refuse it as this
+//! function's fault, not `iretq` to it).
 #![no_std]
 #![no_main]
 
@@ -17,6 +20,9 @@ struct BadMem;
 
 /// The response `df-next` sends.
 pub const DF_ANSWER: &[u8] = b"the kernel copied this response intact";
+
+/// The return address `bad-return` hands the kernel: not canonical.
+pub const BAD_RETURN: u64 = 0x8000_0000_0000_0000;
 
 /// `hex` (hex digits, no `0x`) as a number.
 fn parse_hex(hex: &[u8]) -> Option<u64> {
@@ -64,6 +70,26 @@ impl Function for BadMem {
                 )
             };
             return Err("NEXT returned after the last request".into());
+        }
+        if let Some(hex) = request.strip_prefix(b"bad-return:") {
+            let Some(entry) = parse_hex(hex) else {
+                return Err("bad-return needs the kernel's system call entry in hex".into());
+            };
+            // SAFETY: deliberately hostile: a `NEXT` call made by jumping to the kernel's
+            // entry with a non-canonical return address. The kernel must end the function
+            // there; if it ever returns, it returns to BAD_RETURN, which faults.
+            unsafe {
+                core::arch::asm!(
+                    "jmp {entry}",
+                    entry = in(reg) entry,
+                    in("rcx") BAD_RETURN,
+                    in("rax") abi::user::sys::NEXT,
+                    in("rdi") u64::from(abi::frame::KIND_RESPONSE),
+                    in("rsi") DF_ANSWER.as_ptr(),
+                    in("rdx") DF_ANSWER.len(),
+                    options(noreturn, nostack),
+                )
+            };
         }
         let addr = match request {
             b"unmapped" => abi::layout::IDENTITY_MAP_END + 0x1000,

@@ -144,6 +144,10 @@ pub const WINDOWS_END: u64 = 4 << 30;
 #[derive(Debug)]
 pub struct MmioTransport {
     base: u64,
+    /// An interrupt woke the last wait and has not been acknowledged at the device yet
+    /// (acknowledging is a VM exit, deferred until the next wait: see `Transport::wait`).
+    #[cfg_attr(not(target_os = "none"), allow(dead_code))]
+    pub(crate) unacked: bool,
 }
 
 impl MmioTransport {
@@ -158,7 +162,10 @@ impl MmioTransport {
                 size: dev.size,
             });
         }
-        Ok(MmioTransport { base: dev.addr })
+        Ok(MmioTransport {
+            base: dev.addr,
+            unacked: false,
+        })
     }
 
     /// The window's address.

@@ -20,6 +20,12 @@ pub trait Transport {
     /// Blocks until the device has (probably) made progress: an interrupt arrived since the
     /// previous call. Spurious returns are allowed; the caller polls its queues after each.
     fn wait(&mut self);
+    /// Forgets the interrupts that arrived so far (acknowledging them at the device), so
+    /// that the next [`wait`](Self::wait) blocks until a new one. For a state that is
+    /// snapshotted: a guest restored from it should not wake for an interrupt its snapshotted
+    /// self already handled. The caller polls its queues afterwards (what a forgotten
+    /// interrupt announced may not have been looked at yet).
+    fn settle(&mut self);
 }
 
 /// The guest physical address of `ptr`: the kernel identity-maps RAM.
@@ -141,9 +147,27 @@ mod imp {
             MmioTransport::notify(self, queue);
         }
 
+        /// Acknowledging an interrupt at the device is a VM exit, so it is not done when the
+        /// interrupt wakes the CPU (that would put the exit between a request's arrival and
+        /// its handling) but at the next wait, typically after the response went out: that
+        /// wait acknowledges and returns at once (a spurious return, so the caller polls
+        /// once more and misses nothing the acknowledgement cleared), the one after halts.
+        /// A device that keeps its line raised until acknowledged (level-triggered) gets the
+        /// acknowledgement before the CPU halts again, so its next event is a new edge.
         fn wait(&mut self) {
+            if self.unacked {
+                self.ack_interrupts();
+                self.unacked = false;
+                return;
+            }
             pic::wait_for_interrupt();
+            self.unacked = true;
+        }
+
+        fn settle(&mut self) {
+            pic::forget_pending();
             self.ack_interrupts();
+            self.unacked = false;
         }
     }
 

@@ -15,7 +15,11 @@
 //! Transmit chains are `[packet header][copied bytes][caller's bytes]`: small data is copied
 //! into the slot (the caller may reuse its memory at once), large data is sent from where it
 //! lies and the caller waits for the device to finish with it
-//! ([`Vsock::tx_zero_copy_pending`]). Transmit interrupts stay off unless the driver waits
+//! ([`Vsock::tx_zero_copy_pending`]). A small packet, the usual response, is one descriptor
+//! over its slot's header and data, which lie back to back (a virtio 1.x device reads a
+//! chain as one byte stream, however it is split); the caller can write its data into the
+//! slot directly ([`Vsock::reserve_small`], [`Vsock::commit_small`]), so a response is
+//! copied once. Transmit interrupts stay off unless the driver waits
 //! for a transmit slot or a zero-copy send; the used ring is polled instead.
 //!
 //! # Notifications and interrupts
@@ -124,6 +128,42 @@ struct RawHeader {
 }
 
 const _: () = assert!(core::mem::size_of::<RawHeader>() == HDR_LEN);
+
+/// The per-packet fields of a header as little-endian words, for the paths that write or
+/// check a whole header in a few instructions (kernel code may be emulated one instruction
+/// at a time): `src_cid`, `dst_cid` (each a word), `src_port | dst_port << 32`,
+/// `len | type << 32 | op << 48`, `flags | buf_alloc << 32`, then `fwd_cnt` (32 bits).
+mod word {
+    use core::mem::offset_of;
+
+    use super::RawHeader;
+
+    pub const SRC_CID: usize = offset_of!(RawHeader, src_cid);
+    pub const DST_CID: usize = offset_of!(RawHeader, dst_cid);
+    pub const PORTS: usize = offset_of!(RawHeader, src_port);
+    pub const LEN_TYPE_OP: usize = offset_of!(RawHeader, len);
+    pub const FLAGS_BUF_ALLOC: usize = offset_of!(RawHeader, flags);
+    pub const FWD_CNT: usize = offset_of!(RawHeader, fwd_cnt);
+
+    const _: () = {
+        assert!(SRC_CID == 0 && DST_CID == 8);
+        assert!(offset_of!(RawHeader, dst_port) == PORTS + 4);
+        assert!(offset_of!(RawHeader, kind) == LEN_TYPE_OP + 4);
+        assert!(offset_of!(RawHeader, op) == LEN_TYPE_OP + 6);
+        assert!(offset_of!(RawHeader, buf_alloc) == FLAGS_BUF_ALLOC + 4);
+        assert!(FWD_CNT == FLAGS_BUF_ALLOC + 8);
+    };
+
+    /// `src_port | dst_port << 32`.
+    pub const fn ports(src: u32, dst: u32) -> u64 {
+        src as u64 | (dst as u64) << 32
+    }
+
+    /// `type | op << 16`: the upper half of the `LEN_TYPE_OP` word.
+    pub const fn type_op(kind: u16, op: u16) -> u64 {
+        kind as u64 | (op as u64) << 16
+    }
+}
 
 impl PacketHeader {
     /// Writes the header at `dst`.
@@ -296,12 +336,43 @@ struct TxSlot {
     data: [u8; TX_INLINE],
 }
 
+// `commit_small` sends a slot's header and data with one descriptor.
+const _: () = assert!(core::mem::offset_of!(TxSlot, data) == HDR_LEN);
+
 /// All memory the device reads or writes besides the rings.
 #[repr(C)]
 struct Buffers {
     rx: RxArea,
     event: [u8; 8],
     tx: [TxSlot; TX_SLOTS],
+}
+
+/// A transmit slot held for one small data packet on the open connection
+/// ([`Vsock::reserve_small`]): the caller writes the packet's data at [`data`](Self::data),
+/// then [`Vsock::commit_small`] sends it. Dropping it instead sends nothing.
+#[derive(Debug)]
+pub struct SmallPacket {
+    slot: usize,
+    len: usize,
+    data: *mut u8,
+}
+
+impl SmallPacket {
+    /// Where the packet's data goes: [`len`](Self::len) writable bytes of driver memory
+    /// that no device reads before [`Vsock::commit_small`].
+    pub fn data(&self) -> *mut u8 {
+        self.data
+    }
+
+    /// The packet's data length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the packet carries no data (never: `reserve_small` refuses empty packets).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// The driver.
@@ -405,6 +476,12 @@ impl<T: Transport> Vsock<T> {
     /// The guest's context id.
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
+    }
+
+    /// Forgets the interrupts that arrived so far ([`Transport::settle`]): call before a
+    /// snapshot may be taken, then poll.
+    pub fn settle(&mut self) {
+        self.transport.settle();
     }
 
     /// Whether a connection is open.
@@ -517,15 +594,20 @@ impl<T: Transport> Vsock<T> {
             return Ok(Event::Control);
         }
         let h = self.rx_hdr_ptr();
+        let b = h.cast::<u8>();
         // SAFETY: the header buffer is driver memory the device no longer writes (the chain
-        // came back); each field is read once.
-        let (op, len) = unsafe {
+        // came back); the words lie inside it (`word`'s offsets are checked), each is read
+        // once. x86 is little-endian, as the wire is.
+        let (src_cid, dst_cid, ports, len_type_op) = unsafe {
             (
-                u16::from_le(addr_of!((*h).op).read_unaligned()),
-                u32::from_le(addr_of!((*h).len).read_unaligned()),
+                b.add(word::SRC_CID).cast::<u64>().read_unaligned(),
+                b.add(word::DST_CID).cast::<u64>().read_unaligned(),
+                b.add(word::PORTS).cast::<u64>().read_unaligned(),
+                b.add(word::LEN_TYPE_OP).cast::<u64>().read_unaligned(),
             )
         };
-        if op == op::RW {
+        let len = len_type_op as u32;
+        if (len_type_op >> 48) as u16 == op::RW {
             let cap = self.rx_window.1;
             if len > cap || len > used.len - HDR_LEN as u32 {
                 return Err(VsockError::RxOverflow {
@@ -536,34 +618,22 @@ impl<T: Transport> Vsock<T> {
             }
             // The usual packet, data on the open connection, is settled here in a few
             // instructions; everything else goes through `handle_packet`.
-            // SAFETY: as above.
-            let (src_cid, dst_cid, ports, kind) = unsafe {
-                (
-                    u64::from_le(addr_of!((*h).src_cid).read_unaligned()),
-                    u64::from_le(addr_of!((*h).dst_cid).read_unaligned()),
-                    (
-                        u32::from_le(addr_of!((*h).src_port).read_unaligned()),
-                        u32::from_le(addr_of!((*h).dst_port).read_unaligned()),
-                    ),
-                    u16::from_le(addr_of!((*h).kind).read_unaligned()),
-                )
-            };
             let guest_cid = self.guest_cid;
-            let on_conn = |c: &Conn| {
-                ports == (c.peer_port, addr::INVOKE_PORT)
+            if let Some(c) = self.conn.as_mut().filter(|c| {
+                len != 0
+                    && len_type_op >> 32 == word::type_op(TYPE_STREAM, op::RW)
+                    && ports == word::ports(c.peer_port, addr::INVOKE_PORT)
                     && src_cid == addr::HOST_CID
                     && dst_cid == guest_cid
-                    && kind == TYPE_STREAM
-            };
-            if let Some(c) = self.conn.as_mut().filter(|c| on_conn(c) && len != 0) {
+            }) {
                 // SAFETY: as above.
-                let (buf_alloc, fwd_cnt) = unsafe {
+                let (flags_buf_alloc, fwd_cnt) = unsafe {
                     (
-                        u32::from_le(addr_of!((*h).buf_alloc).read_unaligned()),
-                        u32::from_le(addr_of!((*h).fwd_cnt).read_unaligned()),
+                        b.add(word::FLAGS_BUF_ALLOC).cast::<u64>().read_unaligned(),
+                        b.add(word::FWD_CNT).cast::<u32>().read_unaligned(),
                     )
                 };
-                c.update_credit(buf_alloc, fwd_cnt);
+                c.update_credit((flags_buf_alloc >> 32) as u32, fwd_cnt);
                 c.fwd_cnt = c.fwd_cnt.wrapping_add(len);
                 let inline = self.rx_window.0 == self.inline_addr();
                 return Ok(Event::Data { len, inline });
@@ -932,54 +1002,87 @@ impl<T: Transport> Vsock<T> {
     // Always inlined: it is the whole send path of a small response.
     #[inline(always)]
     pub fn send_small(&mut self, head: &[u8], body: &[u8]) -> Result<bool, VsockError> {
-        let n = head.len() + body.len();
-        let Some(conn) = self.conn else {
+        if self.conn.is_none() {
             return Err(VsockError::NotConnected);
+        }
+        let Some(p) = self.reserve_small(head.len() + body.len())? else {
+            return Ok(false);
+        };
+        // SAFETY: `head.len() + body.len() == p.len()` bytes into the reserved slot's data
+        // buffer, from the caller's slices (driver memory does not overlap them).
+        unsafe {
+            super::copy_bytes(p.data(), head.as_ptr(), head.len());
+            super::copy_bytes(p.data().add(head.len()), body.as_ptr(), body.len());
+        }
+        self.commit_small(p);
+        Ok(true)
+    }
+
+    /// Holds a transmit slot for a data packet of `n` bytes on the open connection, if one
+    /// can go now: `n` is 1 to [`TX_INLINE`], within the host's credit, and a slot is free.
+    /// `None` otherwise (nothing changed; [`send`](Self::send) handles every case).
+    // Always inlined: with `commit_small`, the whole send path of a small response.
+    #[inline(always)]
+    pub fn reserve_small(&mut self, n: usize) -> Result<Option<SmallPacket>, VsockError> {
+        let Some(conn) = &self.conn else {
+            return Ok(None);
         };
         if n == 0 || n > TX_INLINE || conn.credit() < n {
-            return Ok(false);
+            return Ok(None);
         }
         if self.tx_free == 0 && !self.reap_tx()? {
-            return Ok(false);
+            return Ok(None);
         }
         let slot = self.tx_free.trailing_zeros() as usize;
-        let s = self.slot_ptr(slot);
-        // SAFETY: only addresses are taken.
-        let (hdr, data) = unsafe { (addr_of!((*s).hdr), addr_of_mut!((*s).data).cast::<u8>()) };
-        // SAFETY: `n <= TX_INLINE` bytes into the free slot's data buffer, from the caller's
-        // slices.
+        // SAFETY: only the address is taken.
+        let data = unsafe { addr_of_mut!((*self.slot_ptr(slot)).data) }.cast::<u8>();
+        Ok(Some(SmallPacket { slot, len: n, data }))
+    }
+
+    /// Sends the packet `p` holds (its data written by the caller): one descriptor over the
+    /// slot's header and data, which lie back to back; the device reads a chain as one byte
+    /// stream (virtio 1.x devices make no assumption about how it is split). The header's
+    /// per-packet fields are written as four words.
+    #[inline(always)]
+    pub fn commit_small(&mut self, p: SmallPacket) {
+        let Some(c) = self.conn.as_mut() else {
+            // `reserve_small` found the connection open and nothing closed it since (that
+            // needs `&mut self`); never taken.
+            return;
+        };
+        let n = p.len as u32;
+        let fwd_cnt = c.fwd_cnt;
+        c.adv_fwd_cnt = fwd_cnt;
+        c.tx_cnt = c.tx_cnt.wrapping_add(n);
+        let ports = word::ports(addr::INVOKE_PORT, c.peer_port);
+        let h = self.slot_ptr(p.slot).cast::<u8>();
+        // SAFETY: the slot is free (not with the device): its header is driver memory, and
+        // the words lie inside it (`word`'s offsets are checked against `RawHeader`). x86
+        // is little-endian, as the wire is.
         unsafe {
-            super::copy_bytes(data, head.as_ptr(), head.len());
-            super::copy_bytes(data.add(head.len()), body.as_ptr(), body.len());
+            h.add(word::PORTS).cast::<u64>().write_unaligned(ports);
+            h.add(word::LEN_TYPE_OP)
+                .cast::<u64>()
+                .write_unaligned(u64::from(n) | word::type_op(TYPE_STREAM, op::RW) << 32);
+            h.add(word::FLAGS_BUF_ALLOC)
+                .cast::<u64>()
+                .write_unaligned(u64::from(BUF_ALLOC) << 32);
+            h.add(word::FWD_CNT).cast::<u32>().write_unaligned(fwd_cnt);
         }
-        self.stamp(slot, op::RW, addr::INVOKE_PORT, conn.peer_port, n as u32, 0);
-        let first = slot as u16 * TX_CHAIN;
+        let head = p.slot as u16 * TX_CHAIN;
         self.tx.set_desc(
-            first,
+            head,
             Descriptor {
-                addr: dma_addr(hdr),
-                len: HDR_LEN as u32,
-                flags: DESC_F_NEXT,
-                next: first + 1,
-            },
-        );
-        self.tx.set_desc(
-            first + 1,
-            Descriptor {
-                addr: dma_addr(data),
-                len: n as u32,
+                addr: dma_addr(h),
+                len: HDR_LEN as u32 + n,
                 flags: 0,
                 next: 0,
             },
         );
-        self.queue_tx(slot, false);
-        if let Some(c) = self.conn.as_mut() {
-            c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
-        }
+        self.queue_tx(p.slot, false);
         if self.tx.publish() {
             self.transport.notify(QUEUE_TX);
         }
-        Ok(true)
     }
 
     /// Tells the host how much it may send if it may be running short: when the bytes
@@ -1075,6 +1178,10 @@ pub(crate) mod tests {
         pub delivered: std::collections::HashMap<u32, usize>,
         /// The last fwd_cnt the guest sent per host port.
         pub fwd_seen: std::collections::HashMap<u32, u32>,
+        /// Calls of `Transport::settle`.
+        pub settles: u32,
+        /// Descriptors in each transmit chain the guest sent, in order.
+        pub tx_descriptors: Vec<usize>,
     }
 
     impl FakeHost {
@@ -1091,13 +1198,16 @@ pub(crate) mod tests {
                         self.tx_kicked = tx.has_avail();
                         continue;
                     };
+                    // The chain is one byte stream, however it is split (virtio 1.x).
                     let chain = tx.chain(head);
-                    let hdr_bytes = read_guest(chain[0].addr, chain[0].len);
-                    let hdr = PacketHeader::decode(hdr_bytes[..HDR_LEN].try_into().unwrap());
-                    let mut data = Vec::new();
-                    for d in &chain[1..] {
-                        data.extend(read_guest(d.addr, d.len));
+                    self.tx_descriptors.push(chain.len());
+                    let mut bytes = Vec::new();
+                    for d in &chain {
+                        bytes.extend(read_guest(d.addr, d.len));
                     }
+                    assert!(bytes.len() >= HDR_LEN, "a chain without a whole header");
+                    let data = bytes.split_off(HDR_LEN);
+                    let hdr = PacketHeader::decode(bytes[..].try_into().unwrap());
                     assert_eq!(data.len(), hdr.len as usize, "header len matches the chain");
                     // Like fnode-vmm: fwd_cnt only acknowledges bytes sent on that connection.
                     let sent = self.delivered.get(&hdr.dst_port).copied().unwrap_or(0);
@@ -1209,6 +1319,10 @@ pub(crate) mod tests {
             self.waits += 1;
             assert!(self.waits < 100_000, "the driver waits forever");
             self.run();
+        }
+
+        fn settle(&mut self) {
+            self.settles += 1;
         }
     }
 
@@ -1418,6 +1532,8 @@ pub(crate) mod tests {
         let last = host.from_guest.last().unwrap();
         assert_eq!(last.1, b"headbody");
         assert_eq!(last.0.buf_alloc, BUF_ALLOC);
+        // Header and data in one descriptor: the slot holds them back to back.
+        assert_eq!(host.tx_descriptors.last(), Some(&1));
     }
 
     #[test]

@@ -17,8 +17,8 @@ use std::{
 use anyhow::Context;
 use fnode_guest::abi::vsock::INVOKE_PORT;
 use fnode_vmm::{
-    outcome::exit_code, restore_with, KvmContext, MicroVm, OpStats, Outcome, ResetError, ResetMode,
-    RestoreOptions,
+    outcome::exit_code, restore_loaded, KvmContext, LoadedSnapshot, MicroVm, OpStats, Outcome,
+    ResetError, ResetMode, RestoreOptions,
 };
 
 use crate::client::{ClientError, Connection, Reply};
@@ -30,12 +30,16 @@ use crate::snapshot::ConsoleBuf;
 pub struct PrivateDir(PathBuf);
 
 impl PrivateDir {
-    /// Creates `fnode-<pid>-<n>` in the runtime or temporary directory.
+    /// Creates `fnode-<pid>-<n>` in the runtime directory (`$XDG_RUNTIME_DIR`, else
+    /// `/dev/shm`), or the temporary directory when neither exists. The VM's socket is bound
+    /// there at every restore: on a memory filesystem that costs a few microseconds, on a
+    /// disk filesystem (`/tmp` on many hosts) tens of microseconds of journal work per VM.
     pub fn create() -> anyhow::Result<Self> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .filter(|p| p.is_dir())
+            .or_else(|| Some(PathBuf::from("/dev/shm")).filter(|p| p.is_dir()))
             .unwrap_or_else(std::env::temp_dir);
         let path = base.join(format!(
             "fnode-{}-{}",
@@ -72,8 +76,12 @@ pub struct Stats {
     pub reset_to_first_run: Option<Duration>,
     /// The last invocation: request sent -> response read.
     pub invoke: Option<Duration>,
+    /// When the last invocation's response was read (before the run's stats were taken,
+    /// which for a VM reset at the guest's DONE wait for that reset).
+    pub replied_at: Option<Instant>,
     /// Userspace exits and pages dirtied by the last invocation (guest pages from KVM's
-    /// dirty log; `None` for a VM restored without reset, which logs no dirty pages).
+    /// dirty log, and for a run that ended at the guest's DONE the pages devices wrote;
+    /// `None` for a VM restored without reset, which logs no dirty pages).
     pub run: Option<OpStats>,
 }
 
@@ -114,14 +122,34 @@ fn keep_waiting(vm: &mut MicroVm, ended: &mut Option<(Outcome, Instant)>) -> boo
 }
 
 impl RestoredFunction {
-    /// Restores the snapshot in `dir` (memory mapped `MAP_PRIVATE`), resumes it and attaches
-    /// to its parked invocation connection. `reset`: keep what [`reset`](Self::reset) needs.
-    pub fn restore(
+    /// Restores `snapshot` (loaded once before with [`LoadedSnapshot::load`]; its memory
+    /// file mapped `MAP_PRIVATE`), resumes it and attaches to its parked invocation
+    /// connection. `reset`: keep what [`reset`](Self::reset) needs.
+    pub fn restore_loaded(
         kvm: &KvmContext,
+        snapshot: &LoadedSnapshot,
+        reset: Option<ResetMode>,
+        console: ConsoleBuf,
+        deadline: Instant,
+    ) -> anyhow::Result<Self> {
+        Self::restore_by(
+            snapshot.dir(),
+            reset,
+            console,
+            deadline,
+            |console, options| restore_loaded(kvm, snapshot, console, options),
+        )
+    }
+
+    fn restore_by(
         dir: &Path,
         reset: Option<ResetMode>,
         console: ConsoleBuf,
         deadline: Instant,
+        restore: impl FnOnce(
+            Box<dyn std::io::Write + Send>,
+            &RestoreOptions,
+        ) -> Result<MicroVm, fnode_vmm::RestoreError>,
     ) -> anyhow::Result<Self> {
         let tmp = PrivateDir::create()?;
         let socket = tmp.path().join("vsock.sock");
@@ -131,7 +159,7 @@ impl RestoredFunction {
             reset,
             resume: true,
         };
-        let mut vm = restore_with(kvm, dir, Box::new(console.clone()), &options)
+        let mut vm = restore(Box::new(console.clone()), &options)
             .with_context(|| format!("cannot restore the snapshot {}", dir.display()))?;
         let mut ended = None;
         let mut watch = || keep_waiting(&mut vm, &mut ended);
@@ -155,7 +183,9 @@ impl RestoredFunction {
         let mut watch = || keep_waiting(vm, ended);
         let sent = Instant::now();
         let reply = self.conn.call(payload, deadline, &mut watch);
-        self.stats.invoke = Some(sent.elapsed());
+        let replied_at = Instant::now();
+        self.stats.replied_at = Some(replied_at);
+        self.stats.invoke = Some(replied_at - sent);
         self.stats.restore_to_first_run = self.vm.restore_to_first_run();
         self.stats.reset_to_first_run = self.vm.reset_to_first_run();
         self.stats.run = self.vm.run_stats();
@@ -224,21 +254,47 @@ pub fn run(
         }
     };
     let console = ConsoleBuf::new(console);
-    let mut f = match RestoredFunction::restore(&kvm, dir, reset, console, deadline) {
+    // Loaded once (read, checked, memory file opened); the restore's host time starts after.
+    let snapshot = match LoadedSnapshot::load(&kvm, dir) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "fnode: {:#}",
+                anyhow::Error::new(e)
+                    .context(format!("cannot load the snapshot {}", dir.display()))
+            );
+            return exit_code::SETUP;
+        }
+    };
+    let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+    if timings {
+        eprintln!(
+            "fnode: timings: snapshot loaded once in {:.3} ms (state read and checked, memory \
+             file opened; not part of the restore below)",
+            ms(Some(snapshot.load_time()))
+        );
+    }
+    let mut f = match RestoredFunction::restore_loaded(&kvm, &snapshot, reset, console, deadline) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("fnode: {e:#}");
             return exit_code::SETUP;
         }
     };
-    let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
     let mut out = std::io::stdout().lock();
     for i in 0..repeat.max(1) {
+        // Where the last reset did its work: at the guest's DONE (off the request path) or
+        // when it was called.
+        let mut reset_where = "";
         if i > 0 {
             if let Some(mode) = reset {
-                if let Err(e) = f.reset() {
-                    eprintln!("fnode: cannot reset the VM ({mode:?}): {e}");
-                    return exit_code::VM_ERROR;
+                match f.reset() {
+                    Ok(put_back) if put_back.phases.at_done => reset_where = " (reset at DONE)",
+                    Ok(_) => reset_where = " (reset on call)",
+                    Err(e) => {
+                        eprintln!("fnode: cannot reset the VM ({mode:?}): {e}");
+                        return exit_code::VM_ERROR;
+                    }
                 }
             }
         }
@@ -252,8 +308,8 @@ pub fn run(
                 (_, None) => ("same VM", None),
             };
             eprintln!(
-                "fnode: timings: {op} {:.3} ms to first KVM_RUN, invoke {:.3} ms, total {:.3} ms; \
-                 {} exits, {} pages dirtied",
+                "fnode: timings: {op} {:.3} ms to first KVM_RUN{reset_where}, invoke {:.3} ms, \
+                 total {:.3} ms; {} exits, {} pages dirtied",
                 ms(host),
                 ms(s.invoke),
                 start.elapsed().as_secs_f64() * 1e3,

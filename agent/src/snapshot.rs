@@ -45,6 +45,10 @@ pub struct SnapshotArgs {
     /// Stream the guest's serial console to stderr.
     #[arg(long)]
     pub console: bool,
+    /// Kernel command line words to add (test switches such as `fnode.hostile=done`); the
+    /// snapshot keeps them.
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
 }
 
 /// What [`take`] did.
@@ -112,12 +116,26 @@ pub fn take(
     timeout: Duration,
     console: ConsoleBuf,
 ) -> anyhow::Result<Taken> {
+    take_with(kvm, image, dir, mem_mib, "", timeout, console)
+}
+
+/// [`take`], with `cmdline` added to the kernel command line.
+pub fn take_with(
+    kvm: &KvmContext,
+    image: &Path,
+    dir: &Path,
+    mem_mib: u64,
+    cmdline: &str,
+    timeout: Duration,
+    console: ConsoleBuf,
+) -> anyhow::Result<Taken> {
     let start = Instant::now();
     let deadline = start + timeout;
     let tmp = PrivateDir::create()?;
     let socket = tmp.path().join("vsock.sock");
     let config = VmConfig {
         mem_mib,
+        cmdline: cmdline.to_owned(),
         vsock_uds: Some(socket.clone()),
         ..VmConfig::new(image)
     };
@@ -172,11 +190,12 @@ pub fn take(
 pub fn run(args: SnapshotArgs) -> anyhow::Result<()> {
     let kvm = KvmContext::new().context("cannot use KVM")?;
     let console = ConsoleBuf::new(args.console);
-    let t = take(
+    let t = take_with(
         &kvm,
         &args.image,
         &args.output,
         args.mem,
+        &args.cmdline,
         Duration::from_millis(args.timeout_ms),
         console,
     )?;

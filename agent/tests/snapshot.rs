@@ -1,7 +1,9 @@
 //! `fnode snapshot` and `fnode invoke DIR` end to end on KVM: each example function is
 //! snapshotted once its `init` is done, restored, and must answer exactly as after a cold
 //! boot; restores and in-place resets draw fresh random bytes; a reset VM keeps nothing of
-//! the invocation before.
+//! the invocation before, whether the reset ran at the guest's DONE (off the request path)
+//! or when called; a large response is never cut by the reset that follows it; a guest
+//! kernel writing DONE at the wrong times neither hangs the host nor skips a reset.
 
 use std::{
     collections::HashMap,
@@ -10,6 +12,7 @@ use std::{
     sync::{Mutex, OnceLock},
 };
 
+use fnode_guest::abi::cmdline;
 use fnode_vmm::kvm::test_support::require_kvm;
 
 /// Limit for invocations expected to answer; hitting it is a failure, not a measurement.
@@ -37,17 +40,30 @@ fn ok(out: Output, what: &str) -> String {
 
 /// `functions/<name>` built with `fnode build`, and its snapshot, once per test binary run.
 fn image_and_snapshot(name: &str) -> (PathBuf, PathBuf) {
+    image_and_snapshot_with(name, "")
+}
+
+/// [`image_and_snapshot`] with kernel command line words added to the snapshot's.
+fn image_and_snapshot_with(name: &str, cmdline: &str) -> (PathBuf, PathBuf) {
     static DONE: OnceLock<Mutex<HashMap<String, (PathBuf, PathBuf)>>> = OnceLock::new();
     // One build at a time: they share cargo's target dir.
     let mut done = DONE
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    if let Some(paths) = done.get(name) {
+    let key = format!("{name} {cmdline}");
+    if let Some(paths) = done.get(&key) {
         return paths.clone();
     }
     let image = function_image(name);
-    let dir = tmp().join("snapshots").join(name);
+    let folder = match cmdline {
+        "" => name.to_owned(),
+        words => format!(
+            "{name}-{}",
+            words.replace(|c: char| !c.is_alphanumeric(), "-")
+        ),
+    };
+    let dir = tmp().join("snapshots").join(folder);
     let printed = ok(
         fnode(&[
             "snapshot",
@@ -56,15 +72,17 @@ fn image_and_snapshot(name: &str) -> (PathBuf, PathBuf) {
             dir.to_str().unwrap(),
             "--timeout-ms",
             TIMEOUT_MS,
+            "--cmdline",
+            cmdline,
         ]),
-        &format!("fnode snapshot {name}"),
+        &format!("fnode snapshot {name} --cmdline {cmdline:?}"),
     );
     // What `fnode snapshot` reports: init and snapshot times, the memory file's sizes.
     for word in ["init ", "snapshot ", "apparent", "on disk"] {
         assert!(printed.contains(word), "{printed}");
     }
     assert!(dir.join("state").is_file() && dir.join("memory").is_file());
-    done.insert(name.to_owned(), (image.clone(), dir.clone()));
+    done.insert(key, (image.clone(), dir.clone()));
     (image, dir)
 }
 
@@ -215,4 +233,141 @@ fn image_options_on_a_snapshot_are_refused() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("apply to images"), "{err}");
     }
+}
+
+/// `fnode invoke` of a snapshot with `--timings`: stdout, and how many of its resets ran at
+/// the guest's DONE and on the call.
+fn invoke_timed(target: &Path, extra: &[&str]) -> (String, usize, usize) {
+    let mut args = vec![
+        "invoke",
+        target.to_str().unwrap(),
+        "--timeout-ms",
+        TIMEOUT_MS,
+        "--timings",
+    ];
+    args.extend_from_slice(extra);
+    let out = fnode(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let at_done = stderr.matches("(reset at DONE)").count();
+    let on_call = stderr.matches("(reset on call)").count();
+    let stdout = ok(out, &format!("fnode invoke {} {extra:?}", target.display()));
+    (stdout, at_done, on_call)
+}
+
+#[test]
+fn resets_at_done_keep_every_invocation_the_first() {
+    if !require_kvm() {
+        return;
+    }
+    let (_, dir) = image_and_snapshot("counter");
+    for mode in ["copy", "dontneed"] {
+        let n = 40;
+        let (out, at_done, on_call) = invoke_timed(
+            &dir,
+            &[
+                "--payload",
+                "x",
+                "--repeat",
+                &n.to_string(),
+                "--reset",
+                mode,
+            ],
+        );
+        assert_eq!(out, "calls 1, previous -\n".repeat(n), "{mode}");
+        assert_eq!(at_done + on_call, n - 1, "{mode}: every reset is reported");
+        // The guest kernel writes DONE after each response: the resets run there (one that
+        // came too late for its DONE would run on the call, just as clean).
+        assert!(at_done > 0, "{mode}: no reset ran at the guest's DONE");
+    }
+}
+
+#[test]
+fn a_large_response_is_intact_across_resets_at_done() {
+    if !require_kvm() {
+        return;
+    }
+    let (_, dir) = image_and_snapshot("echo");
+    // 1 MiB: many packets, more than the host's credit at once; the reset at DONE comes
+    // right after the last one is handed over and must let every byte out first.
+    let payload: Vec<u8> = (0..1usize << 20)
+        .map(|i| b'a' + ((i * 7 + i / 4093) % 26) as u8)
+        .collect();
+    let file = tmp().join(format!("large-payload-{}", std::process::id()));
+    std::fs::write(&file, &payload).unwrap();
+    let arg = format!("@{}", file.display());
+    for mode in ["copy", "dontneed"] {
+        let (out, at_done, _) =
+            invoke_timed(&dir, &["--payload", &arg, "--repeat", "3", "--reset", mode]);
+        let lines: Vec<&str> = out.split_terminator('\n').collect();
+        assert_eq!(lines.len(), 3, "{mode}: {} bytes out", out.len());
+        for (i, line) in lines.iter().enumerate() {
+            assert!(
+                line.as_bytes() == payload.as_slice(),
+                "{mode}: response {i} differs ({} bytes, {} expected)",
+                line.len(),
+                payload.len()
+            );
+        }
+        assert!(at_done > 0, "{mode}: no reset ran at the guest's DONE");
+    }
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn a_guest_writing_done_repeatedly_gets_one_reset_each_time() {
+    if !require_kvm() {
+        return;
+    }
+    let switch = format!("{}={}", cmdline::HOSTILE_KEY, cmdline::HOSTILE_DONE);
+    let (_, dir) = image_and_snapshot_with("counter", &switch);
+    // Three DONEs after each response: the first resets the VM and the guest goes no
+    // further; every invocation still finds the snapshot's state.
+    for mode in ["copy", "dontneed"] {
+        let (out, _, _) = invoke_timed(&dir, &["--payload", "x", "--repeat", "6", "--reset", mode]);
+        assert_eq!(out, "calls 1, previous -\n".repeat(6), "{mode}");
+    }
+    // Without reset the DONEs are only messages: the guest goes on, and so does its state.
+    let same = invoke(
+        &dir,
+        &["--payload", "x", "--repeat", "3", "--reset", "none"],
+    );
+    assert_eq!(
+        same,
+        "calls 1, previous -\ncalls 2, previous x\ncalls 3, previous x\n"
+    );
+}
+
+#[test]
+fn a_guest_writing_done_before_any_request_only_loses_its_own_invocation() {
+    if !require_kvm() {
+        return;
+    }
+    let switch = format!("{}={}", cmdline::HOSTILE_KEY, cmdline::HOSTILE_DONE_EARLY);
+    let (_, dir) = image_and_snapshot_with("counter", &switch);
+    // DONE in a loop before each request: a VM reset at DONE is put back to its snapshot
+    // state at the first one and held there; the host gets no answer and its timeout ends
+    // the VM (no hang, no crash, no reset skipped: the guest never ran past its DONE).
+    let out = fnode(&[
+        "invoke",
+        dir.to_str().unwrap(),
+        "--payload",
+        "x",
+        "--repeat",
+        "3",
+        "--timeout-ms",
+        "1500",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("did not answer within 1500 ms"), "{stderr}");
+    assert!(out.stdout.is_empty());
+    // Without reset, the DONEs are only messages and the function serves.
+    let same = invoke(
+        &dir,
+        &["--payload", "x", "--repeat", "3", "--reset", "none"],
+    );
+    assert_eq!(
+        same,
+        "calls 1, previous -\ncalls 2, previous x\ncalls 3, previous x\n"
+    );
 }

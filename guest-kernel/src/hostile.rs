@@ -7,6 +7,12 @@
 //! chain without checks would loop on forever. A correct VMM refuses it, stops this VM with
 //! a device fault naming the loop, and keeps serving its other VMs.
 //!
+//! `fnode.hostile=done` and `fnode.hostile=done-early` ([`abi::cmdline::HOSTILE_DONE`],
+//! [`abi::cmdline::HOSTILE_DONE_EARLY`]): the kernel serves its function as usual, but its
+//! run loop ([`crate::runloop`]) writes DONE (`abi::control::DONE`) at the wrong times:
+//! repeatedly after each response, or in a loop before each request. A correct VMM neither
+//! hangs nor skips a reset for it.
+//!
 //! The switch is the kernel's, not a function's: functions run in user mode and cannot reach
 //! the virtqueues (that is the point of running them there).
 
@@ -17,6 +23,18 @@ use fnode_guest::abi::cmdline;
 pub enum Hostile {
     /// Hand the vsock device a looping descriptor chain.
     Vsock,
+    /// Serve, writing DONE three times after each response.
+    Done,
+    /// Serve, writing DONE in a loop before each request.
+    DoneEarly,
+}
+
+impl Hostile {
+    /// Whether the kernel still serves its function (the run loop does the hostile part),
+    /// rather than [`run`] doing it instead.
+    pub fn serves(self) -> bool {
+        matches!(self, Hostile::Done | Hostile::DoneEarly)
+    }
 }
 
 /// The `fnode.hostile=` switch of `line`: `Ok(None)` if absent, `Err(value)` for an unknown
@@ -25,6 +43,8 @@ pub fn switch(line: &str) -> Result<Option<Hostile>, &str> {
     match cmdline::get(line, cmdline::HOSTILE_KEY) {
         None => Ok(None),
         Some(cmdline::HOSTILE_VSOCK) => Ok(Some(Hostile::Vsock)),
+        Some(cmdline::HOSTILE_DONE) => Ok(Some(Hostile::Done)),
+        Some(cmdline::HOSTILE_DONE_EARLY) => Ok(Some(Hostile::DoneEarly)),
         Some(other) => Err(other),
     }
 }
@@ -52,10 +72,14 @@ mod imp {
     /// Bytes of a vsock packet header (virtio 1.x, 5.10.6): the length of the bogus buffer.
     const PACKET_HEADER_LEN: u32 = 44;
 
-    /// Does what `what` asks; ends only through the host stopping the VM.
+    /// Does what `what` asks; ends only through the host stopping the VM. The switches that
+    /// still serve ([`Hostile::serves`]) are the run loop's: not here.
     pub fn run(what: Hostile, cmdline: &str) -> ! {
         match what {
             Hostile::Vsock => vsock(cmdline),
+            Hostile::Done | Hostile::DoneEarly => {
+                exit::fail(&"this fnode.hostile= switch is acted on by the run loop")
+            }
         }
     }
 
@@ -113,5 +137,12 @@ mod tests {
         assert_eq!(switch("console=x"), Ok(None));
         assert_eq!(switch("fnode.hostile=vsock"), Ok(Some(Hostile::Vsock)));
         assert_eq!(switch("a=b fnode.hostile=disk"), Err("disk"));
+        assert_eq!(switch("fnode.hostile=done"), Ok(Some(Hostile::Done)));
+        assert_eq!(
+            switch("fnode.hostile=done-early x"),
+            Ok(Some(Hostile::DoneEarly))
+        );
+        assert!(Hostile::Done.serves() && Hostile::DoneEarly.serves());
+        assert!(!Hostile::Vsock.serves());
     }
 }

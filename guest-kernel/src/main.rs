@@ -20,12 +20,15 @@ fn run(boot: &fnode_guest_kernel::BootInfo) -> ! {
         fnode_guest_kernel::channel::echo_main(boot.cmdline);
     }
     match fnode_guest_kernel::hostile::switch(boot.cmdline) {
-        Ok(None) => {}
-        Ok(Some(what)) => fnode_guest_kernel::hostile::run(what, boot.cmdline),
+        // The switches that still serve are the run loop's.
+        Ok(Some(what)) if !what.serves() => fnode_guest_kernel::hostile::run(what, boot.cmdline),
+        Ok(_) => {}
         Err(other) => fnode_guest_kernel::exit::fail(&format_args!(
-            "unknown {}={other}: expected {}",
+            "unknown {}={other}: expected {}, {} or {}",
             cmdline::HOSTILE_KEY,
-            cmdline::HOSTILE_VSOCK
+            cmdline::HOSTILE_VSOCK,
+            cmdline::HOSTILE_DONE,
+            cmdline::HOSTILE_DONE_EARLY
         )),
     }
     // A function image enters its function here and never comes back.

@@ -12,6 +12,10 @@
 //! host's invocation connection is open: a VMM snapshots the guest there, connection
 //! included, and a restored guest serves its first request without a handshake.
 //!
+//! Every later `NEXT` signals DONE (`abi::control::DONE`) once the result is with the device
+//! in full: a VMM that resets the VM between invocations does it right there, while the
+//! host reads the response, and the guest runs no further (it is back at READY).
+//!
 //! Per invocation the kernel runs the `syscall` entry and exit (20 instructions), the
 //! dispatch, the checks here (a few dozen) and the channel's send and receive.
 
@@ -91,6 +95,7 @@ mod imp {
     use crate::{
         channel::{Channel, ChannelError},
         control, exit,
+        hostile::Hostile,
         line::Line,
         serial, syscall, user,
         virtio::{self, mmio::MmioTransport},
@@ -139,18 +144,23 @@ mod imp {
             Ok(Source::Vsock(channel))
         }
 
-        /// Sends the result of request `id`.
+        /// Sends the result of request `id`. Returns whether it went to the host through
+        /// the device (which then has all of it).
         // Always inlined into `next`: one call frame less on every invocation.
         #[inline(always)]
-        fn send(&mut self, id: u64, kind: u16, payload: &[u8]) {
+        fn send(&mut self, id: u64, kind: u16, payload: &[u8]) -> bool {
             match self {
                 Source::Vsock(channel) => match channel.send_response(id, kind, payload) {
+                    Ok(()) => true,
                     // The host went away: the next request comes on a new connection.
-                    Ok(()) | Err(ChannelError::Closed) => {}
+                    Err(ChannelError::Closed) => false,
                     Err(e) => channel_failed(&e),
                 },
-                Source::Invoke { remaining: 0, .. } => print_result(kind, payload),
-                Source::Invoke { .. } | Source::Idle => {}
+                Source::Invoke { remaining: 0, .. } => {
+                    print_result(kind, payload);
+                    false
+                }
+                Source::Invoke { .. } | Source::Idle => false,
             }
         }
 
@@ -253,6 +263,61 @@ mod imp {
         in_flight: Option<u64>,
         /// READY was signalled (on the first `NEXT`, after `init`).
         ready: bool,
+        /// `fnode.hostile=done` or `done-early`: DONE at the wrong times too.
+        hostile: Option<Hostile>,
+        /// Nothing to do but wait for the request: READY was signalled and no hostile
+        /// switch is on (one test per `NEXT` covers both).
+        plain: bool,
+    }
+
+    impl RunLoop {
+        /// What a `NEXT` that is not plain does before it waits for the request: READY
+        /// (once), a hostile switch's early DONEs (out of line: `next` stays small).
+        #[cold]
+        #[inline(never)]
+        fn before_wait(&mut self) {
+            if !self.ready {
+                self.ready = true;
+                self.source.ready();
+            }
+            hostile_done(self.hostile, false);
+            self.plain = self.hostile.is_none();
+        }
+    }
+
+    /// DONE as a `NEXT` that is not plain writes it (out of line: `next` stays small).
+    /// `after_response`: in place of a response's DONE, else before waiting for a request.
+    /// Without a hostile switch, that is the response's one DONE; `fnode.hostile=done` makes
+    /// it three, in one `rep outsd` (the VMM gets the first as an exit and the other two
+    /// while it completes the instruction); `fnode.hostile=done-early` writes a hundred
+    /// before each request.
+    #[cold]
+    #[inline(never)]
+    fn hostile_done(what: Option<Hostile>, after_response: bool) {
+        match (what, after_response) {
+            (None, true) => control::done(),
+            (Some(Hostile::Done), true) => {
+                static THREE: [u32; 3] = [abi::control::DONE; 3];
+                // SAFETY: `rep outsd` reads `rcx` words from `rsi` (a static of that many,
+                // with the direction flag clear, as the kernel keeps it) and writes them to
+                // the control port; it writes no memory.
+                unsafe {
+                    core::arch::asm!(
+                        "rep outsd",
+                        in("dx") abi::control::PORT,
+                        inout("rsi") THREE.as_ptr() => _,
+                        inout("rcx") THREE.len() => _,
+                        options(nostack, preserves_flags, readonly)
+                    )
+                };
+            }
+            (Some(Hostile::DoneEarly), false) => {
+                for _ in 0..100 {
+                    control::done();
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The run loop's state, touched only from system calls and user-mode exceptions.
@@ -289,6 +354,11 @@ mod imp {
                 source,
                 in_flight: None,
                 ready: false,
+                hostile: crate::hostile::switch(boot.cmdline)
+                    .ok()
+                    .flatten()
+                    .filter(|h| h.serves()),
+                plain: false,
             })
         };
         let mut line = Line::log();
@@ -306,15 +376,24 @@ mod imp {
     pub fn next(kind: u64, ptr: u64, len: u64) -> u64 {
         let run = state();
         if let Some(id) = run.in_flight.take() {
-            match check_result(kind, ptr, len, run.layout.user_end) {
+            let sent = match check_result(kind, ptr, len, run.layout.user_end) {
                 Ok((kind, ptr, len)) => {
                     // SAFETY: check_result found the range inside user memory; the function is
                     // suspended while the kernel sends it.
                     let payload =
                         unsafe { core::slice::from_raw_parts(ptr as *const u8, len as usize) };
-                    run.source.send(id, kind, payload);
+                    run.source.send(id, kind, payload)
                 }
                 Err(message) => run.source.send(id, KIND_ERROR, message.as_bytes()),
+            };
+            if sent {
+                // The device has all of the response: a VMM that resets between
+                // invocations does it here, and the guest goes no further.
+                if run.plain {
+                    control::done();
+                } else {
+                    hostile_done(run.hostile, true);
+                }
             }
         }
         // SAFETY: the request buffer is user memory (Layout placed it below user_end); the
@@ -322,9 +401,8 @@ mod imp {
         let buf = unsafe {
             core::slice::from_raw_parts_mut(run.layout.request_buf as *mut u8, MAX_PAYLOAD)
         };
-        if !run.ready {
-            run.ready = true;
-            run.source.ready();
+        if !run.plain {
+            run.before_wait();
         }
         let (id, len) = run.source.wait(buf);
         run.in_flight = Some(id);

@@ -45,6 +45,14 @@ pub mod control {
     /// kernel first enters the function. It splits a cold start's boot from its init (one
     /// exit, on cold starts only: a restored guest is past it). The VMM only notes the time.
     pub const BOOTED: u32 = u32::from_le_bytes(*b"BOOT");
+    /// "This invocation is over": written once a response has been handed to the device in
+    /// full (after the notify of its last packet; for a response that waited for credit,
+    /// after its last chunk). One exit per invocation. A VMM that resets the VM in place
+    /// between invocations does the reset right there, off the next request's path: it lets
+    /// the device send everything the guest queued, puts the VM back to its snapshot state
+    /// and holds the vCPU until the next invocation is due. The guest never runs past this
+    /// write then; a VMM that does not reset lets it go on.
+    pub const DONE: u32 = u32::from_le_bytes(*b"DONE");
 }
 
 /// Guest physical memory layout. Everything below [`KERNEL_START`](layout::KERNEL_START)
@@ -206,6 +214,15 @@ pub mod cmdline {
     /// transmit descriptor chain that links back to itself. The VMM must stop the VM with a
     /// device fault and go on serving its other VMs.
     pub const HOSTILE_VSOCK: &str = "vsock";
+    /// `fnode.hostile=done`: serve the function, but write [`super::control::DONE`] three
+    /// times in a row after each response. A VMM that resets at DONE must do it once (the
+    /// guest runs no further), one that does not must let the guest go on each time.
+    pub const HOSTILE_DONE: &str = "done";
+    /// `fnode.hostile=done-early`: serve the function, but write [`super::control::DONE`] in
+    /// a loop before waiting for each request, when no request is in flight. A VMM that
+    /// resets at DONE parks the guest at its snapshot state there (the invocation then gets
+    /// no answer: the host's timeout must end it); one that does not lets it go on.
+    pub const HOSTILE_DONE_EARLY: &str = "done-early";
 
     /// `snapshot-test=1`: a test aid for snapshots (the plain boot image). The kernel computes
     /// a value from the TSC, keeps it in memory and in a callee-saved register, prints
@@ -1009,6 +1026,13 @@ mod tests {
         let control_ports = control::PORT..control::PORT + control::LEN;
         assert!(control_ports.start >= exit_ports.end || control_ports.end <= exit_ports.start);
         assert_eq!(&control::READY.to_le_bytes(), b"REDY");
+        assert_eq!(&control::DONE.to_le_bytes(), b"DONE");
+        let messages = [control::READY, control::BOOTED, control::DONE];
+        for (i, a) in messages.iter().enumerate() {
+            assert!(messages[i + 1..].iter().all(|b| a != b), "{a:#x} twice");
+            // None of them is an exit status a guest could mean on the exit port.
+            assert!(![exit::SUCCESS, exit::FAILURE, exit::FAULT].contains(a));
+        }
     }
 
     mod user_layout {

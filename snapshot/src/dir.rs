@@ -3,6 +3,7 @@
 //! ```text
 //! DIR/state    the state file (state_file): vCPUs, VM, devices, and what describes `memory`
 //! DIR/memory   the memory file (memory_file): guest memory, sparse
+//! DIR/working-set  optional (working_set): the pages a restored VM touches first
 //! ```
 //! The state file records the format version, so there is no separate version file. Files
 //! are written under a `.tmp` name and renamed into place, the memory file first: a state file
@@ -16,6 +17,8 @@ use std::path::{Path, PathBuf};
 pub const STATE_FILE: &str = "state";
 /// Name of the memory file in a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
+/// Name of the (optional) working-set file in a snapshot directory.
+pub const WORKING_SET_FILE: &str = "working-set";
 
 /// A snapshot directory (which may not exist yet).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +45,11 @@ impl SnapshotDir {
     /// `DIR/memory`.
     pub fn memory_path(&self) -> PathBuf {
         self.path.join(MEMORY_FILE)
+    }
+
+    /// `DIR/working-set`.
+    pub fn working_set_path(&self) -> PathBuf {
+        self.path.join(WORKING_SET_FILE)
     }
 
     /// Creates the directory (and its parents) if it does not exist.

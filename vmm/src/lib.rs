@@ -42,4 +42,7 @@ pub use microvm::{MicroVm, MicroVmError};
 pub use outcome::Outcome;
 pub use persist::snapshot;
 pub use reset::{OpStats, ResetError, ResetMode, ResetPhases};
-pub use restore::{restore, restore_with, RestoreError, RestoreOptions};
+pub use restore::{
+    record_working_set, restore, restore_loaded, restore_with, LoadedSnapshot, RestoreError,
+    RestoreOptions,
+};

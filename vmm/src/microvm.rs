@@ -157,6 +157,8 @@ impl MicroVm {
             VmState::Running => return Ok(()),
             VmState::Paused => {}
         }
+        // The guest runs again: a reset parked at DONE no longer holds.
+        self.forget_reset_at_done();
         for vcpu in &mut self.vcpus {
             if vcpu.state() == VcpuState::Paused {
                 if !vcpu.send(VcpuCommand::Resume) {
@@ -334,6 +336,7 @@ impl MicroVm {
 
     /// Resumes one vCPU that paused by itself (at a READY).
     fn resume_vcpu(&mut self, id: u8) -> Result<(), MicroVmError> {
+        self.forget_reset_at_done();
         if let Some(vcpu) = self.vcpus.iter_mut().find(|v| v.id() == id) {
             if vcpu.state() == VcpuState::Paused {
                 if !vcpu.send(VcpuCommand::Resume) {

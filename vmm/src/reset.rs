@@ -3,7 +3,8 @@
 //!
 //! A VM restored with [`crate::restore::RestoreOptions::reset`] keeps the decoded snapshot
 //! (`ResetState`) and has KVM log the pages the guest writes (`KVM_MEM_LOG_DIRTY_PAGES`).
-//! A reset takes the vCPUs out of the guest, holds the virtio devices still, and then:
+//! A reset takes the vCPUs out of the guest, holds the virtio devices still, lets them send
+//! everything the guest queued for the host (the last response: it is never cut), and then:
 //! 1. memory: the pages the guest dirtied (`KVM_GET_DIRTY_LOG`) and the pages the devices
 //!    wrote (which the dirty log does not see: packets in receive buffers, the used rings)
 //!    go back to the snapshot's bytes, by [`ResetMode`];
@@ -14,26 +15,45 @@
 //! 3. a fresh seed is written for the guest's random source (`abi::entropy`), and the VM
 //!    resumes.
 //!
-//! A VM with one vCPU (fnode's functions) is reset by its vCPU thread: the host sends it a
-//! [`ResetJob`] and kicks it out of `KVM_RUN`, the thread does all of the above and enters
-//! the guest again at once. No pause/resume round trip between threads: the host time is
-//! the kick's latency plus the work. A VM with several vCPUs pauses them all first (no
-//! vCPU may run while memory is put back), then has each reload its state in its thread.
+//! **At DONE, off the request path.** A VM with one vCPU (fnode's functions) is reset by its
+//! vCPU thread. The guest writes `abi::control::DONE` once its response is with the device;
+//! the vCPU thread that takes that exit runs the whole reset right there, while the host
+//! reads the response, and then *parks*: out of the guest, at the snapshot state, waiting
+//! for a command. [`MicroVm::reset`] then only tells it to go (no kick, no work): its host
+//! time is the vCPU thread's wake-up. Nothing runs in the guest between the reset and that
+//! go, so the guest cannot skip a reset by writing DONE early or twice: a DONE only ever
+//! ends the run it is in (a guest that writes it before answering loses its own invocation,
+//! which then times out as one that stops answering does), and any other way back into the
+//! guest (`MicroVm::resume`) forgets the parked reset, so the next `reset` does it in full.
+//! The host may read the response before the guest got to its DONE: [`MicroVm::run_stats`],
+//! which the host calls once it has the response, waits for the DONE (briefly, and only for
+//! a guest that writes it) and for its reset, and a `reset` called while that reset is
+//! under way waits for it too.
 //!
-//! [`OpStats`] counts what the run before the reset cost (userspace exits, pages dirtied)
-//! and the reset's host time up to the guest running again.
+//! **On the request path (fallback).** If `reset` is called while no reset at DONE is parked
+//! (a guest kernel that does not write DONE, a function that failed, a VM resumed since),
+//! the host sends the vCPU thread a [`ResetJob`] and kicks it out of `KVM_RUN`; the thread
+//! does all of the above and enters the guest again at once. If the reset at DONE is still
+//! running, `reset` waits for it (no kick needed). A VM with several vCPUs pauses them all
+//! first (no vCPU may run while memory is put back), then has each reload its state in its
+//! thread.
+//!
+//! [`OpStats`] counts what the run before the reset cost (userspace exits, pages dirtied),
+//! the reset's host time up to the guest running again, and where the reset's work went
+//! ([`ResetPhases`], which says whether it ran at DONE).
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use fnode_guest::abi;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
+use crate::devices::bus::Buses;
 use crate::devices::virtio::setup::{SetupError, VirtioDevices, VirtioState};
 use crate::microvm::{MicroVm, MicroVmError, VmState as RunState};
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::vcpu::{SharedReset, SharedVcpuState, Vcpu, VcpuCommand, VcpuEvent, VcpuState};
-use crate::vstate::vcpu_persist::{VcpuPersistError, VcpuState as SavedVcpu};
+use crate::vstate::vcpu_persist::{VcpuPersistError, VcpuState as SavedVcpu, MAX_IO_STEPS};
 use crate::vstate::vm::{Vm, VmError};
 use crate::vstate::vm_persist::{VmPersistError, VmState};
 
@@ -41,8 +61,18 @@ use crate::vstate::vm_persist::{VmPersistError, VmState};
 /// the client whose completion the device has not seen yet; normally microseconds).
 const SETTLE_LIMIT: Duration = Duration::from_millis(100);
 
+/// Longest wait of [`MicroVm::run_stats`] for the DONE of a guest that writes it: the host
+/// has the response by then, and the guest writes DONE a few instructions after handing it
+/// over.
+const DONE_GRACE: Duration = Duration::from_millis(1);
+
 /// Guest page size.
 const PAGE: usize = abi::layout::PAGE_SIZE as usize;
+
+/// Most exits completing the guest's DONE write may take: one for the plain `out` the
+/// guest kernel uses; a guest that made it a long `rep outs` fails its reset instead (the
+/// VM is then dropped) rather than holding the vCPU thread, and the host waiting on it.
+const DONE_IO_STEPS: u32 = 16;
 
 /// How a reset puts guest memory back.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -121,8 +151,9 @@ pub(crate) struct ResetState {
     exits_at_start: u64,
     /// When the last reset was asked for.
     requested_at: Option<Instant>,
-    /// Dirty pages read from the log before the reset (by [`MicroVm::run_stats`]).
-    pending_dirty: Vec<u64>,
+    /// The guest's DONE count when a wait for it last ran out ([`MicroVm::run_stats`]): a
+    /// guest that does not write DONE is not waited for again until it does.
+    done_wait_gave_up_at: Option<u64>,
 }
 
 /// An in-place reset, as whichever thread runs it needs it: the snapshot's vCPU, VM and
@@ -139,8 +170,35 @@ pub struct ResetJob {
     memory: GuestMemory,
     /// The VM's devices (handles only: the VM owns their event loop).
     devices: VirtioDevices,
-    /// Dirty pages read from the log before the reset (handed over by the host thread).
-    pending_dirty: Mutex<Vec<u64>>,
+    /// The dirty pages read so far and the reset done at DONE. Every reset and every read
+    /// of the dirty log holds it, so none misses a page another took; the vCPU thread holds
+    /// it through a whole reset at DONE, so the host thread's `reset` and `run_stats` wait
+    /// for one that is under way.
+    account: Mutex<Account>,
+    /// Signalled when the vCPU thread parks after a reset at DONE.
+    parked_cv: Condvar,
+}
+
+/// What [`ResetJob::account`] guards.
+#[derive(Debug, Default)]
+struct Account {
+    /// Guest pages read from the dirty log (by [`MicroVm::run_stats`]) since the last reset,
+    /// not yet put back.
+    pending: Vec<u64>,
+    /// The reset the vCPU thread ran at the guest's DONE, while it waits parked for the go.
+    /// Taken by the next [`MicroVm::reset`] (which then only lets the vCPU go) or dropped by
+    /// anything else that lets it run (then the next reset is done in full).
+    parked: Option<AtDone>,
+}
+
+/// A reset run at the guest's DONE.
+#[derive(Debug)]
+struct AtDone {
+    /// The vCPU's exit count at DONE.
+    exits: u64,
+    /// What the run before it cost and the reset's phases, or why it failed (the VM is then
+    /// in no known state).
+    result: Result<OpStats, ResetError>,
 }
 
 impl ResetState {
@@ -165,32 +223,114 @@ impl ResetState {
                 vm,
                 memory,
                 devices,
-                pending_dirty: Mutex::new(Vec::new()),
+                account: Mutex::new(Account::default()),
+                parked_cv: Condvar::new(),
             }),
             exits_at_start: 0,
             requested_at: None,
-            pending_dirty: Vec::new(),
+            done_wait_gave_up_at: None,
         }
     }
 }
 
 impl ResetJob {
-    /// The whole reset on the VM's only vCPU, from its thread, out of the guest: memory and
-    /// devices, then the vCPU's own state. What [`VcpuCommand::Reset`] runs.
-    pub(crate) fn run_on_vcpu(&self, vcpu: &mut Vcpu) -> Result<OpStats, ResetError> {
-        let id = vcpu.id();
-        let saved = self
-            .vcpus
+    fn account(&self) -> MutexGuard<'_, Account> {
+        // A panic while holding it left at worst a page list longer than needed.
+        self.account.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The snapshot's state of vCPU `id`.
+    fn saved_vcpu(&self, id: u8) -> Result<&SavedVcpu, ResetError> {
+        self.vcpus
             .iter()
             .find(|s| s.id == id)
+            .map(|s| &**s)
             .ok_or(ResetError::Vcpu {
                 id,
                 source: VcpuPersistError::WrongVcpu {
                     expected: id,
                     found: self.vcpus.first().map_or(id, |s| s.id),
                 },
-            })?;
-        let mut stats = self.put_back()?;
+            })
+    }
+
+    /// The whole reset on the VM's only vCPU, from its thread, out of the guest: the I/O
+    /// exit the guest may still be in (`io_pending`), memory and devices, then the vCPU's
+    /// own state. What [`VcpuCommand::Reset`] runs when no reset at DONE is parked.
+    pub(crate) fn run_on_vcpu(
+        &self,
+        vcpu: &mut Vcpu,
+        buses: &Buses,
+        io_pending: bool,
+    ) -> Result<OpStats, ResetError> {
+        let mut account = self.account();
+        let io = io_pending.then_some(MAX_IO_STEPS);
+        self.reset_vcpu_thread(vcpu, buses, io, &mut account)
+    }
+
+    /// The reset at the guest's DONE, on the VM's only vCPU (out of the guest, in the I/O
+    /// exit of the DONE write): [`run_on_vcpu`](Self::run_on_vcpu)'s work, its result
+    /// parked for the next [`MicroVm::reset`]. `exits`: the vCPU's exit count at DONE;
+    /// `done_at`: when the exit came back. Returns whether the VM is back at its snapshot
+    /// state (the vCPU then waits for the go).
+    pub(crate) fn run_at_done(
+        &self,
+        vcpu: &mut Vcpu,
+        buses: &Buses,
+        exits: u64,
+        done_at: Instant,
+    ) -> bool {
+        let mut account = self.account();
+        let result = self
+            .reset_vcpu_thread(vcpu, buses, Some(DONE_IO_STEPS), &mut account)
+            .map(|mut stats| {
+                stats.phases.at_done = true;
+                stats.phases.done_to_parked = done_at.elapsed();
+                stats
+            });
+        let reset = result.is_ok();
+        account.parked = Some(AtDone { exits, result });
+        drop(account);
+        self.parked_cv.notify_all();
+        reset
+    }
+
+    /// Takes the reset parked at DONE, if there is one (waiting for one under way).
+    fn take_parked(&self) -> Option<AtDone> {
+        self.account().parked.take()
+    }
+
+    /// [`take_parked`](Self::take_parked) for the vCPU thread: the exit count at DONE and
+    /// the reset's result.
+    pub(crate) fn take_parked_result(&self) -> Option<(u64, Result<OpStats, ResetError>)> {
+        self.take_parked().map(|p| (p.exits, p.result))
+    }
+
+    /// The reset parked at DONE, if any, is forgotten: the vCPU is about to run the guest
+    /// for another reason, so the next reset must be done in full.
+    pub(crate) fn forget_parked(&self) {
+        self.account().parked = None;
+    }
+
+    /// The reset on the vCPU's thread. `pending_io`: the vCPU's last exit was an I/O access
+    /// (KVM completes it at the next `KVM_RUN`), to complete within at most this many exits.
+    fn reset_vcpu_thread(
+        &self,
+        vcpu: &mut Vcpu,
+        buses: &Buses,
+        pending_io: Option<u32>,
+        account: &mut Account,
+    ) -> Result<OpStats, ResetError> {
+        let id = vcpu.id();
+        let saved = self.saved_vcpu(id)?;
+        let start = Instant::now();
+        // KVM completes an I/O exit (moves rip past the instruction) at the next KVM_RUN,
+        // after it took the registers the reload hands it: complete it first.
+        if let Some(steps) = pending_io {
+            vcpu.complete_pending_io_within(buses, steps)
+                .map_err(|source| ResetError::Vcpu { id, source })?;
+        }
+        let mut stats = self.put_back(account, start)?;
         let last = Instant::now();
         vcpu.load_state(saved)
             .map_err(|source| ResetError::Vcpu { id, source })?;
@@ -199,11 +339,20 @@ impl ResetJob {
     }
 
     /// Memory, irqchip, clock and devices back to the snapshot; the vCPUs must be out of the
-    /// guest. Returns the pages put back and the phases' times (all but the vCPUs').
-    fn put_back(&self) -> Result<OpStats, ResetError> {
+    /// guest. `start`: when the reset's work began (the settle phase runs from there).
+    /// Returns the pages put back and the phases' times (all but the vCPUs').
+    fn put_back(&self, account: &mut Account, start: Instant) -> Result<OpStats, ResetError> {
+        // Everything the guest queued goes out to the host clients first: a response the
+        // guest handed over right before DONE is never cut by the reset. The devices are
+        // let go between looks (their event loop carries the host I/O out), then held
+        // still for the reset, with a last look that waits for nothing.
+        self.devices.settle_host_io(Instant::now() + SETTLE_LIMIT);
         let mut quiesced = self.devices.quiesce();
-        quiesced.settle_host_io(Instant::now() + SETTLE_LIMIT);
-        let mut phases = ResetPhases::default();
+        quiesced.settle_host_io(Instant::now());
+        let mut phases = ResetPhases {
+            settle: start.elapsed(),
+            ..ResetPhases::default()
+        };
         let mut last = Instant::now();
         let mut lap = move || {
             let now = Instant::now();
@@ -221,12 +370,7 @@ impl ResetJob {
             .vm
             .take_dirty_log(0, size)
             .map_err(ResetError::DirtyLog)?;
-        let pending = std::mem::take(
-            &mut *self
-                .pending_dirty
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
+        let pending = std::mem::take(&mut account.pending);
         let guest_pages = merge(&pending, &dirty_pages(&bitmap));
         let device_pages = quiesced.take_written_pages();
         let pages = merge(&guest_pages, &device_pages);
@@ -312,27 +456,63 @@ pub struct OpStats {
 }
 
 /// The host time of each phase of a reset.
+///
+/// `pause` and `wait` are on the request path (from [`MicroVm::reset`] being called). The
+/// work (`settle` to `vcpus`) is too when the reset ran there; a reset run at the guest's
+/// DONE (`at_done`) did it before `reset` was called, while the host read the response.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ResetPhases {
-    /// Pausing the vCPUs and letting the last exchange's host I/O finish.
+    /// Getting the vCPUs out of the guest (the kick) for a reset run on the request path.
     pub pause: Duration,
+    /// Waiting for a reset at DONE that was still under way when the reset was called.
+    pub wait: Duration,
+    /// Completing the guest's last I/O exit and letting the devices send everything the
+    /// guest queued to the host clients (and the host I/O of the last exchange finish).
+    pub settle: Duration,
     /// Reading the dirty log and putting the pages back.
     pub memory: Duration,
     /// Irqchip, clock and devices.
     pub vm_and_devices: Duration,
     /// Every vCPU's state, set in its thread.
     pub vcpus: Duration,
+    /// The work ran at the guest's DONE, off the request path.
+    pub at_done: bool,
+    /// For a reset at DONE: from the DONE exit back on the vCPU thread to the vCPU parked
+    /// at the snapshot state (the whole reset, as the vCPU thread spent it).
+    pub done_to_parked: Duration,
 }
 
 impl ResetPhases {
-    /// Each phase's name and time, in order (what benchmarks print).
-    pub fn phases(&self) -> [(&'static str, Duration); 4] {
-        [
-            ("pause", self.pause),
-            ("memory", self.memory),
-            ("vm_and_devices", self.vm_and_devices),
-            ("vcpus", self.vcpus),
-        ]
+    /// The phases on the request path, each name and time, in order (what benchmarks
+    /// print): the reset's work among them unless it ran at DONE.
+    pub fn phases(&self) -> Vec<(&'static str, Duration)> {
+        let mut out = vec![("pause", self.pause), ("wait", self.wait)];
+        if !self.at_done {
+            out.extend(self.work(["settle", "memory", "vm_and_devices", "vcpus"]));
+        }
+        out
+    }
+
+    /// For a reset at DONE, its work, named `at_done.*`, and `at_done.total` (DONE to
+    /// parked): off the request path, so not part of the reset's host time. Empty for a
+    /// reset on the request path.
+    pub fn at_done_phases(&self) -> Vec<(&'static str, Duration)> {
+        if !self.at_done {
+            return Vec::new();
+        }
+        let mut out = self.work([
+            "at_done.settle",
+            "at_done.memory",
+            "at_done.vm_and_devices",
+            "at_done.vcpus",
+        ]);
+        out.push(("at_done.total", self.done_to_parked));
+        out
+    }
+
+    fn work(&self, names: [&'static str; 4]) -> Vec<(&'static str, Duration)> {
+        let times = [self.settle, self.memory, self.vm_and_devices, self.vcpus];
+        names.into_iter().zip(times).collect()
     }
 }
 
@@ -423,10 +603,28 @@ impl MicroVm {
         self.reset.is_some()
     }
 
+    /// For a resettable VM with one vCPU: has the vCPU run the reset at the guest's DONE
+    /// (see the module doc). Restore calls it once the reset state is in place.
+    pub(crate) fn arm_reset_at_done(&self) {
+        if let (Some(rs), 1) = (&self.reset, self.vcpus.len()) {
+            self.control().arm_reset_at_done(rs.job.clone());
+        }
+    }
+
+    /// Whatever lets the vCPU run the guest other than [`MicroVm::reset`] calls this first:
+    /// a reset parked at DONE no longer holds once the guest ran (the next reset is done in
+    /// full).
+    pub(crate) fn forget_reset_at_done(&self) {
+        if let Some(rs) = &self.reset {
+            rs.job.forget_parked();
+        }
+    }
+
     /// Puts the VM back to its snapshot state (see the module doc) and resumes it: the
     /// guest serves its next request as if freshly restored. Call it once the host has read
     /// the response (the guest then waits for the next request). Returns what the run
-    /// before it cost.
+    /// before it cost. When the guest already got its reset at DONE, this only lets the
+    /// vCPU go and returns at once (it does not wait for the guest to run).
     pub fn reset(&mut self) -> Result<OpStats, ResetError> {
         let requested_at = Instant::now();
         if self.reset.is_none() {
@@ -438,10 +636,6 @@ impl MicroVm {
         let Some(mut rs) = self.reset.take() else {
             return Err(ResetError::NotResettable);
         };
-        *rs.job
-            .pending_dirty
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = std::mem::take(&mut rs.pending_dirty);
         let result = if self.vcpus.len() == 1 {
             self.reset_on_vcpu_thread(&rs, requested_at)
         } else {
@@ -457,20 +651,44 @@ impl MicroVm {
         Ok(stats)
     }
 
-    /// The reset of a VM with one vCPU, run by its thread (see the module doc). Returns the
-    /// stats and the exit count at the reset.
+    /// The reset of a VM with one vCPU, run by its thread (see the module doc): at DONE
+    /// already, or now. Returns the stats and the exit count at the reset.
     fn reset_on_vcpu_thread(
         &mut self,
         rs: &ResetState,
         requested_at: Instant,
     ) -> Result<(OpStats, u64), ResetError> {
         self.first_run.arm_next();
-        let vcpu = &self.vcpus[0];
+        // A reset at DONE under way holds the account: this waits for it.
+        let parked = rs.job.take_parked();
+        let waited = requested_at.elapsed();
+        let vcpu = &mut self.vcpus[0];
         let id = vcpu.id();
+        if let Some(at_done) = parked {
+            // The vCPU waits for a command, out of the guest: no kick, just the go.
+            let mut stats = match at_done.result {
+                Ok(stats) => stats,
+                Err(e) => {
+                    vcpu.set_state(VcpuState::Paused);
+                    self.state = RunState::Paused;
+                    return Err(e);
+                }
+            };
+            if !vcpu.send(VcpuCommand::Resume) {
+                return Err(ResetError::Control(MicroVmError::VcpuThreadGone { id }));
+            }
+            vcpu.set_state(VcpuState::Running);
+            self.state = RunState::Running;
+            stats.phases.wait = waited;
+            stats.exits = at_done.exits.saturating_sub(rs.exits_at_start);
+            return Ok((stats, at_done.exits));
+        }
         if !vcpu.send(VcpuCommand::Reset(SharedReset(rs.job.clone()))) {
             return Err(ResetError::Control(MicroVmError::VcpuThreadGone { id }));
         }
         // A paused vCPU waits for commands outside KVM_RUN; a running one needs the kick.
+        // (One that is just taking a DONE exit is kicked for nothing: it resets at DONE,
+        // parks, and then takes this command as the go.)
         if vcpu.state() == VcpuState::Running {
             vcpu.kick();
         }
@@ -496,7 +714,12 @@ impl MicroVm {
                         VcpuState::Paused => RunState::Paused,
                     };
                     let mut stats = result?;
-                    stats.phases.pause = started.saturating_duration_since(requested_at);
+                    let took = started.saturating_duration_since(requested_at);
+                    if stats.phases.at_done {
+                        stats.phases.wait = took;
+                    } else {
+                        stats.phases.pause = took;
+                    }
                     stats.exits = exits.saturating_sub(rs.exits_at_start);
                     return Ok((stats, exits));
                 }
@@ -520,7 +743,7 @@ impl MicroVm {
         }
         let exits = self.exit_count();
         let paused = requested_at.elapsed();
-        let mut stats = rs.job.put_back()?;
+        let mut stats = rs.job.put_back(&mut rs.job.account(), Instant::now())?;
         let last = Instant::now();
         // Each vCPU takes its state back and runs the guest at once.
         self.first_run.arm_next();
@@ -579,19 +802,63 @@ impl MicroVm {
 
     /// What the run since the restore (or the last reset) has cost so far: exits, and the
     /// pages the guest dirtied (from KVM's dirty log; the pages read are kept for the next
-    /// reset, which puts them back too). `None` for a VM without reset.
+    /// reset, which puts them back too). Call it once the host has the response. A run ends
+    /// at the guest's DONE, which it writes a few instructions after handing the response
+    /// over: for a VM reset at DONE this waits for it (at most a millisecond for the DONE,
+    /// then for the reset), so that the next [`MicroVm::reset`] finds the work done, and
+    /// reports the run as that reset counted it (with the pages the devices wrote). A guest
+    /// that let a wait run out without a DONE is not waited for again until it writes one.
+    /// `None` for a VM without reset.
     pub fn run_stats(&mut self) -> Option<OpStats> {
+        let control = self.control().clone();
+        let rs = self.reset.as_ref()?;
+        let job = rs.job.clone();
+        let expect_done = control.reset_at_done().is_some()
+            && rs
+                .done_wait_gave_up_at
+                .is_none_or(|at| control.done_count() > at);
+        let mut account = job.account();
+        let mut gave_up = false;
+        if account.parked.is_none() && expect_done {
+            let deadline = Instant::now() + DONE_GRACE;
+            while account.parked.is_none() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    gave_up = true;
+                    break;
+                }
+                account = job
+                    .parked_cv
+                    .wait_timeout(account, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        }
         let exits = self.exit_count();
-        let size = self.memory().iter().next()?.len() as usize;
-        let bitmap = self.vm.take_dirty_log(0, size).ok()?;
         let rs = self.reset.as_mut()?;
-        rs.pending_dirty = merge(&rs.pending_dirty, &dirty_pages(&bitmap));
+        if gave_up {
+            rs.done_wait_gave_up_at = Some(control.done_count());
+        }
+        if let Some(at_done) = &account.parked {
+            let mut stats = match &at_done.result {
+                Ok(stats) => *stats,
+                Err(_) => OpStats {
+                    mode: job.mode,
+                    ..OpStats::default()
+                },
+            };
+            stats.exits = at_done.exits.saturating_sub(rs.exits_at_start);
+            return Some(stats);
+        }
+        let size = job.memory.iter().next()?.len() as usize;
+        let bitmap = self.vm.take_dirty_log(0, size).ok()?;
+        account.pending = merge(&account.pending, &dirty_pages(&bitmap));
         Some(OpStats {
             exits: exits.saturating_sub(rs.exits_at_start),
-            dirtied_pages: rs.pending_dirty.len() as u64,
+            dirtied_pages: account.pending.len() as u64,
             device_pages: 0,
             reset_time: Duration::ZERO,
-            mode: rs.job.mode,
+            mode: job.mode,
             phases: ResetPhases::default(),
         })
     }
@@ -607,6 +874,45 @@ mod tests {
         assert_eq!(runs(&[]), vec![]);
         assert_eq!(dirty_pages(&[0b1011, 1 << 63]), vec![0, 1, 3, 127]);
         assert_eq!(merge(&[1, 5], &[2, 5, 9]), vec![1, 2, 5, 9]);
+    }
+
+    #[test]
+    fn phases_say_where_the_work_ran() {
+        let us = Duration::from_micros;
+        let on_call = ResetPhases {
+            pause: us(40),
+            settle: us(2),
+            memory: us(5),
+            vm_and_devices: us(3),
+            vcpus: us(50),
+            ..ResetPhases::default()
+        };
+        let names = |p: Vec<(&'static str, Duration)>| p.into_iter().map(|(n, _)| n).collect();
+        let v: Vec<&str> = names(on_call.phases());
+        assert_eq!(
+            v,
+            [
+                "pause",
+                "wait",
+                "settle",
+                "memory",
+                "vm_and_devices",
+                "vcpus"
+            ]
+        );
+        assert!(on_call.at_done_phases().is_empty());
+        let at_done = ResetPhases {
+            at_done: true,
+            done_to_parked: us(70),
+            ..on_call
+        };
+        let v: Vec<&str> = names(at_done.phases());
+        assert_eq!(v, ["pause", "wait"], "the work is not on the request path");
+        let off = at_done.at_done_phases();
+        assert_eq!(off.len(), 5);
+        assert!(off.iter().all(|(n, _)| n.starts_with("at_done.")));
+        assert_eq!(off[3], ("at_done.vcpus", us(50)));
+        assert_eq!(off[4], ("at_done.total", us(70)));
     }
 
     #[test]

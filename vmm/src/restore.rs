@@ -1,16 +1,24 @@
-//! Builds a microVM back from a snapshot directory, paused, in one straight-line function:
-//! [`restore`].
+//! Builds a microVM back from a snapshot, paused, in one straight-line function:
+//! [`restore_loaded`] (or [`restore`] / [`restore_with`], which load the snapshot first).
 //!
-//! Everything that can be wrong with a snapshot is checked before the first KVM call: the
-//! files exist, the state file is intact (checksum, length, format version), the memory file
-//! has the size the state records, the vCPUs and memory size are sane, and this host's CPU
-//! offers every feature the guest saw. Then the VM is built the way a cold boot builds it,
-//! except that guest memory maps the memory file `MAP_PRIVATE` (nothing is read or copied:
-//! the guest faults in what it touches) and every part's state is set back instead of being
-//! initialised. Every phase is timed ([`RestoreTimings`]); the VM records when its first
-//! `KVM_RUN` starts, so [`crate::MicroVm::restore_to_first_run`] gives the host time from
-//! "restore requested" to the guest running again.
+//! A snapshot is *loaded* once ([`LoadedSnapshot::load`]) and then restored any number of
+//! times: loading checks everything that can be wrong with it before the first KVM call (the
+//! files exist, the state file is intact: checksum, length, format version; the memory file
+//! has the size the state records; the vCPUs and memory size are sane; this host's CPU offers
+//! every feature the guest saw) and opens the memory file. Each restore then builds the VM the
+//! way a cold boot builds it, except that guest memory maps the loaded memory file
+//! `MAP_PRIVATE` (nothing is read or copied: the guest faults in what it touches) and every
+//! part's state is set back instead of being initialised. Every phase is timed
+//! ([`RestoreTimings`]); the VM records when its first `KVM_RUN` starts, so
+//! [`crate::MicroVm::restore_to_first_run`] gives the host time from "restore requested" to
+//! the guest running again. For [`restore_with`] "restore requested" is before the load (its
+//! `validate` phase is the load); for [`restore_loaded`] it is after it, and the one-time load
+//! is [`LoadedSnapshot::load_time`].
+//!
+//! A snapshot with a working-set file (optional: [`record_working_set`]) has each restore
+//! populate those pages before the guest runs; see [`LoadedSnapshot::working_set`].
 
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use fnode_guest::abi;
 use fnode_snapshot::{
-    memory_file, state_file, MemoryFileError, Persist, SnapshotDir, StateFileError,
+    memory_file, state_file, working_set, MemoryFileError, Persist, SnapshotDir, StateFileError,
+    WorkingSet, WorkingSetError,
 };
 use vm_memory::{FileOffset, MmapRegion};
 
@@ -86,6 +95,9 @@ pub enum RestoreError {
     /// The virtio devices could not be restored.
     #[error("cannot restore the virtio devices")]
     Virtio(#[source] SetupError),
+    /// The working-set file is present and unusable.
+    #[error(transparent)]
+    WorkingSet(WorkingSetError),
     /// The memory file could not be mapped a second time for in-place resets.
     #[error("cannot map the snapshot's memory file for in-place resets")]
     MapOriginal(#[source] std::io::Error),
@@ -94,14 +106,17 @@ pub enum RestoreError {
 /// Time spent in each phase of [`restore`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RestoreTimings {
-    /// When the restore was requested (the start of [`restore`]).
+    /// When the restore was requested (the start of [`restore_with`], or of
+    /// [`restore_loaded`] for a snapshot loaded before).
     pub requested_at: Instant,
-    /// Reading and checking the state file, opening and checking the memory file, the
-    /// CPU check.
+    /// [`restore_with`]: loading the snapshot (reading and checking the state file, opening
+    /// and checking the memory file, the CPU check). [`restore_loaded`]: the per-VM checks
+    /// left (the snapshot was loaded once before: [`LoadedSnapshot::load_time`]).
     pub validate: Duration,
     /// `KVM_CREATE_VM`.
     pub create_vm: Duration,
-    /// Mapping the memory file `MAP_PRIVATE`.
+    /// Mapping the memory file `MAP_PRIVATE` (and, for a snapshot with a working-set file,
+    /// having the host map those pages: [`LoadedSnapshot::working_set`]).
     pub map_memory: Duration,
     /// `KVM_SET_USER_MEMORY_REGION`.
     pub register_memory: Duration,
@@ -109,11 +124,14 @@ pub struct RestoreTimings {
     pub irqchip: Duration,
     /// Irqchip, PIT and clock state.
     pub vm_state: Duration,
-    /// Devices restored, on their buses, irqfds registered.
+    /// Devices restored, on their buses, irqfds and ioeventfds registered. (They join the
+    /// process's device loop after [`start_threads`](Self::start_threads), while the guest
+    /// starts: that is in [`total`](Self::total), not here.)
     pub devices: Duration,
     /// `KVM_CREATE_VCPU` and every vCPU's state set.
     pub vcpus: Duration,
-    /// Starting the vCPU threads (paused, or running with [`RestoreOptions::resume`]).
+    /// Handing each vCPU to a thread of the process's vCPU thread pool (a parked one when
+    /// there is one), which runs it: paused, or running with [`RestoreOptions::resume`].
     pub start_threads: Duration,
     /// The whole restore, up to a paused VM.
     pub total: Duration,
@@ -151,6 +169,83 @@ pub struct RestoreOptions {
     pub resume: bool,
 }
 
+/// A snapshot read and checked once, to restore any number of VMs from
+/// ([`restore_loaded`]): its state, checked against this host, and its memory file, open
+/// (every VM restored from it maps the same open file).
+#[derive(Debug)]
+pub struct LoadedSnapshot {
+    dir: PathBuf,
+    state: MicroVmState,
+    /// The vCPU states, shared with the reset state of every resettable VM.
+    vcpus: Vec<Arc<crate::vstate::vcpu_persist::VcpuState>>,
+    memory_file: Arc<File>,
+    /// The pages a restored VM touches first (the optional working-set file).
+    working_set: Option<WorkingSet>,
+    load_time: Duration,
+}
+
+impl LoadedSnapshot {
+    /// Reads and checks the snapshot in `dir` (see the module doc) and opens its memory file.
+    /// Nothing is built: errors name the snapshot and the fix.
+    pub fn load(kvm: &KvmContext, dir: &Path) -> Result<Self, RestoreError> {
+        let start = Instant::now();
+        let snap = SnapshotDir::new(dir);
+        let mut state: MicroVmState =
+            state_file::read(&snap.state_path(), FORMAT).map_err(RestoreError::State)?;
+        let memory_file =
+            memory_file::open(&snap.memory_path(), &state.memory).map_err(RestoreError::Memory)?;
+        validate(dir, &state)?;
+        let dir_name = dir.display().to_string();
+        // Both are the same for every restore on this host: worked out once per KvmContext.
+        let offered = kvm.host_features();
+        for vcpu in &state.vcpus {
+            cpu::check(&dir_name, &vcpu.cpuid, offered).map_err(RestoreError::Cpu)?;
+        }
+        kvm.check_snapshot_capabilities()
+            .map_err(RestoreError::Capabilities)?;
+        let working_set = working_set::read(&snap.working_set_path(), state.memory.size)
+            .map_err(RestoreError::WorkingSet)?;
+        let vcpus = std::mem::take(&mut state.vcpus)
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        Ok(LoadedSnapshot {
+            dir: dir.to_path_buf(),
+            state,
+            vcpus,
+            memory_file: Arc::new(memory_file),
+            working_set,
+            load_time: start.elapsed(),
+        })
+    }
+
+    /// The snapshot directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// How long [`load`](Self::load) took: paid once per snapshot, not per VM.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// The pages a restored VM touches first, if the snapshot has a working-set file
+    /// ([`record_working_set`] writes one). Each restore then has the host map them
+    /// (`MADV_POPULATE_READ`) before the guest runs, in its `map_memory` phase. Measured on
+    /// a host whose KVM uses shadow paging, this did not pay: the guest's first touch of a
+    /// page costs a KVM fault either way, and the restore's host time grows by the
+    /// populate. Where a host-mapped page makes the guest's first touch cheap (EPT/NPT
+    /// hosts), it may; `fnode bench --prefetch` measures it.
+    pub fn working_set(&self) -> Option<&WorkingSet> {
+        self.working_set.as_ref()
+    }
+
+    /// Guest memory size, bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.state.memory.size
+    }
+}
+
 /// Restores the snapshot in `dir` into a new VM, paused; its serial console writes to
 /// `console`. Run it with [`MicroVm::run`] (or resume it): the guest goes on right after the
 /// point where it was snapshotted.
@@ -163,8 +258,9 @@ pub fn restore(
 }
 
 /// [`restore`] with [`RestoreOptions`]: a snapshot with a vsock device, in-place reset.
-/// Before the guest runs, a fresh seed for its random source is written into its memory
-/// (`abi::entropy`): two VMs restored from one snapshot draw different random numbers.
+/// Loads the snapshot and restores it once ([`LoadedSnapshot::load`], then
+/// [`restore_loaded`]); the load is the `validate` phase of its timings. To restore a
+/// snapshot many times, load it once and call [`restore_loaded`].
 pub fn restore_with(
     kvm: &KvmContext,
     dir: &Path,
@@ -172,6 +268,30 @@ pub fn restore_with(
     options: &RestoreOptions,
 ) -> Result<MicroVm, RestoreError> {
     let requested_at = Instant::now();
+    let loaded = LoadedSnapshot::load(kvm, dir)?;
+    restore_from(kvm, &loaded, console, options, requested_at)
+}
+
+/// Restores `loaded` into a new VM, paused unless [`RestoreOptions::resume`]; its serial
+/// console writes to `console`. Before the guest runs, a fresh seed for its random source is
+/// written into its memory (`abi::entropy`): two VMs restored from one snapshot draw
+/// different random numbers. "Restore requested" (the start of the host time) is the call.
+pub fn restore_loaded(
+    kvm: &KvmContext,
+    loaded: &LoadedSnapshot,
+    console: Box<dyn Write + Send>,
+    options: &RestoreOptions,
+) -> Result<MicroVm, RestoreError> {
+    restore_from(kvm, loaded, console, options, Instant::now())
+}
+
+fn restore_from(
+    kvm: &KvmContext,
+    loaded: &LoadedSnapshot,
+    console: Box<dyn Write + Send>,
+    options: &RestoreOptions,
+    requested_at: Instant,
+) -> Result<MicroVm, RestoreError> {
     let mut last = requested_at;
     let mut lap = || {
         let now = Instant::now();
@@ -179,20 +299,8 @@ pub fn restore_with(
         last = now;
         d
     };
-
-    // Validation: nothing is built until the whole snapshot checks out.
-    let snap = SnapshotDir::new(dir);
-    let mut state: MicroVmState =
-        state_file::read(&snap.state_path(), FORMAT).map_err(RestoreError::State)?;
-    let memory_file =
-        memory_file::open(&snap.memory_path(), &state.memory).map_err(RestoreError::Memory)?;
-    validate(dir, &state)?;
-    let dir_name = dir.display().to_string();
-    // Both are the same for every restore on this host: worked out once per KvmContext.
-    let offered = kvm.host_features();
-    for vcpu in &state.vcpus {
-        cpu::check(&dir_name, &vcpu.cpuid, offered).map_err(RestoreError::Cpu)?;
-    }
+    let state = &loaded.state;
+    // What is left to check per VM: cached per KvmContext after the first call.
     kvm.check_snapshot_capabilities()
         .map_err(RestoreError::Capabilities)?;
     let validate = lap();
@@ -204,9 +312,8 @@ pub fn restore_with(
     // Copy-back resets read the snapshot's bytes from a shared read-only mapping.
     let original = match options.reset {
         Some(ResetMode::CopyBack) => {
-            let file = memory_file.try_clone().map_err(RestoreError::MapOriginal)?;
             let region = MmapRegion::build(
-                Some(FileOffset::new(file, 0)),
+                Some(FileOffset::from_arc(loaded.memory_file.clone(), 0)),
                 mem_size,
                 libc::PROT_READ,
                 libc::MAP_SHARED | libc::MAP_NORESERVE,
@@ -216,9 +323,15 @@ pub fn restore_with(
         }
         _ => None,
     };
-    let guest_memory = memory::create(mem_size, MemoryBacking::PrivateFile(memory_file))
-        .map_err(RestoreError::Map)?;
+    let guest_memory = memory::create(
+        mem_size,
+        MemoryBacking::SharedFile(loaded.memory_file.clone()),
+    )
+    .map_err(RestoreError::Map)?;
     crate::reset::write_seed(&guest_memory);
+    if let Some(ws) = &loaded.working_set {
+        memory::populate(&guest_memory, ws.runs()).map_err(RestoreError::Map)?;
+    }
     let map_memory = lap();
     // Memory before the irqchip, as in the builder (see there: an SRCU grace period).
     vm.register_memory_logged(&guest_memory, options.reset.is_some())
@@ -240,6 +353,11 @@ pub fn restore_with(
         Err(never) => match never {},
     };
     let control = ControlSignal::new();
+    if options.reset.is_some() && loaded.vcpus.len() == 1 {
+        // Armed once the VM is assembled; a vCPU already running the guest by then waits
+        // for it at a DONE (see `ControlSignal::expect_reset_at_done`).
+        control.expect_reset_at_done();
+    }
     let control_dev = match ControlDevice::restore(control.clone(), &devices.control) {
         Ok(dev) => dev,
         Err(never) => match never {},
@@ -248,20 +366,20 @@ pub fn restore_with(
     devices::insert_legacy(&mut buses.pio, serial.clone(), exit_dev, control_dev)
         .map_err(RestoreError::Bus)?;
     let (events_tx, events, faults) = crate::builder::event_channel();
-    let virtio = virtio_setup::restore(
+    let mut virtio = virtio_setup::restore(
         vm.fd(),
         &guest_memory,
         &mut buses.mmio,
         &devices.virtio,
         options.vsock_uds.as_deref(),
-        faults,
+        faults.clone(),
     )
     .map_err(RestoreError::Virtio)?;
     let buses = Arc::new(buses);
     let devices = lap();
 
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for vcpu_state in &state.vcpus {
+    let mut vcpus = Vec::with_capacity(loaded.vcpus.len());
+    for vcpu_state in &loaded.vcpus {
         vcpus.push(Vcpu::restore(&vm, vcpu_state).map_err(RestoreError::VcpuState)?);
     }
     let vcpus_time = lap();
@@ -274,12 +392,15 @@ pub fn restore_with(
     };
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
+        // On a parked thread of the process's pool when there is one (`vcpu_pool`).
         handles.push(
             vcpu.start_thread_with(options.resume, io.clone(), events_tx.clone())
                 .map_err(RestoreError::Vcpu)?,
         );
     }
     let start_threads = lap();
+    // Served from now on, alongside the guest (see `VirtioDevices::serve`).
+    virtio.serve(faults).map_err(RestoreError::Virtio)?;
     let timings = RestoreTimings {
         requested_at,
         validate,
@@ -311,19 +432,31 @@ pub fn restore_with(
     }
     microvm.set_restore_timings(timings);
     if let Some(mode) = options.reset {
-        let vcpus = std::mem::take(&mut state.vcpus);
         microvm.reset = Some(ResetState::new(
-            vcpus.into_iter().map(Arc::new).collect(),
-            state.vm,
-            state.devices.virtio,
+            loaded.vcpus.clone(),
+            state.vm.clone(),
+            state.devices.virtio.clone(),
             mode,
             original,
             microvm.vm.clone(),
             microvm.memory().clone(),
             microvm.virtio.handles(),
         ));
+        microvm.arm_reset_at_done();
     }
     Ok(microvm)
+}
+
+/// Records the working set of `vm`, a VM restored from the snapshot in `dir` that has
+/// served an invocation: the guest pages the host mapped for it (read or written), written to
+/// `dir`'s working-set file (replacing one that is there). Later loads of the snapshot read it
+/// and their restores have the host map those pages ahead of the guest.
+pub fn record_working_set(vm: &MicroVm, dir: &Path) -> Result<WorkingSet, RestoreError> {
+    let pages = memory::touched_pages(vm.memory()).map_err(RestoreError::Map)?;
+    let set = WorkingSet::from_pages(&pages);
+    working_set::write(&SnapshotDir::new(dir).working_set_path(), &set)
+        .map_err(RestoreError::WorkingSet)?;
+    Ok(set)
 }
 
 /// Checks what the state file says about the VM's shape.

@@ -16,7 +16,10 @@
 //!   requested to the first `KVM_RUN`.
 //! - `reset`: in-place reset of a used VM (`fnode_vmm::MicroVm::reset`), then a response.
 //!   Host share: the reset called (right after the previous response was read) to the next
-//!   `KVM_RUN`.
+//!   `KVM_RUN`. The guest's DONE after each response has the vCPU thread do the reset's work
+//!   there, before the reset is called: that work is shown as the `at_done.*` phases, off
+//!   the request path and not in the host share (a reset that ran when called shows its
+//!   work as `settle`, `memory`, `vm_and_devices` and `vcpus` instead).
 //! - `floor`: `fnode_vmm::bench::raw_floor` over the snapshot's memory file mapped
 //!   `MAP_PRIVATE`: a fresh VM and vCPU, registers set, a few instructions to `hlt`. Host
 //!   share: everything up to `KVM_RUN`.
@@ -105,6 +108,12 @@ pub struct BenchArgs {
     /// of its own while the benchmark goes on.
     #[arg(long, value_enum, default_value_t = TeardownMode::Batch)]
     pub teardown: TeardownMode,
+    /// Have restores map the snapshot's working set before the guest runs: records it
+    /// first (one restored VM serving one request) into the snapshot directory's
+    /// `working-set` file if the snapshot has none. A snapshot that has one is always
+    /// restored with it.
+    #[arg(long)]
+    pub prefetch: bool,
     /// Leave modes out (comma-separated: cold,restore,reset,floor).
     #[arg(long, value_name = "MODES", value_delimiter = ',')]
     pub skip: Vec<String>,
@@ -227,9 +236,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
 
+    // Loaded once for every restore of the run (and the reset mode's VM): the restore times
+    // start after it, and the table says what it cost.
+    let mut loaded = fnode_vmm::LoadedSnapshot::load(&kvm, &snapshot)
+        .with_context(|| format!("cannot load the snapshot {}", snapshot.display()))?;
+    let mut prefetch_note = None;
+    if args.prefetch && loaded.working_set().is_none() {
+        let set = record_working_set(&kvm, &loaded, payload, timeout)?;
+        prefetch_note = Some(format!(
+            "restore: working set recorded ({} pages in {} runs: what one restored VM touched \
+             serving one request) into {}",
+            set.pages(),
+            set.runs().len(),
+            fnode_snapshot::SnapshotDir::new(&snapshot)
+                .working_set_path()
+                .display()
+        ));
+        loaded = fnode_vmm::LoadedSnapshot::load(&kvm, &snapshot)
+            .with_context(|| format!("cannot load the snapshot {}", snapshot.display()))?;
+    }
     let restore = ops::Restore {
         kvm: &kvm,
-        dir: &snapshot,
+        snapshot: &loaded,
         payload,
         timeout,
     };
@@ -334,6 +362,31 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         payload.len(),
     )?;
     write!(out, "{}", stats::table(&refs))?;
+    if !skip(ModeKind::Restore) || !skip(ModeKind::Reset) {
+        writeln!(
+            out,
+            "restore: snapshot loaded once per process in {:.1} us (state read and checked, \
+             memory file opened), not in the restore times",
+            loaded.load_time().as_secs_f64() * 1e6
+        )?;
+        writeln!(
+            out,
+            "restore: once per process, not per VM: the device event loop thread and its \
+             io_uring (started by the first VM, shared by all); per VM: a vCPU thread from the \
+             process's pool (a parked one when a torn-down VM left one; the warm-up fills it)"
+        )?;
+        if let Some(note) = &prefetch_note {
+            writeln!(out, "{note}")?;
+        }
+        if let Some(set) = loaded.working_set() {
+            writeln!(
+                out,
+                "restore: each restore maps the snapshot's working set ({} pages) before the \
+                 guest runs (in map_memory)",
+                set.pages()
+            )?;
+        }
+    }
     for (mode, why) in &notes.0 {
         writeln!(out, "no {mode}: {why}")?;
     }
@@ -393,6 +446,37 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Restores one VM of `loaded`, has it serve one request and records the pages it touched
+/// as the snapshot's working set.
+fn record_working_set(
+    kvm: &KvmContext,
+    loaded: &fnode_vmm::LoadedSnapshot,
+    payload: &[u8],
+    timeout: Duration,
+) -> anyhow::Result<fnode_snapshot::WorkingSet> {
+    let probe = ops::Restore {
+        kvm,
+        snapshot: loaded,
+        payload,
+        timeout,
+    };
+    let mut f = probe.vm(None)?;
+    match f.call(payload, Instant::now() + timeout) {
+        Ok(crate::client::Reply::Response(_)) => {}
+        Ok(crate::client::Reply::Error(m)) => anyhow::bail!(
+            "the function answered with an error: {}",
+            String::from_utf8_lossy(&m)
+        ),
+        Err(e) => return Err(e).context("the invocation to record the working set failed"),
+    }
+    fnode_vmm::record_working_set(f.vm(), loaded.dir()).with_context(|| {
+        format!(
+            "cannot record the working set of {}",
+            loaded.dir().display()
+        )
+    })
 }
 
 /// Takes a snapshot of `image` into `work/snapshot` for the restore and reset modes (and

@@ -17,7 +17,7 @@ use fnode_vmm::{
     builder::{self, VmConfig},
     devices::serial::SharedBuffer,
     vstate::memory::MemoryBacking,
-    BuildError, KvmContext, MicroVm, MicroVmError, Outcome, ResetMode,
+    BuildError, KvmContext, LoadedSnapshot, MicroVm, MicroVmError, Outcome, ResetMode,
 };
 
 use super::probe::{PageMap, ProbeError};
@@ -311,12 +311,13 @@ fn call_restored(
     }
 }
 
-/// Restores of one snapshot.
+/// Restores of one snapshot, loaded once ([`LoadedSnapshot::load`]: state read and checked,
+/// memory file opened) before the first; each restore's time starts after the load.
 pub struct Restore<'a> {
     /// KVM.
     pub kvm: &'a KvmContext,
-    /// The snapshot directory.
-    pub dir: &'a Path,
+    /// The snapshot, loaded.
+    pub snapshot: &'a LoadedSnapshot,
     /// The request.
     pub payload: &'a [u8],
     /// The longest an operation may take.
@@ -327,9 +328,9 @@ impl Restore<'_> {
     /// A fresh VM from the snapshot (resumed, attached to its invocation connection), with
     /// `reset` kept for in-place resets; not timed.
     pub fn vm(&self, reset: Option<ResetMode>) -> Result<RestoredFunction, OpError> {
-        RestoredFunction::restore(
+        RestoredFunction::restore_loaded(
             self.kvm,
-            self.dir,
+            self.snapshot,
             reset,
             ConsoleBuf::new(false),
             Instant::now() + self.timeout,
@@ -380,21 +381,31 @@ impl Restore<'_> {
         let start = Instant::now();
         let put_back = f.reset().map_err(OpError::Reset)?;
         call_restored(f, self.payload, start + self.timeout)?;
-        let total = start.elapsed();
         let stats = f.stats();
+        // Up to the response read: the run's stats taken after it are bookkeeping (for a
+        // reset at DONE they wait for that reset, the next operation's work).
+        let total = stats
+            .replied_at
+            .map_or_else(|| start.elapsed(), |t| t.saturating_duration_since(start));
         let host = stats
             .reset_to_first_run
             .ok_or(OpError::NoHostTime("first ran after its reset"))?;
         let (after, _) = restored_pages(f, pages)?;
+        // A reset at the guest's DONE dropped its pages before `before` was counted.
         let dropped = match put_back.mode {
-            ResetMode::DropPages => put_back.dirtied_pages + put_back.device_pages,
-            ResetMode::CopyBack => 0,
+            ResetMode::DropPages if !put_back.phases.at_done => {
+                put_back.dirtied_pages + put_back.device_pages
+            }
+            ResetMode::DropPages | ResetMode::CopyBack => 0,
         };
         let run = stats.run.unwrap_or_default();
         let mut phases = Phases::default();
+        // The request path's phases (the reset's work among them if it ran there), then
+        // the work a reset at DONE did before it was called, as `at_done.*`.
         phases.extend(&put_back.phases.phases());
         // From the reset's return to the guest's first KVM_RUN.
         phases.push("to_first_run", host.saturating_sub(put_back.reset_time));
+        phases.extend(&put_back.phases.at_done_phases());
         Ok(OpSample {
             total,
             host: Some(host),

@@ -4,8 +4,9 @@
 //! share its page cache), keeps them alive and idle, and talks to the benchmark over its
 //! stdin and stdout, one line per step:
 //!
-//! 1. worker: `{"ready":{..}}`: KVM is open, nothing is restored yet (the benchmark reads
-//!    the worker's baseline memory now);
+//! 1. worker: `{"ready":{..}}`: KVM is open, the snapshot is loaded (read, checked, its
+//!    memory file open: once per worker, its cost in the report), nothing is restored yet
+//!    (the benchmark reads the worker's baseline memory now);
 //! 2. benchmark: `go`;
 //! 3. worker: `{"done":{..}}` ([`Share`]): every VM of its share runs in the guest, or it
 //!    stopped early and says why;
@@ -14,7 +15,11 @@
 //! Why processes: creating a KVM VM registers an MMU notifier on the process's address
 //! space, which takes the lock of every mapping the process has, so each VM is slower to
 //! create than the one before it; with VMs spread over processes every address space stays
-//! small. Each process also has an open-file limit of its own (a VM holds about 20 files).
+//! small. Each process also has an open-file limit of its own (a VM holds about 12 files).
+//!
+//! Done once per worker, not per VM: loading the snapshot (its cost is in the `ready`
+//! report), the device event loop thread and its io_uring (shared by the worker's VMs), and
+//! the vCPU thread pool's helper thread. Each VM has its own vCPU thread.
 //!
 //! The benchmark spawns workers with `PR_SET_PDEATHSIG` (see `pool`): a worker dies with it.
 
@@ -25,15 +30,16 @@ use std::{
 };
 
 use anyhow::Context;
-use fnode_vmm::KvmContext;
+use fnode_vmm::{KvmContext, LoadedSnapshot};
 use serde::{Deserialize, Serialize};
 
 use super::probe::{self, MemoryUse};
 use crate::restored::RestoredFunction;
 use crate::snapshot::ConsoleBuf;
 
-/// File descriptors a VM may hold (VM, vCPU, eventfds, sockets, io_uring, epoll: about 20
-/// for a restored function VM), with room to spare: the limit is only a number.
+/// File descriptors a VM may hold (VM, vCPU, eventfds, sockets: about 12 for a restored
+/// function VM; the device loop's epoll and io_uring are the process's), with room to spare:
+/// the limit is only a number.
 pub const FDS_PER_VM: u64 = 64;
 /// File descriptors a worker keeps besides its VMs.
 const FDS_BASE: u64 = 256;
@@ -65,6 +71,10 @@ pub enum Report {
         fd_limit: u64,
         /// The worker's own memory now.
         memory: MemoryUse,
+        /// How long loading the snapshot took (once per worker, before its first VM),
+        /// microseconds.
+        #[serde(default)]
+        load_us: u64,
     },
     /// The share is restored and idle (or the worker stopped early).
     Done(Share),
@@ -152,11 +162,20 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     let fd_limit = probe::raise_open_files(FDS_BASE + FDS_PER_VM * u64::from(args.vms))?;
     let kvm = KvmContext::new().context("cannot use KVM")?;
+    // Once per worker: every VM of the share is restored from the loaded snapshot.
+    let snapshot = LoadedSnapshot::load(&kvm, &args.snapshot)
+        .with_context(|| format!("cannot load the snapshot {}", args.snapshot.display()))?;
+    let load_us = snapshot.load_time().as_micros() as u64;
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut out = io::stdout().lock();
     let mut input = io::stdin().lock();
     let memory = probe::memory_use()?;
-    send(&mut out, &Report::Ready { fd_limit, memory }).context("cannot report to fnode bench")?;
+    let ready = Report::Ready {
+        fd_limit,
+        memory,
+        load_us,
+    };
+    send(&mut out, &ready).context("cannot report to fnode bench")?;
     let mut line = String::new();
     input.read_line(&mut line)?;
     if line.trim() != GO {
@@ -166,7 +185,7 @@ fn serve(args: WorkerArgs) -> anyhow::Result<()> {
     let (vms, share) = restore_share(args.vms, |_| {
         let console = ConsoleBuf::new(false);
         let deadline = Instant::now() + timeout;
-        RestoredFunction::restore(&kvm, &args.snapshot, None, console, deadline).map(Idle::new)
+        RestoredFunction::restore_loaded(&kvm, &snapshot, None, console, deadline).map(Idle::new)
     });
     send(&mut out, &Report::Done(share)).context("cannot report to fnode bench")?;
     // Keep the VMs until stdin closes: the benchmark is done with them (or gone).

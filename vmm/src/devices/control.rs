@@ -1,15 +1,21 @@
 //! The control device at `abi::control::PORT`: the guest tells the VMM where it is in its
 //! life: [`abi::control::BOOTED`] when the kernel is up and init starts (the device notes the
-//! time), and [`abi::control::READY`], written once the guest's init is done.
+//! time), [`abi::control::READY`], written once the guest's init is done, and
+//! [`abi::control::DONE`], written once each response is with the device.
 //!
 //! Like the exit device, the device only records the message in a [`ControlSignal`]; the vCPU
 //! thread that made the write checks the signal after every write exit. When the VMM asked
 //! for it ([`ControlSignal::arm_ready`], before taking a snapshot), that vCPU pauses right
-//! there and reports `VcpuEvent::Ready`; otherwise the guest just goes on.
+//! there and reports `VcpuEvent::Ready`; otherwise the guest just goes on. For DONE, the VMM
+//! arms an in-place reset (`ControlSignal::arm_reset_at_done`, a VM restored with reset):
+//! the vCPU that wrote it runs that reset right there and waits for the next invocation
+//! (see [`crate::reset`]); otherwise the guest just goes on.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
+
+use crate::reset::ResetJob;
 
 use fnode_guest::abi;
 use fnode_snapshot::Persist;
@@ -28,6 +34,14 @@ struct Inner {
     ready_count: AtomicU32,
     /// When the guest first wrote BOOTED.
     booted_at: OnceLock<Instant>,
+    /// The in-place reset the vCPU that writes DONE runs (set once, for a resettable VM).
+    reset_at_done: OnceLock<Arc<ResetJob>>,
+    /// `reset_at_done` is about to be set (the vCPUs may run the guest before).
+    reset_at_done_expected: AtomicBool,
+    /// A DONE was written with a reset armed and no vCPU has taken it yet.
+    done_pending: AtomicBool,
+    /// DONE messages seen.
+    done_count: AtomicU64,
 }
 
 /// A VM's control messages, shared by the control device, the vCPU threads and the VMM.
@@ -67,6 +81,69 @@ impl ControlSignal {
     pub fn ready_count(&self) -> u32 {
         self.0.ready_count.load(Ordering::Acquire)
     }
+
+    /// Has the vCPU that writes DONE run `job` (a VM with one vCPU, restored with reset).
+    /// Set once; a second call is ignored.
+    pub(crate) fn arm_reset_at_done(&self, job: Arc<ResetJob>) {
+        let _ = self.0.reset_at_done.set(job);
+    }
+
+    /// The reset armed for DONE, if any.
+    pub(crate) fn reset_at_done(&self) -> Option<&Arc<ResetJob>> {
+        self.0.reset_at_done.get()
+    }
+
+    /// A reset at DONE will be armed as soon as the VM is assembled, which a restore that
+    /// runs the guest at once does after the vCPU threads started: a vCPU that takes a DONE
+    /// before waits for it ([`ControlSignal::reset_at_done_for_vcpu`]), so that every DONE
+    /// of a resettable VM resets it.
+    pub(crate) fn expect_reset_at_done(&self) {
+        self.0.reset_at_done_expected.store(true, Ordering::Release);
+    }
+
+    /// For the vCPU that took a DONE: the reset armed for it, waiting (a bounded spin) for
+    /// one expected and not armed yet. `None`: the guest just goes on.
+    pub(crate) fn reset_at_done_for_vcpu(&self) -> Option<&Arc<ResetJob>> {
+        // Arming follows the threads' start within microseconds; a restore that failed in
+        // between never arms, and its vCPU only waits this long before it is stopped.
+        const ARMING_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+        if let Some(job) = self.0.reset_at_done.get() {
+            return Some(job);
+        }
+        if !self.0.reset_at_done_expected.load(Ordering::Acquire) {
+            return None;
+        }
+        let deadline = Instant::now() + ARMING_WAIT;
+        while Instant::now() < deadline {
+            std::thread::yield_now();
+            if let Some(job) = self.0.reset_at_done.get() {
+                return Some(job);
+            }
+        }
+        None
+    }
+
+    /// Records a DONE message.
+    fn done(&self) {
+        self.0.done_count.fetch_add(1, Ordering::Relaxed);
+        if self.0.reset_at_done.get().is_some()
+            || self.0.reset_at_done_expected.load(Ordering::Acquire)
+        {
+            self.0.done_pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether a DONE the vCPU should reset at arrived; clears it.
+    pub fn take_done(&self) -> bool {
+        // A load first: the swap's cache-line write only when a DONE is there.
+        self.0.done_pending.load(Ordering::Acquire)
+            && self.0.done_pending.swap(false, Ordering::AcqRel)
+    }
+
+    /// DONE messages the guest wrote since this VM was built or restored.
+    pub fn done_count(&self) -> u64 {
+        self.0.done_count.load(Ordering::Relaxed)
+    }
 }
 
 /// The device on the control port.
@@ -97,6 +174,7 @@ impl BusDevice for ControlDevice {
             Some(abi::control::BOOTED) => {
                 let _ = self.signal.0.booted_at.set(Instant::now());
             }
+            Some(abi::control::DONE) => self.signal.done(),
             _ => {}
         }
     }
@@ -162,6 +240,25 @@ mod tests {
         assert_eq!(signal.booted_at(), Some(first));
         assert!(!signal.take_ready());
         assert_eq!(signal.ready_count(), 0);
+    }
+
+    #[test]
+    fn done_is_counted_and_pending_only_with_a_reset_armed() {
+        let signal = ControlSignal::new();
+        signal.arm_ready(true);
+        let mut dev = ControlDevice::new(signal.clone());
+        let done = abi::control::DONE.to_le_bytes();
+        dev.write(0, &done);
+        assert!(!signal.take_done(), "no reset armed: the guest goes on");
+        assert!(!signal.take_ready());
+        assert_eq!(signal.done_count(), 1);
+        assert_eq!(signal.ready_count(), 0);
+        assert!(signal.reset_at_done().is_none());
+        // A short write is no message.
+        dev.write(0, &done[..2]);
+        dev.write(0, &done);
+        assert_eq!(signal.done_count(), 2);
+        assert!(!signal.take_done());
     }
 
     #[test]

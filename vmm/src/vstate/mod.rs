@@ -3,5 +3,6 @@
 pub mod memory;
 pub mod vcpu;
 pub mod vcpu_persist;
+pub mod vcpu_pool;
 pub mod vm;
 pub mod vm_persist;

@@ -11,13 +11,12 @@ use std::io;
 use std::sync::atomic::{compiler_fence, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
-use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use super::vcpu_persist::{VcpuPersistError, VcpuState as SavedVcpu};
 use super::vm::Vm;
@@ -322,8 +321,10 @@ impl Vcpu {
         // The exit port is checked after every write: the guest does not run past its exit.
         match io.exit.requested() {
             Some(status) if wrote => Ok(RunStep::Exited(status)),
-            // So is the control port: a READY the VMM waits for pauses this vCPU right here.
+            // So is the control port: a READY the VMM waits for pauses this vCPU right here,
+            // a DONE with a reset armed resets the VM right here.
             _ if wrote && io.control.take_ready() => Ok(RunStep::Ready),
+            _ if wrote && io.control.take_done() => Ok(RunStep::Done),
             _ => Ok(RunStep::Continue),
         }
     }
@@ -372,19 +373,18 @@ impl Vcpu {
         let (commands, receiver) = mpsc::channel();
         let exits = Arc::new(AtomicU64::new(0));
         let thread_exits = exits.clone();
-        let thread = thread::Builder::new()
-            .name(format!("fnode-vcpu{id}"))
-            .spawn(move || {
-                // A panic must not leave the controller waiting for a report forever.
-                let run = std::panic::AssertUnwindSafe(|| {
-                    self.thread_main(first, &io, &receiver, &events, &thread_exits)
-                });
-                std::panic::catch_unwind(run).map_err(|_| {
-                    let stop = VcpuStop::Error(VcpuError::ThreadPanicked);
-                    let _ = events.send(VcpuEvent::Finished { id, stop });
-                })
+        // A thread of the process's pool (see `vcpu_pool`): a parked one when there is one.
+        let thread = super::vcpu_pool::spawn(move || {
+            // A panic must not leave the controller waiting for a report forever.
+            let run = std::panic::AssertUnwindSafe(|| {
+                self.thread_main(first, &io, &receiver, &events, &thread_exits)
+            });
+            std::panic::catch_unwind(run).map_err(|_| {
+                let stop = VcpuStop::Error(VcpuError::ThreadPanicked);
+                let _ = events.send(VcpuEvent::Finished { id, stop });
             })
-            .map_err(|source| VcpuError::Spawn { id, source })?;
+        })
+        .map_err(|source| VcpuError::Spawn { id, source })?;
         Ok(VcpuHandle {
             id,
             commands,
@@ -410,10 +410,16 @@ impl Vcpu {
         // Whether the last KVM_RUN ended in an exit KVM completes only at the next KVM_RUN
         // (an I/O or MMIO access): a kick (EINTR) leaves none, nor does a vCPU that never ran.
         let mut io_may_be_pending = false;
+        // Parked after a reset at DONE: the VM is at its snapshot state and the guest has not
+        // run since (a Reset command is then only the go).
+        let mut clean = false;
         loop {
             state = match state {
                 VcpuState::Paused => match commands.recv() {
-                    Ok(VcpuCommand::Resume) => VcpuState::Running,
+                    Ok(VcpuCommand::Resume) => {
+                        clean = false;
+                        VcpuState::Running
+                    }
                     Ok(VcpuCommand::Pause) => {
                         let _ = events.send(VcpuEvent::Paused { id });
                         VcpuState::Paused
@@ -424,6 +430,7 @@ impl Vcpu {
                         VcpuState::Paused
                     }
                     Ok(VcpuCommand::Restore(saved, resume)) => {
+                        clean = false;
                         // An exit the guest is still in completes first, or KVM would
                         // finish it on top of the restored registers.
                         let completed = if io_may_be_pending {
@@ -440,6 +447,9 @@ impl Vcpu {
                         } else {
                             VcpuState::Paused
                         }
+                    }
+                    Ok(VcpuCommand::Reset(job)) if std::mem::take(&mut clean) => {
+                        self.go_after_reset_at_done(&job, io, events, exits)
                     }
                     Ok(VcpuCommand::Reset(job)) => {
                         let pending = std::mem::take(&mut io_may_be_pending);
@@ -485,6 +495,25 @@ impl Vcpu {
                                 let _ = events.send(VcpuEvent::Ready { id });
                                 VcpuState::Paused
                             }
+                            // The guest's response is with the device: reset the VM here,
+                            // off the request path, and wait for the go (MicroVm::reset).
+                            Ok(RunStep::Done) => match io.control.reset_at_done_for_vcpu() {
+                                Some(job) => {
+                                    let done_at = Instant::now();
+                                    let at = exits.load(Ordering::Relaxed);
+                                    clean = job.run_at_done(&mut self, &io.buses, at, done_at);
+                                    // A failed reset may have left the exit incomplete.
+                                    io_may_be_pending = !clean;
+                                    // DONEs the guest wrote in the same string
+                                    // instruction are no later run's.
+                                    io.control.take_done();
+                                    VcpuState::Paused
+                                }
+                                None => {
+                                    io_may_be_pending = true;
+                                    VcpuState::Running
+                                }
+                            },
                             Ok(RunStep::Exited(status)) => {
                                 let stop = VcpuStop::Exited(status);
                                 let _ = events.send(VcpuEvent::Finished { id, stop });
@@ -527,10 +556,10 @@ impl Vcpu {
         self
     }
 
-    /// [`VcpuCommand::Reset`] on this (out of the guest) vCPU's thread: completes an I/O
-    /// exit the guest may still be in, has `job` put the VM back (memory, devices, this
-    /// vCPU), reports [`VcpuEvent::ResetDone`] and returns the state to go on in: running
-    /// the guest at once, or paused after an error (the VM is then dropped).
+    /// [`VcpuCommand::Reset`] on this (out of the guest) vCPU's thread: has `job` put the
+    /// VM back (the I/O exit the guest may still be in, memory, devices, this vCPU),
+    /// reports [`VcpuEvent::ResetDone`] and returns the state to go on in: running the
+    /// guest at once, or paused after an error (the VM is then dropped).
     fn reset_here(
         &mut self,
         job: &SharedReset,
@@ -541,14 +570,10 @@ impl Vcpu {
     ) -> VcpuState {
         let started = Instant::now();
         let id = self.id;
-        let completed = if io_pending {
-            self.complete_pending_io(&io.buses)
-        } else {
-            Ok(())
-        };
-        let result = completed
-            .map_err(|source| crate::reset::ResetError::Vcpu { id, source })
-            .and_then(|()| job.0.run_on_vcpu(self));
+        let result = job.0.run_on_vcpu(self, &io.buses, io_pending);
+        // A DONE written before the reset (completing the guest's last exit) is no later
+        // run's.
+        io.control.take_done();
         let next = if result.is_ok() {
             VcpuState::Running
         } else {
@@ -557,6 +582,35 @@ impl Vcpu {
         let _ = events.send(VcpuEvent::ResetDone {
             id,
             exits: exits.load(Ordering::Relaxed),
+            started,
+            result,
+        });
+        next
+    }
+
+    /// [`VcpuCommand::Reset`] to a vCPU parked after a reset at DONE: the VM is back at its
+    /// snapshot state already, so this is the go. Reports that reset as this command's
+    /// [`VcpuEvent::ResetDone`] and runs the guest (or, should the host have dropped that
+    /// reset meanwhile, does the whole reset now).
+    fn go_after_reset_at_done(
+        &mut self,
+        job: &SharedReset,
+        io: &VcpuIo,
+        events: &Sender<VcpuEvent>,
+        exits: &AtomicU64,
+    ) -> VcpuState {
+        let started = Instant::now();
+        let Some((at, result)) = job.0.take_parked_result() else {
+            return self.reset_here(job, false, io, events, exits);
+        };
+        let next = if result.is_ok() {
+            VcpuState::Running
+        } else {
+            VcpuState::Paused
+        };
+        let _ = events.send(VcpuEvent::ResetDone {
+            id: self.id,
+            exits: at,
             started,
             result,
         });
@@ -613,6 +667,8 @@ pub enum RunStep {
     Exited(u32),
     /// The guest wrote READY to the control port and the VMM asked to pause there.
     Ready,
+    /// The guest wrote DONE to the control port and the VMM armed a reset for it.
+    Done,
 }
 
 /// What a vCPU thread needs to handle exits: the buses and the VM's exit and control
@@ -709,6 +765,7 @@ pub enum VcpuCommand {
     Restore(SharedVcpuState, bool),
     /// Put the whole VM back to its snapshot state from this vCPU's thread (the VM's only
     /// vCPU; see `MicroVm::reset`), report [`VcpuEvent::ResetDone`] and run the guest again.
+    /// To a vCPU parked after a reset at DONE, only the go (that reset is reported).
     Reset(SharedReset),
     /// End the thread.
     Exit,
@@ -804,7 +861,7 @@ pub enum VcpuEvent {
 pub struct VcpuHandle {
     id: u8,
     commands: Sender<VcpuCommand>,
-    thread: Option<JoinHandle<Result<Vcpu, ()>>>,
+    thread: Option<super::vcpu_pool::PooledThread<Result<Vcpu, ()>>>,
     state: VcpuState,
     /// Exits to the VMM so far (`KVM_RUN` returns other than kicks), counted by the thread.
     exits: Arc<AtomicU64>,

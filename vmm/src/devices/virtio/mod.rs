@@ -5,9 +5,10 @@
 //! * [`queue`]: the checked walk over a descriptor chain every device uses for guest buffers.
 //! * [`vsock`]: the socket device (fnode's invocation channel) with Firecracker's hybrid
 //!   vsock host end.
-//! * [`event_loop`]: the thread that runs the devices' `event-manager` subscribers.
+//! * [`event_loop`]: the thread that runs the devices' `event-manager` subscribers: one per
+//!   process, shared by the devices of every VM in it.
 //! * [`setup`]: what the VM builder calls: create the devices, put them on the MMIO bus,
-//!   register their irqfds/ioeventfds, start the event loop.
+//!   register their irqfds/ioeventfds, add them to the process's event loop.
 //!
 //! Threads: the transport runs on the vCPU thread (MMIO exits); a device's queues are
 //! processed on the event loop thread. Both share the device behind an `Arc<Mutex<_>>`; the

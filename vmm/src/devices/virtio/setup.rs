@@ -5,8 +5,10 @@
 //! [`abi::virtio::FIRST_IRQ`]).
 //!
 //! [`attach`] creates each device and its transport, registers the irqfd and ioeventfds with
-//! KVM, inserts the transport on the MMIO bus and starts the event loop thread. The returned
-//! [`VirtioDevices`] owns the loop; dropping it stops the loop.
+//! KVM, inserts the transport on the MMIO bus and adds the device to the process's shared
+//! device loop ([`SharedLoop`]: one thread for the devices of every VM of the process). The
+//! returned [`VirtioDevices`] holds the devices' place on the loop; dropping it takes them off
+//! (their fds leave the loop's epoll before the drop returns).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,7 +22,7 @@ use fnode_guest::abi;
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
-use super::event_loop::{EventLoop, EventLoopError, Subscriber};
+use super::event_loop::{EventLoopError, Registration, SharedLoop};
 use super::mmio::{MmioError, MmioSlot, MmioTransport, TransportArgs, TransportState};
 use super::vsock::device::VsockArgs;
 use super::vsock::{VsockDevice, VsockError, VsockState};
@@ -42,7 +44,7 @@ pub enum SetupError {
     /// The MMIO window overlaps another device.
     #[error("cannot place the virtio-mmio window on the MMIO bus")]
     Bus(#[source] BusError),
-    /// The event loop thread could not start.
+    /// The shared device loop could not start.
     #[error("cannot start the device event loop")]
     EventLoop(#[source] EventLoopError),
     /// A snapshot with a vsock device restored without a socket path for it.
@@ -87,10 +89,11 @@ impl DeviceSet<'_> {
     }
 }
 
-/// A VM's virtio devices while it lives: the event loop thread and handles on the devices.
+/// A VM's virtio devices while it lives: their place on the shared device loop and handles
+/// on the devices.
 #[derive(Debug, Default)]
 pub struct VirtioDevices {
-    event_loop: Option<EventLoop>,
+    registration: Option<Registration>,
     vsock: Option<Arc<Mutex<VsockDevice>>>,
     vsock_transport: Option<Arc<Mutex<MmioTransport>>>,
 }
@@ -139,8 +142,9 @@ impl Quiesced<'_> {
             .is_some_and(|(t, d)| t.save().broken || d.is_broken())
     }
 
-    /// Lets the devices' host I/O of the last exchange finish (see
-    /// [`VsockDevice::settle_host_io`]); call it before [`reset_to`](Self::reset_to).
+    /// A last look at the devices' host I/O of the last exchange, under the locks (see
+    /// [`VsockDevice::settle_host_io`]; wait with [`VirtioDevices::settle_host_io`] first);
+    /// call it before [`reset_to`](Self::reset_to).
     pub fn settle_host_io(&mut self, deadline: std::time::Instant) {
         if let Some((_t, d)) = &mut self.vsock {
             d.settle_host_io(deadline);
@@ -179,13 +183,33 @@ impl VirtioDevices {
         self.vsock.as_ref()
     }
 
-    /// Handles on the same devices, without the event loop (dropping them stops nothing):
-    /// for a thread that must reach the devices while the VM owns them.
+    /// Handles on the same devices, without their place on the loop (dropping them stops
+    /// nothing): for a thread that must reach the devices while the VM owns them.
     pub fn handles(&self) -> VirtioDevices {
         VirtioDevices {
-            event_loop: None,
+            registration: None,
             vsock: self.vsock.clone(),
             vsock_transport: self.vsock_transport.clone(),
+        }
+    }
+
+    /// Before a reset, with the vCPUs out of the guest: lets the devices send everything the
+    /// guest queued for the host and the host I/O of the last exchange finish
+    /// ([`VsockDevice::settle_step`]), or `deadline`. Each look takes the device's lock
+    /// briefly: the event loop, which carries out the host I/O, runs in between.
+    pub fn settle_host_io(&self, deadline: std::time::Instant) {
+        let Some(d) = &self.vsock else {
+            return;
+        };
+        loop {
+            // A poisoned lock means the event loop panicked; the device is still there.
+            if d.lock().unwrap_or_else(|p| p.into_inner()).settle_step() {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                return;
+            }
+            std::thread::yield_now();
         }
     }
 
@@ -202,13 +226,27 @@ impl VirtioDevices {
         Quiesced { vsock }
     }
 
-    /// Stops the event loop and waits for its thread (dropping does the same, ignoring
-    /// errors).
+    /// Takes the devices off the shared loop and waits until the loop has let go of them
+    /// (dropping does the same). No device handler runs after it returns.
     pub fn stop(&mut self) -> Result<(), EventLoopError> {
-        match self.event_loop.take() {
-            Some(el) => el.stop(),
-            None => Ok(()),
+        drop(self.registration.take());
+        Ok(())
+    }
+
+    /// Adds the devices (if there are any, and not yet) to the process's shared device loop,
+    /// which then serves their queues and host I/O; a handler that panics there is reported
+    /// to `faults`. Until then the guest's notifications wait in the devices' ioeventfds,
+    /// and host clients wait in the listener's backlog.
+    pub fn serve(&mut self, faults: FaultSink) -> Result<(), SetupError> {
+        if self.registration.is_some() {
+            return Ok(());
         }
+        if let (Some(dev), Some(slot)) = (&self.vsock, MmioSlot::nth(VSOCK_SLOT)) {
+            let shared = SharedLoop::get().map_err(SetupError::EventLoop)?;
+            let name = format!("virtio-vsock@{:#x}", slot.base);
+            self.registration = Some(shared.register(dev.clone(), &name, Some(faults)));
+        }
+        Ok(())
     }
 }
 
@@ -230,7 +268,7 @@ pub fn attach(
             .map_err(SetupError::Transport)?;
         plug_vsock(&mut devices, vm, mmio, dev, transport, slot)?;
     }
-    start(devices)
+    start(devices, faults)
 }
 
 /// Registers the vsock `transport`'s irqfd and ioeventfds with `vm`, puts it on the MMIO bus
@@ -255,19 +293,19 @@ fn plug_vsock(
     Ok(())
 }
 
-/// Starts the event loop that runs `devices` (if there are any).
-fn start(mut devices: VirtioDevices) -> Result<VirtioDevices, SetupError> {
-    if let Some(dev) = &devices.vsock {
-        let subscribers: Vec<Subscriber> = vec![dev.clone()];
-        devices.event_loop = Some(EventLoop::spawn(subscribers).map_err(SetupError::EventLoop)?);
-    }
+/// Adds `devices` (if there are any) to the process's shared device loop; a handler that
+/// panics there is reported to `faults`.
+fn start(mut devices: VirtioDevices, faults: FaultSink) -> Result<VirtioDevices, SetupError> {
+    devices.serve(faults)?;
     Ok(devices)
 }
 
 /// Builds a restored VM's virtio devices from `saved`, the way [`attach`] builds new ones:
 /// the vsock device listens at `vsock_uds` (the caller's fresh path) with its established
 /// connection parked, its transport has the saved registers and fresh irqfd/ioeventfds
-/// registered with `vm`, the event loop runs.
+/// registered with `vm`. They are not served yet: the caller calls
+/// [`VirtioDevices::serve`] (a restore does it once the vCPUs are started: joining the loop
+/// wakes its thread, which then works alongside the guest rather than before it).
 pub fn restore(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
@@ -297,7 +335,7 @@ pub fn restore(
             MmioTransport::restore(targs, &vs.transport).map_err(SetupError::Transport)?;
         plug_vsock(&mut devices, vm, mmio, dev, transport, slot)?;
     }
-    start(devices)
+    Ok(devices)
 }
 
 #[cfg(test)]

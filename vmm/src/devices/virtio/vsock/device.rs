@@ -372,33 +372,55 @@ impl VsockDevice {
         Ok(())
     }
 
-    /// Lets the host I/O of the last exchange finish before a reset, without touching the
-    /// guest: handles io_uring completions (no packets go to the guest) until no send to a
-    /// host client is in flight, or `deadline`. A client can read a response before the
-    /// device has seen its send complete; that completion still moves the connection's
-    /// counters, so it must land before the counters are put back.
+    /// Lets the host I/O of the last exchange finish before a reset (see
+    /// [`settle_step`](Self::settle_step)), or `deadline`, holding the device throughout:
+    /// only for a last look (a deadline now), since the host I/O it waits for may need the
+    /// event loop, which waits for the device meanwhile. `VirtioDevices::settle_host_io`
+    /// waits with the device let go between looks.
     pub fn settle_host_io(&mut self, deadline: std::time::Instant) {
-        loop {
-            let mut done = std::mem::take(&mut self.completions);
-            self.uring.drain(&mut done);
-            for c in done.drain(..) {
-                if !self.broken {
-                    self.on_completion(c);
-                }
-            }
-            self.completions = done;
-            if self.broken || !self.conns.iter().flatten().any(|c| c.send_op.is_some()) {
-                return;
-            }
-            if let Err(e) = self.uring.submit() {
-                self.fail(VsockError::HostIo(e));
-                return;
-            }
+        while !self.settle_step() {
             if std::time::Instant::now() >= deadline {
                 return;
             }
             std::thread::yield_now();
         }
+    }
+
+    /// One look at the host I/O of the last exchange before a reset, delivering nothing to
+    /// the guest: takes what the guest queued on the transmit queue (a response it handed
+    /// over right before asking for the reset, which the event loop may not have seen yet),
+    /// handles the io_uring completions that arrived and starts a send of every byte queued
+    /// for a host client. Returns whether none is left or in flight (or the device broke).
+    /// A client can read a response before the device has seen its send complete; that
+    /// completion still moves the connection's counters, so it must land before the
+    /// counters are put back.
+    pub fn settle_step(&mut self) -> bool {
+        if self.broken {
+            return true;
+        }
+        // No interrupt: the guest is out and about to be reset, and one injected after
+        // its interrupt controller was put back would wake it for nothing.
+        self.process_tx(false);
+        let mut done = std::mem::take(&mut self.completions);
+        self.uring.drain(&mut done);
+        for c in done.drain(..) {
+            if !self.broken {
+                self.on_completion(c);
+            }
+        }
+        self.completions = done;
+        if self.broken {
+            return true;
+        }
+        self.start_sends();
+        if !self.conns.iter().flatten().any(|c| c.send_op.is_some()) {
+            return true;
+        }
+        if let Err(e) = self.uring.submit() {
+            self.fail(VsockError::HostIo(e));
+            return true;
+        }
+        false
     }
 
     /// In-place reset: the device goes back to `saved` (a state it saved earlier) while the
@@ -597,7 +619,7 @@ impl VsockDevice {
     pub(super) fn on_txq(&mut self) {
         let _ = self.queue_evts[TXQ].read();
         if !self.broken {
-            self.process_tx();
+            self.process_tx(true);
         }
         self.kick();
     }
@@ -632,18 +654,20 @@ impl VsockDevice {
 
     // ----- guest -> host -----
 
-    fn process_tx(&mut self) {
+    /// Handles the guest's packets on the transmit queue; `interrupt`: tell the guest when
+    /// it asked to be told.
+    fn process_tx(&mut self, interrupt: bool) {
         let Some(mut a) = self.active.take() else {
             return;
         };
-        let r = self.tx_loop(&mut a);
+        let r = self.tx_loop(&mut a, interrupt);
         self.active = Some(a);
         if let Err(e) = r {
             self.fail(e);
         }
     }
 
-    fn tx_loop(&mut self, a: &mut Active) -> Result<(), VsockError> {
+    fn tx_loop(&mut self, a: &mut Active, interrupt: bool) -> Result<(), VsockError> {
         let mut used = false;
         let mut n = 0;
         loop {
@@ -677,7 +701,10 @@ impl VsockDevice {
                 .map_err(ring_err("tx"))?;
             used = true;
         }
-        if used && needs_interrupt(&mut a.queues[TXQ], &a.mem).map_err(ring_err("tx"))? {
+        if used
+            && interrupt
+            && needs_interrupt(&mut a.queues[TXQ], &a.mem).map_err(ring_err("tx"))?
+        {
             let _ = a.interrupt.trigger(InterruptKind::Vring);
         }
         Ok(())
@@ -991,6 +1018,29 @@ impl VsockDevice {
             Phase::Connecting => {}
         }
         Ok(())
+    }
+
+    /// Starts a send for every connection with bytes for its host client and none in
+    /// flight (only that: no accept, no receive).
+    fn start_sends(&mut self) {
+        for i in 0..self.conns.len() {
+            let Some(c) = self.conns[i].as_mut() else {
+                continue;
+            };
+            if c.send_op.is_some() || c.to_host.is_empty() {
+                continue;
+            }
+            let Some(fd) = c.host.clone() else {
+                continue;
+            };
+            let tag = c.tag(i);
+            let buf = std::mem::replace(&mut c.to_host, std::mem::take(&mut c.spare));
+            match self.uring.send(tag, fd, buf, 0) {
+                Ok(id) => c.send_op = Some(id),
+                // As in `pump`: a host-side failure, the connection goes.
+                Err(_) => self.drop_conn(i, true),
+            }
+        }
     }
 
     /// Tops up what bulk-streaming connections hold for the guest with non-blocking reads of

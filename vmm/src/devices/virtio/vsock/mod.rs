@@ -20,11 +20,14 @@
 //! byte.
 //!
 //! # I/O design
-//! Everything runs on the event loop thread; the device is an `event-manager` subscriber
-//! ([`event_handler`]) woken by the queue ioeventfds and by one io_uring ([`uring`]) whose
-//! completions signal an eventfd. The ring carries one `accept` on the listener and, per
-//! connection, at most one `recv` and one `send`. An op owns its buffer and its fd until
-//! its completion is reaped, which is what makes cancellation and teardown sound.
+//! Everything runs on the process's shared device loop thread
+//! ([`SharedLoop`](crate::devices::virtio::event_loop::SharedLoop), one for every VM of the
+//! process); the device is an `event-manager` subscriber ([`event_handler`]) woken by the
+//! queue ioeventfds and by its handle on the process's io_uring ([`uring`]), whose
+//! completions for this device signal the device's own eventfd. The device has one `accept`
+//! on the listener in flight and, per connection, at most one `recv` and one `send`. An op
+//! owns its buffer and its fd until its completion is reaped, which is what makes
+//! cancellation and teardown sound.
 //!
 //! Data path, host -> guest: `recv` (io_uring; the kernel copies socket -> a per-connection
 //! host buffer, at most min(guest credit, 64 KiB)). A receive of 16 KiB or more marks a bulk

@@ -1,27 +1,47 @@
 //! The vsock backend's io_uring: accepts, receives and sends on host Unix sockets.
 //!
+//! One ring serves every vsock device of the process ([`RingCore`], started with the
+//! process's [`SharedLoop`] at the first device); each device has a [`Uring`], its handle on
+//! it: its own table of operations, its own completions and its own eventfd. Setting up a
+//! ring (its memory, its mappings, its eventfd) cost tens of microseconds per VM when every
+//! device had its own.
+//!
 //! Ownership rule that makes it sound: an operation *owns* everything the kernel touches
 //! until its completion arrives: the socket (an `Arc<OwnedFd>`, so the fd number cannot be
 //! closed and reused under it) and the buffer (a `Vec<u8>` whose heap block does not move
 //! while it sits in the op table). The device gets both back in the [`Completion`]. A
 //! connection that goes away cancels its ops; their completions come back (with
-//! `-ECANCELED`) and only then are the buffer and the fd freed. On drop, the ring cancels
-//! everything and waits (bounded) for the completions; a buffer whose op never completed
-//! is leaked rather than freed under the kernel.
+//! `-ECANCELED`) and only then are the buffer and the fd freed. A device that goes away
+//! cancels every op it has in flight and leaves them to the ring, which frees each buffer
+//! and fd when its completion arrives.
 //!
-//! Completions signal an eventfd registered with the ring; the event loop watches it.
-//! Sends use `MSG_NOSIGNAL` so a client that went away yields `EPIPE`, not a SIGPIPE.
+//! Only the shared loop's thread calls `io_uring_enter`: an operation is carried out on
+//! behalf of the thread that submitted it, and the loop's thread lives as long as the
+//! process. A device on another thread (a vCPU thread resetting its device, a test's own
+//! loop) queues its entries and wakes the loop, which submits them.
+//!
+//! Completions signal the ring's eventfd, which the shared loop watches: it moves each one
+//! to its device and signals that device's eventfd ([`Uring::eventfd`]), which the device's
+//! event loop subscriber watches. Sends use `MSG_NOSIGNAL` so a client that went away yields
+//! `EPIPE`, not a SIGPIPE.
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// Submission queue entries; in-flight ops are bounded well below this by the device
-/// (one accept, and at most one recv and one send per connection).
-const RING_ENTRIES: u32 = 256;
+use crate::devices::virtio::event_loop::{on_shared_loop, Registration, SharedLoop};
+
+/// Submission queue entries of the process's ring (the completion queue has twice as many;
+/// the kernel keeps completions beyond that until they are reaped). In-flight ops are not
+/// bounded by it: a device keeps one accept, and at most one recv and one send per
+/// connection; entries only wait in the queue until the loop's next submission.
+const RING_ENTRIES: u32 = 1024;
 /// user_data of cancel requests (their completions are ignored).
 const CANCEL_USER_DATA: u64 = u64::MAX;
 
@@ -63,6 +83,8 @@ pub struct Completion {
 #[derive(Debug)]
 struct Slot {
     gen: u32,
+    /// The [`Uring`] the op belongs to.
+    owner: u64,
     op: Option<InFlight>,
 }
 
@@ -75,37 +97,238 @@ struct InFlight {
     fd: Arc<OwnedFd>,
 }
 
-/// The ring and the table of in-flight operations.
-pub struct Uring {
+/// A device's completions, waiting for it to drain them.
+#[derive(Debug)]
+struct Owner {
+    evt: Arc<EventFd>,
+    done: Vec<Completion>,
+}
+
+/// The ring and the table of every device's in-flight operations.
+struct CoreInner {
     ring: IoUring,
-    evt: EventFd,
     slots: Vec<Slot>,
     free: Vec<u32>,
-    in_flight: usize,
+    owners: HashMap<u64, Owner>,
     unsubmitted: bool,
+}
+
+/// The process's ring (see the module doc).
+pub struct RingCore {
+    inner: Mutex<CoreInner>,
+    /// Registered with the ring (completions signal it) and written to ask the loop to
+    /// submit.
+    evt: EventFd,
+    next_owner: AtomicU64,
+}
+
+impl std::fmt::Debug for RingCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingCore").finish_non_exhaustive()
+    }
+}
+
+impl RingCore {
+    /// The process's ring, set up (with the shared loop) at the first call.
+    fn shared() -> io::Result<&'static RingCore> {
+        static CORE: OnceLock<&'static RingCore> = OnceLock::new();
+        static STARTING: Mutex<()> = Mutex::new(());
+        if let Some(c) = CORE.get() {
+            return Ok(c);
+        }
+        let _one = STARTING.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = CORE.get() {
+            return Ok(c);
+        }
+        let shared_loop = SharedLoop::get().map_err(io::Error::other)?;
+        let ring = IoUring::new(RING_ENTRIES)?;
+        let evt = EventFd::new(EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(evt.as_raw_fd())?;
+        let core: &'static RingCore = Box::leak(Box::new(RingCore {
+            inner: Mutex::new(CoreInner {
+                ring,
+                slots: Vec::new(),
+                free: Vec::new(),
+                owners: HashMap::new(),
+                unsubmitted: false,
+            }),
+            evt,
+            next_owner: AtomicU64::new(1),
+        }));
+        // Serves the ring for the life of the process.
+        let registration: Registration =
+            shared_loop.register(Arc::new(Mutex::new(RingService { core })), "io_uring", None);
+        std::mem::forget(registration);
+        Ok(*CORE.get_or_init(|| core))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CoreInner> {
+        // The table stays consistent across a panic in a device (it is only changed here).
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Submits the queued entries: on the loop's thread now, from elsewhere by waking it.
+    fn submit(&self) -> io::Result<()> {
+        if on_shared_loop() {
+            let mut inner = self.lock();
+            if inner.unsubmitted {
+                inner.unsubmitted = false;
+                inner.ring.submit()?;
+            }
+            Ok(())
+        } else {
+            self.evt.write(1)
+        }
+    }
+
+    /// What the loop does when the ring's eventfd fires: submit what waits, hand out the
+    /// completions.
+    fn service(&self) {
+        let _ = self.evt.read();
+        let mut inner = self.lock();
+        if inner.unsubmitted {
+            inner.unsubmitted = false;
+            // A failed submit leaves the entries queued; the next one carries them.
+            if inner.ring.submit().is_err() {
+                inner.unsubmitted = true;
+            }
+        }
+        inner.reap();
+    }
+}
+
+impl CoreInner {
+    /// Moves every completion to its device's list and signals the devices that got one.
+    /// The completion of an op whose device is gone frees what the op owned.
+    fn reap(&mut self) {
+        let CoreInner {
+            ring,
+            slots,
+            free,
+            owners,
+            ..
+        } = self;
+        for cqe in ring.completion() {
+            let ud = cqe.user_data();
+            if ud == CANCEL_USER_DATA {
+                continue;
+            }
+            let index = (ud & 0xffff_ffff) as usize;
+            let gen = (ud >> 32) as u32;
+            let Some(slot) = slots.get_mut(index) else {
+                continue;
+            };
+            if slot.gen != gen {
+                continue;
+            }
+            let Some(mut op) = slot.op.take() else {
+                continue;
+            };
+            free.push(index as u32);
+            let result = cqe.result();
+            if op.kind == OpKind::Recv && result > 0 {
+                let n = (result as usize).min(op.buf.capacity() - op.buf.len());
+                // SAFETY: the kernel wrote `result` bytes into the spare capacity the recv
+                // was given (and never more than that).
+                unsafe { op.buf.set_len(op.buf.len() + n) };
+            }
+            let accepted = (op.kind == OpKind::Accept && result >= 0).then(|| {
+                // SAFETY: a successful accept returns a new fd that nothing else owns.
+                unsafe { OwnedFd::from_raw_fd(result) }
+            });
+            // A device that is gone: the buffer, the socket and an accepted fd drop here.
+            let Some(owner) = owners.get_mut(&slot.owner) else {
+                continue;
+            };
+            if owner.done.is_empty() {
+                let _ = owner.evt.write(1);
+            }
+            owner.done.push(Completion {
+                tag: op.tag,
+                kind: op.kind,
+                result,
+                buf: op.buf,
+                offset: op.offset,
+                fd: op.fd,
+                accepted,
+            });
+        }
+    }
+
+    fn push_entry(&mut self, sqe: &squeue::Entry) -> bool {
+        // SAFETY: the entry points into memory an op table slot owns until its completion
+        // is reaped (see the module doc); a cancel entry references no memory.
+        if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+            self.unsubmitted = true;
+            return true;
+        }
+        // Full: only the loop's thread may submit to make room.
+        if on_shared_loop() && self.ring.submit().is_ok() {
+            // SAFETY: as above.
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                self.unsubmitted = true;
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// The shared loop's subscriber for the ring's eventfd.
+struct RingService {
+    core: &'static RingCore,
+}
+
+impl MutEventSubscriber for RingService {
+    fn init(&mut self, ops: &mut EventOps) {
+        // Without it no completion is ever handed out: every device's host I/O would hang,
+        // so a failure here is loud.
+        if let Err(e) = ops.add(Events::new(&self.core.evt, EventSet::IN)) {
+            panic!("the shared io_uring's eventfd cannot join the device loop: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.core.service();
+    }
+}
+
+/// A device's handle on the process's ring: its operations and completions.
+pub struct Uring {
+    core: &'static RingCore,
+    owner: u64,
+    evt: Arc<EventFd>,
+    in_flight: usize,
 }
 
 impl std::fmt::Debug for Uring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Uring")
+            .field("owner", &self.owner)
             .field("in_flight", &self.in_flight)
             .finish_non_exhaustive()
     }
 }
 
 impl Uring {
-    /// A ring whose completions signal [`eventfd`](Self::eventfd).
+    /// A handle whose completions signal [`eventfd`](Self::eventfd) (the process's ring and
+    /// loop start at the first).
     pub fn new() -> io::Result<Self> {
-        let ring = IoUring::new(RING_ENTRIES)?;
-        let evt = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(evt.as_raw_fd())?;
+        let core = RingCore::shared()?;
+        let evt = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let owner = core.next_owner.fetch_add(1, Ordering::Relaxed);
+        core.lock().owners.insert(
+            owner,
+            Owner {
+                evt: evt.clone(),
+                done: Vec::new(),
+            },
+        );
         Ok(Uring {
-            ring,
+            core,
+            owner,
             evt,
-            slots: Vec::new(),
-            free: Vec::new(),
             in_flight: 0,
-            unsubmitted: false,
         })
     }
 
@@ -190,135 +413,84 @@ impl Uring {
     }
 
     /// Asks the kernel to cancel `id`; its completion still arrives (usually `-ECANCELED`).
+    /// Takes effect at the next [`submit`](Self::submit).
     pub fn cancel(&mut self, id: OpId) {
         let sqe = opcode::AsyncCancel::new(id.0)
             .build()
             .user_data(CANCEL_USER_DATA);
-        // SAFETY: a cancel request references no memory.
-        if unsafe { self.ring.submission().push(&sqe) }.is_err() {
-            let _ = self.ring.submit();
-            // SAFETY: as above.
-            let _ = unsafe { self.ring.submission().push(&sqe) };
-        }
-        self.unsubmitted = true;
+        // A cancel that finds the queue full is lost: the op then ends with its socket.
+        let _ = self.core.lock().push_entry(&sqe);
     }
 
     fn push(&mut self, sqe: squeue::Entry, op: InFlight) -> io::Result<OpId> {
-        let index = match self.free.pop() {
+        let mut inner = self.core.lock();
+        let index = match inner.free.pop() {
             Some(i) => i,
             None => {
-                self.slots.push(Slot { gen: 0, op: None });
-                (self.slots.len() - 1) as u32
+                inner.slots.push(Slot {
+                    gen: 0,
+                    owner: 0,
+                    op: None,
+                });
+                (inner.slots.len() - 1) as u32
             }
         };
-        let slot = &mut self.slots[index as usize];
+        let slot = &mut inner.slots[index as usize];
         slot.gen = slot.gen.wrapping_add(1);
+        slot.owner = self.owner;
         let user_data = (u64::from(slot.gen) << 32) | u64::from(index);
         let sqe = sqe.user_data(user_data);
         slot.op = Some(op);
-        // SAFETY: the entry points into `slot.op`'s buffer and fd, which the slot owns
-        // until the completion for `user_data` is reaped in `drain` (see the module doc).
-        let mut pushed = unsafe { self.ring.submission().push(&sqe) }.is_ok();
-        if !pushed {
-            self.ring.submit()?;
-            // SAFETY: as above.
-            pushed = unsafe { self.ring.submission().push(&sqe) }.is_ok();
-        }
-        if !pushed {
-            self.slots[index as usize].op = None;
-            self.free.push(index);
+        if !inner.push_entry(&sqe) {
+            inner.slots[index as usize].op = None;
+            inner.free.push(index);
             return Err(io::Error::other("io_uring submission queue is full"));
         }
         self.in_flight += 1;
-        self.unsubmitted = true;
         Ok(OpId(user_data))
     }
 
-    /// Hands queued entries to the kernel (one `io_uring_enter`).
+    /// Hands queued entries to the kernel: at once on the shared loop's thread, else by
+    /// waking it.
     pub fn submit(&mut self) -> io::Result<()> {
-        if self.unsubmitted {
-            self.ring.submit()?;
-            self.unsubmitted = false;
-        }
-        Ok(())
+        self.core.submit()
     }
 
-    /// Clears the eventfd and moves every completion into `out`.
+    /// Clears the eventfd and moves this device's completions into `out`.
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         let _ = self.evt.read();
-        for cqe in self.ring.completion() {
-            let ud = cqe.user_data();
-            if ud == CANCEL_USER_DATA {
-                continue;
-            }
-            let index = (ud & 0xffff_ffff) as usize;
-            let gen = (ud >> 32) as u32;
-            let Some(slot) = self.slots.get_mut(index) else {
-                continue;
-            };
-            if slot.gen != gen {
-                continue;
-            }
-            let Some(mut op) = slot.op.take() else {
-                continue;
-            };
-            self.free.push(index as u32);
-            self.in_flight -= 1;
-            let result = cqe.result();
-            if op.kind == OpKind::Recv && result > 0 {
-                let n = (result as usize).min(op.buf.capacity() - op.buf.len());
-                // SAFETY: the kernel wrote `result` bytes into the spare capacity the recv
-                // was given (and never more than that).
-                unsafe { op.buf.set_len(op.buf.len() + n) };
-            }
-            let accepted = (op.kind == OpKind::Accept && result >= 0).then(|| {
-                // SAFETY: a successful accept returns a new fd that nothing else owns.
-                unsafe { OwnedFd::from_raw_fd(result) }
-            });
-            out.push(Completion {
-                tag: op.tag,
-                kind: op.kind,
-                result,
-                buf: op.buf,
-                offset: op.offset,
-                fd: op.fd,
-                accepted,
-            });
+        let mut inner = self.core.lock();
+        inner.reap();
+        if let Some(owner) = inner.owners.get_mut(&self.owner) {
+            self.in_flight = self.in_flight.saturating_sub(owner.done.len());
+            out.append(&mut owner.done);
         }
     }
 }
 
 impl Drop for Uring {
     fn drop(&mut self) {
-        if self.in_flight == 0 {
-            return;
-        }
-        let ids: Vec<u64> = self
+        let mut inner = self.core.lock();
+        inner.owners.remove(&self.owner);
+        let ids: Vec<u64> = inner
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.op.is_some())
+            .filter(|(_, s)| s.owner == self.owner && s.op.is_some())
             .map(|(i, s)| (u64::from(s.gen) << 32) | i as u64)
             .collect();
         for id in ids {
-            self.cancel(OpId(id));
+            let sqe = opcode::AsyncCancel::new(id)
+                .build()
+                .user_data(CANCEL_USER_DATA);
+            // Not cancelled (queue full): the op ends when its socket does.
+            let _ = inner.push_entry(&sqe);
         }
-        let mut done = Vec::new();
-        let ts = types::Timespec::new().nsec(100_000_000);
-        for _ in 0..10 {
-            if self.in_flight == 0 {
-                break;
-            }
-            let args = types::SubmitArgs::new().timespec(&ts);
-            let _ = self.ring.submitter().submit_with_args(1, &args);
-            self.drain(&mut done);
-        }
-        // Whatever is still in flight may still be written by the kernel: leak it.
-        for slot in &mut self.slots {
-            if let Some(op) = slot.op.take() {
-                std::mem::forget(op.buf);
-                std::mem::forget(op.fd);
-            }
+        let queued = inner.unsubmitted;
+        drop(inner);
+        // The ring frees each op's buffer and socket when its completion arrives.
+        if queued {
+            let _ = self.core.submit();
         }
     }
 }

@@ -25,6 +25,10 @@ pub const KERNEL_STACK_SIZE: usize = 64 * 1024;
 /// Size of the stack the CPU switches to on a trap from user mode (TSS.RSP0). System calls
 /// run on it too ([`crate::syscall`]), the invocation channel's send and receive included.
 pub const TRAP_STACK_SIZE: usize = 64 * 1024;
+/// Bytes above the trap stack's top, in the same page, that hold the run loop's state
+/// ([`crate::runloop`]): every system call writes its frame into that page anyway, so the
+/// state costs a restored guest no page of its own to touch (and the host none to copy).
+pub const TRAP_PAGE_STATE_SIZE: usize = 1024;
 /// Size of the double-fault stack (TSS.IST1): a #DF must not run on a broken stack.
 pub const DOUBLE_FAULT_STACK_SIZE: usize = 4 * 1024;
 
@@ -36,6 +40,14 @@ use crate::x86::{
 const GIB: u64 = 1 << 30;
 const _: () = assert!(IDENTITY_MAP_END.is_multiple_of(GIB) && IDENTITY_MAP_END / GIB <= 512);
 const _: () = assert!(KERNEL_START < IDENTITY_MAP_END);
+// The stacks start page-aligned and every stack size is whole pages: the trap stack's top
+// then lies `TRAP_PAGE_STATE_SIZE` bytes below a page end, the state above it in that page.
+const _: () = assert!(
+    KERNEL_STACK_SIZE.is_multiple_of(4096)
+        && TRAP_STACK_SIZE.is_multiple_of(4096)
+        && TRAP_PAGE_STATE_SIZE.is_multiple_of(64)
+        && TRAP_PAGE_STATE_SIZE <= 2048
+);
 
 // The PVH note, the 32-bit entry and the boot page tables. `ENTRY(fnode_pvh_entry)` in the
 // linker script keeps this object in every image that links the kernel library.
@@ -116,9 +128,12 @@ fnode_pd:
     .space {kernel_stack_size}
     .global fnode_kernel_stack_top
 fnode_kernel_stack_top:
-    .space {trap_stack_size}
+    .space {trap_stack_size} - {trap_page_state_size}
     .global fnode_trap_stack_top
 fnode_trap_stack_top:
+    .global fnode_trap_page_state
+fnode_trap_page_state:
+    .space {trap_page_state_size}
     .space {df_stack_size}
     .global fnode_double_fault_stack_top
 fnode_double_fault_stack_top:
@@ -138,6 +153,7 @@ fnode_double_fault_stack_top:
     huge_page = const HUGE_PAGE,
     kernel_stack_size = const KERNEL_STACK_SIZE,
     trap_stack_size = const TRAP_STACK_SIZE,
+    trap_page_state_size = const TRAP_PAGE_STATE_SIZE,
     df_stack_size = const DOUBLE_FAULT_STACK_SIZE,
     options(att_syntax)
 );

@@ -402,6 +402,73 @@ impl<T: Transport> Channel<T> {
         Ok(request)
     }
 
+    /// [`wait_request`](Self::wait_request) for the usual request, in a straight line: a whole
+    /// REQUEST frame alone in one packet in the driver's inline buffer, with nothing held
+    /// back from earlier packets. Waits (halting the CPU) while nothing at all happens.
+    /// `None`, nothing taken, when anything else happened: `wait_request` then handles it.
+    // Always inlined into the run loop's `NEXT`.
+    #[inline(always)]
+    pub fn next_request(&mut self) -> Option<(u64, usize)> {
+        if !self.carry.is_empty() || self.rx.hdr_len != 0 || self.rx.payload.is_some() {
+            return None;
+        }
+        loop {
+            if let Some(bytes) = self.vsock.peek_inline_data() {
+                let p = bytes.as_ptr();
+                if bytes.len() < HEADER_LEN {
+                    return None;
+                }
+                // SAFETY: `bytes` holds at least HEADER_LEN bytes; unaligned reads.
+                let (w0, len) = unsafe {
+                    (
+                        u64::from_le(p.cast::<u64>().read_unaligned()),
+                        u32::from_le(p.add(8).cast::<u32>().read_unaligned()) as usize,
+                    )
+                };
+                // What `Header::decode` accepts for a REQUEST that fits the buffer (anything
+                // else goes the long way, which refuses it properly), ending the packet.
+                if w0 != REQUEST_WORD0 || HEADER_LEN + len != bytes.len() || len > self.cap {
+                    return None;
+                }
+                // SAFETY: `len <= cap`: inside the request buffer (`new`'s contract), which
+                // the driver's inline buffer does not overlap; `HEADER_LEN + len` bytes are
+                // in `bytes`.
+                let id = unsafe {
+                    copy_bytes(self.buf.as_ptr(), p.add(HEADER_LEN), len);
+                    u64::from_le(p.add(16).cast::<u64>().read_unaligned())
+                };
+                self.vsock.take_inline_data();
+                return Some((id, len));
+            }
+            if !self.vsock.wait_quietly() {
+                return None;
+            }
+        }
+    }
+
+    /// [`send_response`](Self::send_response) for the usual small response, in a straight
+    /// line: the frame header as three words and the payload copied into a free transmit
+    /// slot, sent as one packet. Returns false, nothing sent, when it cannot go so now.
+    // Always inlined into the run loop's `NEXT`.
+    #[inline(always)]
+    pub fn try_send_small(&mut self, id: u64, kind: u16, payload: &[u8]) -> bool {
+        let Some(p) = self.vsock.try_reserve_small(HEADER_LEN + payload.len()) else {
+            return false;
+        };
+        let [w0, w1, w2] = header_words(kind, id, payload.len() as u32);
+        // SAFETY: `p` holds `HEADER_LEN + payload.len()` bytes of driver memory: the
+        // header's 24, then the payload's, copied from the caller's slice (distinct memory).
+        unsafe {
+            let d = p.data().cast::<u64>();
+            d.write_unaligned(w0);
+            d.add(1).write_unaligned(w1);
+            d.add(2).write_unaligned(w2);
+            copy_bytes(p.data().add(HEADER_LEN), payload.as_ptr(), payload.len());
+        }
+        self.vsock.commit_small(p);
+        true
+    }
+
     /// The body of [`wait_request`](Self::wait_request).
     #[inline]
     fn receive_frame(&mut self) -> Result<(u64, usize), ChannelError> {
@@ -930,6 +997,80 @@ mod tests {
             .unwrap();
         let got = responses(&mut h);
         assert!(got[0].2 == payload);
+    }
+
+    #[test]
+    fn the_straight_ways_serve_small_frames_and_leave_the_rest() {
+        for event_idx in [false, true] {
+            let mut h = channel_with(MAX_PAYLOAD, event_idx);
+            // No connection: nothing to take, no wait.
+            assert_eq!(h.ch.next_request(), None);
+            connect(&mut h);
+            h.ch.wait_connected().unwrap();
+            // Every few requests a send finds no free slot (they are reaped the long way,
+            // eight at a time) and the next wait goes the long way too.
+            let (mut fast_in, mut fast_out) = (0, 0);
+            for i in 0..40u64 {
+                let payload = pattern(i as usize * 20);
+                send_split(&mut h, &request(i, &payload), &[usize::MAX]);
+                let got = match h.ch.next_request() {
+                    Some(r) => {
+                        fast_in += 1;
+                        r
+                    }
+                    None => h.ch.wait_request().unwrap(),
+                };
+                assert_eq!(got, (i, payload.len()));
+                assert_eq!(h.ch.request(payload.len()), &payload[..]);
+                if h.ch.try_send_small(i, frame::KIND_RESPONSE, &payload) {
+                    fast_out += 1;
+                } else {
+                    h.ch.send_response(i, frame::KIND_RESPONSE, &payload)
+                        .unwrap();
+                }
+            }
+            assert!(fast_in >= 30 && fast_out >= 30, "{fast_in} {fast_out}");
+            let got = responses(&mut h);
+            assert_eq!(got.len(), 40);
+            for (i, (kind, id, data)) in got.iter().enumerate() {
+                assert_eq!((*kind, *id), (frame::KIND_RESPONSE, i as u64));
+                assert_eq!(data, &pattern(i * 20));
+            }
+            // A frame in two packets, two frames in one, a large one, a bad one: the long
+            // way, nothing taken.
+            let frame = request(50, b"split");
+            send_split(&mut h, &frame, &[10]);
+            assert_eq!(h.ch.next_request(), None);
+            assert_eq!(h.ch.wait_request().unwrap(), (50, 5));
+            let mut two = request(51, b"a");
+            two.extend(request(52, b"b"));
+            send_split(&mut h, &two, &[usize::MAX]);
+            assert_eq!(h.ch.next_request(), None);
+            assert_eq!(h.ch.wait_request().unwrap(), (51, 1));
+            // The second frame is held back: the straight way leaves it to the long one.
+            assert_eq!(h.ch.next_request(), None);
+            assert_eq!(h.ch.wait_request().unwrap(), (52, 1));
+            let big = pattern(RX_INLINE + 10);
+            send_split(&mut h, &request(53, &big), &[usize::MAX]);
+            assert_eq!(h.ch.next_request(), None);
+            assert_eq!(h.ch.wait_request().unwrap(), (53, big.len()));
+            assert!(!h.ch.try_send_small(53, frame::KIND_RESPONSE, &big));
+            h.ch.send_response(53, frame::KIND_RESPONSE, &big).unwrap();
+            let bad = Header {
+                kind: frame::KIND_RESPONSE,
+                id: 54,
+                len: 0,
+            }
+            .encode();
+            host(&mut h).send(op::RW, PORT, &bad);
+            assert_eq!(h.ch.next_request(), None);
+            assert!(matches!(
+                h.ch.wait_request(),
+                Err(ChannelError::Rejected(Rejection::NotRequest(_)))
+            ));
+            // Closed: no straight-line send.
+            assert!(!h.ch.try_send_small(55, frame::KIND_RESPONSE, b"x"));
+        }
     }
 
     #[test]

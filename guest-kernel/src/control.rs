@@ -7,6 +7,7 @@ use fnode_guest::abi;
 /// Tells the VMM that init is done and the guest waits for work
 /// ([`abi::control::READY`]). A VMM taking a snapshot pauses the guest on this write and a
 /// restored guest continues right after it; otherwise (or under QEMU) it costs one exit.
+#[inline]
 pub fn ready() {
     write(abi::control::READY);
 }

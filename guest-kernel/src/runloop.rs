@@ -87,7 +87,11 @@ pub use imp::{next, panic, start, user_fault};
 
 #[cfg(target_os = "none")]
 mod imp {
-    use core::{cell::UnsafeCell, fmt::Write, ptr::NonNull};
+    use core::{
+        fmt::Write,
+        ptr::NonNull,
+        sync::atomic::{AtomicBool, Ordering},
+    };
 
     use fnode_guest::abi::{self, cmdline, fault::FaultReport, user::Layout};
 
@@ -278,6 +282,12 @@ mod imp {
         fn before_wait(&mut self) {
             if !self.ready {
                 self.ready = true;
+                if self.hostile.is_none() {
+                    // READY last: a snapshot taken there resumes with the request's check.
+                    self.plain = true;
+                    self.source.ready();
+                    return;
+                }
                 self.source.ready();
             }
             hostile_done(self.hostile, false);
@@ -320,22 +330,46 @@ mod imp {
         }
     }
 
-    /// The run loop's state, touched only from system calls and user-mode exceptions.
-    struct RunCell(UnsafeCell<Option<RunLoop>>);
+    // The run loop's state, touched only from system calls and user-mode exceptions. It lives
+    // above the trap stack's top, in the page every system call writes its frame into
+    // (`boot::TRAP_PAGE_STATE_SIZE`): a restored guest's first request touches one page less.
+    // Uninitialised until `start` writes it, before user mode (the only source of system
+    // calls and user-mode exceptions) begins.
+    unsafe extern "C" {
+        static mut fnode_trap_page_state: [u8; crate::boot::TRAP_PAGE_STATE_SIZE];
+    }
 
-    // SAFETY: one CPU; the state is used only in the kernel's system call and exception
-    // paths, which never nest (user mode runs with interrupts off, and a user-mode exception
-    // cannot happen while a system call runs).
-    unsafe impl Sync for RunCell {}
+    const _: () = assert!(
+        core::mem::size_of::<RunLoop>() <= crate::boot::TRAP_PAGE_STATE_SIZE
+            && core::mem::align_of::<RunLoop>() <= 64
+    );
 
-    static RUN: RunCell = RunCell(UnsafeCell::new(None));
+    /// `start` wrote the state (checked on the cold paths only: `NEXT` comes from user mode,
+    /// which begins after `start` wrote it).
+    static STARTED: AtomicBool = AtomicBool::new(false);
 
+    fn slot() -> *mut RunLoop {
+        (&raw mut fnode_trap_page_state).cast()
+    }
+
+    /// The state, for `NEXT`.
+    #[inline(always)]
     fn state() -> &'static mut RunLoop {
-        // SAFETY: see RunCell; no other reference to the state is live while a system call or
-        // exception handler runs, and `start` filled it before user mode began.
-        match unsafe { &mut *RUN.0.get() } {
-            Some(run) => run,
-            None => exit::fail(&"a system call arrived before the function was started"),
+        // SAFETY: one CPU; the state is used only in the kernel's system call and exception
+        // paths, which never nest (user mode runs with interrupts off, and a user-mode
+        // exception cannot happen while a system call runs), so no other reference to it is
+        // live. `start` wrote it before user mode, the only source of system calls, began;
+        // the slot is big and aligned enough (checked above; the trap stack's top is
+        // 64-aligned).
+        unsafe { &mut *slot() }
+    }
+
+    /// The state if `start` wrote it (for the paths that may run before: exceptions).
+    fn state_checked() -> Option<&'static mut RunLoop> {
+        if STARTED.load(Ordering::Relaxed) {
+            Some(state())
+        } else {
+            None
         }
     }
 
@@ -347,9 +381,11 @@ mod imp {
         };
         let source = Source::from_cmdline(boot.cmdline, &layout)?;
         user::prepare(&layout)?;
-        // SAFETY: user mode has not started: nothing else references the state.
+        // SAFETY: user mode has not started: nothing else references the state; the slot is
+        // big and aligned enough (checked above). A write, not an assignment: the slot holds
+        // no value to drop.
         unsafe {
-            *RUN.0.get() = Some(RunLoop {
+            slot().write(RunLoop {
                 layout,
                 source,
                 in_flight: None,
@@ -361,6 +397,7 @@ mod imp {
                 plain: false,
             })
         };
+        STARTED.store(true, Ordering::Relaxed);
         let mut line = Line::log();
         line.str("function: entry ")
             .hex(layout.entry)
@@ -373,6 +410,10 @@ mod imp {
     }
 
     /// `NEXT(kind, ptr, len)`: sends the previous result, waits for the next request.
+    ///
+    /// The usual invocation (no hostile switch, a small result, a small request that
+    /// arrives whole) goes the channel's straight ways, `try_send_small` and
+    /// `next_request`; anything else goes the general ways, which handle every case.
     pub fn next(kind: u64, ptr: u64, len: u64) -> u64 {
         let run = state();
         if let Some(id) = run.in_flight.take() {
@@ -382,7 +423,13 @@ mod imp {
                     // suspended while the kernel sends it.
                     let payload =
                         unsafe { core::slice::from_raw_parts(ptr as *const u8, len as usize) };
-                    run.source.send(id, kind, payload)
+                    let sent = match &mut run.source {
+                        Source::Vsock(channel) if run.plain => {
+                            channel.try_send_small(id, kind, payload)
+                        }
+                        _ => false,
+                    };
+                    sent || run.source.send(id, kind, payload)
                 }
                 Err(message) => run.source.send(id, KIND_ERROR, message.as_bytes()),
             };
@@ -396,17 +443,25 @@ mod imp {
                 }
             }
         }
-        // SAFETY: the request buffer is user memory (Layout placed it below user_end); the
-        // function is suspended and no other kernel reference points into it.
-        let buf = unsafe {
-            core::slice::from_raw_parts_mut(run.layout.request_buf as *mut u8, MAX_PAYLOAD)
-        };
         if !run.plain {
             run.before_wait();
         }
-        let (id, len) = run.source.wait(buf);
+        let (id, len) = match &mut run.source {
+            Source::Vsock(channel) => match channel.next_request() {
+                Some(request) => request,
+                None => run.source.wait(request_buf(&run.layout)),
+            },
+            source => source.wait(request_buf(&run.layout)),
+        };
         run.in_flight = Some(id);
         len as u64
+    }
+
+    /// The function's request buffer.
+    fn request_buf(layout: &Layout) -> &'static mut [u8] {
+        // SAFETY: the request buffer is user memory (Layout placed it below user_end); the
+        // function is suspended and no other kernel reference points into it.
+        unsafe { core::slice::from_raw_parts_mut(layout.request_buf as *mut u8, MAX_PAYLOAD) }
     }
 
     /// `PANIC(ptr, len)`: answers the request in flight with the message, prints it, and
@@ -415,9 +470,8 @@ mod imp {
         const MAX_MESSAGE: u64 = 4096;
         let message = syscall::user_bytes(ptr, len.min(MAX_MESSAGE))
             .unwrap_or(b"function panicked (its message lies outside its memory)");
-        let run = state();
-        if let Some(id) = run.in_flight.take() {
-            run.source.send(id, KIND_ERROR, message);
+        if let Some(id) = state_checked().and_then(|run| run.in_flight.take()) {
+            state().source.send(id, KIND_ERROR, message);
         }
         serial::write(crate::line::LOG_PREFIX.as_bytes());
         serial::write(message);
@@ -428,7 +482,9 @@ mod imp {
     /// A CPU exception in user mode: answers the request in flight with an error naming it.
     /// The exception handler then writes the fault report and ends the VM.
     pub fn user_fault(report: &FaultReport) {
-        let run = state();
+        let Some(run) = state_checked() else {
+            return;
+        };
         let Some(id) = run.in_flight.take() else {
             return;
         };

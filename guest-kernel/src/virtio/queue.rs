@@ -307,6 +307,99 @@ impl SplitQueue {
         self.used_idx_atomic().load(Ordering::Acquire) != self.last_used
     }
 
+    /// For a queue that keeps one chain in flight: the element the device returned for it,
+    /// if it did, without consuming it ([`repost`](Self::repost) does). `None` also when the
+    /// used index moved by anything but one: [`pop_used`](Self::pop_used) then reports it.
+    /// The id and length are the device's word, as for `pop_used`.
+    #[inline(always)]
+    pub fn peek_single(&self) -> Option<UsedElem> {
+        let last = self.last_used;
+        if self.in_flight != 1
+            || self.used_idx_atomic().load(Ordering::Acquire) != last.wrapping_add(1)
+        {
+            return None;
+        }
+        let slot = usize::from(last & (self.size - 1));
+        // SAFETY: `slot < size <= N`: inside the ring; the acquire load above orders this
+        // read after the device's write of the entry.
+        Some(unsafe {
+            addr_of!((*self.mem.as_ptr()).used.ring)
+                .cast::<UsedElem>()
+                .add(slot)
+                .read_volatile()
+        })
+    }
+
+    /// Consumes the element [`peek_single`](Self::peek_single) returned and hands chain
+    /// `head` straight back, asking for an interrupt when the device returns it: `pop_used`,
+    /// `push`, `interrupt_next` and `publish` in one straight line (kernel code may be
+    /// emulated one instruction at a time). Returns whether the device wants a notification.
+    #[inline(always)]
+    pub fn repost(&mut self, head: u16) -> bool {
+        let mem = self.mem.as_ptr();
+        let (size, idx, old) = (self.size, self.avail_idx, self.published);
+        let event_idx = self.event_idx;
+        let last = self.last_used.wrapping_add(1);
+        let new = idx.wrapping_add(1);
+        self.last_used = last;
+        self.avail_idx = new;
+        self.published = new;
+        // SAFETY: the slot (`idx & (size - 1) < size <= N`) and `used_event` (after `size`
+        // entries) lie inside the ring; the device reads them only after the index store.
+        unsafe {
+            let ring = addr_of_mut!((*mem).avail.ring).cast::<u16>();
+            ring.add(usize::from(idx & (size - 1))).write_volatile(head);
+            if event_idx {
+                ring.add(usize::from(size)).write_volatile(last);
+            }
+        }
+        self.publish_index(mem, event_idx, new, old)
+    }
+
+    /// The end of [`publish`](Self::publish) for the straight-line paths, with what they
+    /// already hold in registers (the fence makes the compiler read memory again after it).
+    #[inline(always)]
+    fn publish_index(&self, mem: *mut QueueMemory, event_idx: bool, new: u16, old: u16) -> bool {
+        let avail_event = self.avail_event_ptr();
+        // SAFETY: the index is a 2-aligned u16 inside the queue memory, which the device
+        // only reads.
+        unsafe { AtomicU16::from_ptr(addr_of_mut!((*mem).avail.idx)) }
+            .store(new, Ordering::Release);
+        // The device's side must be read after the index is published (store, then load).
+        fence(Ordering::SeqCst);
+        if event_idx {
+            // SAFETY: the field is inside the queue memory; the device writes it with
+            // single 16-bit stores.
+            let event = unsafe { avail_event.read_volatile() };
+            return needs_event(event, new, old);
+        }
+        // SAFETY: the used ring's flags field is inside the queue memory.
+        let flags = unsafe { addr_of!((*mem).used.flags).read_volatile() };
+        flags & USED_F_NO_NOTIFY == 0
+    }
+
+    /// Puts chain `head` (one descriptor, already written) in the available ring and
+    /// publishes it: `push` and `publish` in one straight line. Returns whether the device
+    /// wants a notification.
+    #[inline(always)]
+    pub fn push_publish(&mut self, head: u16) -> bool {
+        let mem = self.mem.as_ptr();
+        let (idx, old) = (self.avail_idx, self.published);
+        let new = idx.wrapping_add(1);
+        self.avail_idx = new;
+        self.published = new;
+        self.in_flight += 1;
+        // SAFETY: `idx & (size - 1) < size <= N`: inside the ring; the device reads it only
+        // after the index store.
+        unsafe {
+            addr_of_mut!((*mem).avail.ring)
+                .cast::<u16>()
+                .add(usize::from(idx & (self.size - 1)))
+                .write_volatile(head)
+        };
+        self.publish_index(mem, self.event_idx, new, old)
+    }
+
     /// Chains handed to the device and not yet returned.
     pub fn in_flight(&self) -> u16 {
         self.in_flight
@@ -602,6 +695,53 @@ mod tests {
         assert_eq!(dev.used_event(), 0);
         q.interrupt_next();
         assert_eq!(dev.used_event(), 1);
+    }
+
+    #[test]
+    fn repost_and_push_publish_match_the_long_way() {
+        for event_idx in [false, true] {
+            let mut q = SplitQueue::new(0, 2).unwrap();
+            q.set_event_idx(event_idx);
+            let mut dev = q.device();
+            q.push(0);
+            q.interrupt_next();
+            assert!(q.publish());
+            assert_eq!(q.peek_single(), None);
+            for round in 0..5u32 {
+                assert_eq!(dev.pop_avail(), Some(0));
+                dev.set_avail_event(dev.next_avail());
+                dev.push_used(0, 100 + round);
+                assert_eq!(
+                    q.peek_single(),
+                    Some(UsedElem {
+                        id: 0,
+                        len: 100 + round
+                    })
+                );
+                // The device asked to hear of the next chain: notified.
+                assert!(q.repost(0));
+                assert_eq!(q.in_flight(), 1);
+                assert_eq!(q.peek_single(), None);
+                if event_idx {
+                    assert_eq!(dev.used_event(), round as u16 + 1);
+                }
+            }
+            // Two elements at once is not the straight case.
+            assert_eq!(dev.pop_avail(), Some(0));
+            dev.push_used(0, 1);
+            dev.push_used(0, 1);
+            assert_eq!(q.peek_single(), None);
+
+            let mut t = SplitQueue::new(1, 4).unwrap();
+            t.set_event_idx(event_idx);
+            let mut dev = t.device();
+            assert!(t.push_publish(0));
+            assert_eq!(dev.pop_avail(), Some(0));
+            // Not asked again (event index mode) or asked (flags mode).
+            assert_eq!(t.push_publish(3), !event_idx);
+            assert_eq!(dev.pop_avail(), Some(3));
+            assert_eq!(t.in_flight(), 2);
+        }
     }
 
     #[test]

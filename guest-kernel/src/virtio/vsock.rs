@@ -644,6 +644,97 @@ impl<T: Transport> Vsock<T> {
         self.handle_packet(&hdr)
     }
 
+    /// The usual received packet, looked at without taking it: stream data on the open
+    /// connection that the device wrote into the inline buffer, checked as [`poll`](Self::poll)
+    /// checks it. Returns its bytes, or `None` for anything else, nothing changed (`poll`
+    /// then handles it the long way). [`take_inline_data`](Self::take_inline_data) takes it.
+    // Always inlined: with `take_inline_data`, the whole receive path of a small request.
+    #[inline(always)]
+    pub fn peek_inline_data(&self) -> Option<&[u8]> {
+        let c = self.conn.as_ref()?;
+        if !self.rx_armed || self.event.has_used() {
+            return None;
+        }
+        let used = self.rx.peek_single()?;
+        let b = self.rx_hdr_ptr().cast::<u8>();
+        // SAFETY: the header buffer is driver memory the device no longer writes (the chain
+        // came back: `peek_single`'s acquire load orders these reads after its writes); the
+        // words lie inside it (`word`'s offsets are checked).
+        let (src_cid, dst_cid, ports, len_type_op) = unsafe {
+            (
+                b.add(word::SRC_CID).cast::<u64>().read_unaligned(),
+                b.add(word::DST_CID).cast::<u64>().read_unaligned(),
+                b.add(word::PORTS).cast::<u64>().read_unaligned(),
+                b.add(word::LEN_TYPE_OP).cast::<u64>().read_unaligned(),
+            )
+        };
+        let len = len_type_op as u32;
+        let inline = self.inline_addr();
+        if used.id != u32::from(RX_HEAD)
+            || len == 0
+            || len as usize > RX_INLINE
+            || u64::from(len) + HDR_LEN as u64 > u64::from(used.len)
+            || len_type_op >> 32 != word::type_op(TYPE_STREAM, op::RW)
+            || ports != word::ports(c.peer_port, addr::INVOKE_PORT)
+            || src_cid != addr::HOST_CID
+            || dst_cid != self.guest_cid
+            || self.rx_window.0 != inline
+        {
+            return None;
+        }
+        // SAFETY: `len <= RX_INLINE` bytes of the inline buffer, which the device does not
+        // write until the chain is handed back (`take_inline_data`, which needs `&mut self`).
+        Some(unsafe { core::slice::from_raw_parts(inline as *const u8, len as usize) })
+    }
+
+    /// Takes the packet [`peek_inline_data`](Self::peek_inline_data) returned (counts its
+    /// bytes, takes the host's credit) and hands the receive chain straight back to the
+    /// device, into the inline buffer again. The caller must be done with the bytes.
+    #[inline(always)]
+    pub fn take_inline_data(&mut self) {
+        let b = self.rx_hdr_ptr().cast::<u8>();
+        // SAFETY: as in `peek_inline_data`: the chain is still with the driver.
+        let (len, buf_alloc, fwd_cnt) = unsafe {
+            (
+                b.add(word::LEN_TYPE_OP).cast::<u32>().read_unaligned(),
+                b.add(word::FLAGS_BUF_ALLOC + 4)
+                    .cast::<u32>()
+                    .read_unaligned(),
+                b.add(word::FWD_CNT).cast::<u32>().read_unaligned(),
+            )
+        };
+        if let Some(c) = self.conn.as_mut() {
+            c.update_credit(buf_alloc, fwd_cnt);
+            c.fwd_cnt = c.fwd_cnt.wrapping_add(len);
+        }
+        if self.rx.repost(RX_HEAD) {
+            self.transport.notify(QUEUE_RX);
+        }
+    }
+
+    /// Waits for the device (as [`wait`](Self::wait)) if nothing but a packet can end the
+    /// wait: a connection is open, the receive chain is with the device and has not come
+    /// back, the event queue is quiet, the host still sends, the host's credit needs no
+    /// update and no transmit interrupt is wanted. Returns false, without waiting, otherwise
+    /// (the caller then takes the long way).
+    #[inline(always)]
+    pub fn wait_quietly(&mut self) -> bool {
+        let Some(c) = &self.conn else { return false };
+        if c.peer_send_done
+            || c.fwd_cnt.wrapping_sub(c.adv_fwd_cnt) >= BUF_ALLOC / 2
+            || !self.rx_armed
+            || self.tx_free == 0
+            || self.tx_zero_copy != 0
+            || self.tx_interrupts
+            || self.rx.has_used()
+            || self.event.has_used()
+        {
+            return false;
+        }
+        self.transport.wait();
+        true
+    }
+
     /// Acts on one received packet header (out of line: `poll` settles the usual packet).
     #[inline(never)]
     fn handle_packet(&mut self, hdr: &PacketHeader) -> Result<Event, VsockError> {
@@ -1039,6 +1130,20 @@ impl<T: Transport> Vsock<T> {
         Ok(Some(SmallPacket { slot, len: n, data }))
     }
 
+    /// [`reserve_small`](Self::reserve_small) without reaping completed chains: `None` also
+    /// when no slot is free yet (the caller then takes the long way, which reaps).
+    #[inline(always)]
+    pub fn try_reserve_small(&self, n: usize) -> Option<SmallPacket> {
+        let conn = self.conn.as_ref()?;
+        if n == 0 || n > TX_INLINE || conn.credit() < n || self.tx_free == 0 {
+            return None;
+        }
+        let slot = self.tx_free.trailing_zeros() as usize;
+        // SAFETY: only the address is taken.
+        let data = unsafe { addr_of_mut!((*self.slot_ptr(slot)).data) }.cast::<u8>();
+        Some(SmallPacket { slot, len: n, data })
+    }
+
     /// Sends the packet `p` holds (its data written by the caller): one descriptor over the
     /// slot's header and data, which lie back to back; the device reads a chain as one byte
     /// stream (virtio 1.x devices make no assumption about how it is split). The header's
@@ -1079,8 +1184,8 @@ impl<T: Transport> Vsock<T> {
                 next: 0,
             },
         );
-        self.queue_tx(p.slot, false);
-        if self.tx.publish() {
+        self.tx_free &= !(1u16 << p.slot);
+        if self.tx.push_publish(head) {
             self.transport.notify(QUEUE_TX);
         }
     }

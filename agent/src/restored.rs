@@ -41,16 +41,27 @@ impl PrivateDir {
             .filter(|p| p.is_dir())
             .or_else(|| Some(PathBuf::from("/dev/shm")).filter(|p| p.is_dir()))
             .unwrap_or_else(std::env::temp_dir);
-        let path = base.join(format!(
-            "fnode-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .with_context(|| format!("cannot create the private folder {}", path.display()))?;
-        Ok(PrivateDir(path))
+        // A name taken already (left by a process that had this id and was killed, or
+        // another user's) is skipped: never reused, never removed.
+        let mut attempts = 0;
+        loop {
+            let path = base.join(format!(
+                "fnode-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(PrivateDir(path)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 1000 => {
+                    attempts += 1;
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot create the private folder {}", path.display())
+                    })
+                }
+            }
+        }
     }
 
     /// The folder.
@@ -92,7 +103,7 @@ pub struct RestoredFunction {
     // the guest), then the socket's folder.
     vm: MicroVm,
     conn: Connection,
-    _dir: PrivateDir,
+    dir: PrivateDir,
     console: ConsoleBuf,
     stats: Stats,
     /// How and when the VM ended, if it did while the host waited on it.
@@ -170,11 +181,16 @@ impl RestoredFunction {
         Ok(RestoredFunction {
             vm,
             conn,
-            _dir: tmp,
+            dir: tmp,
             console,
             stats: Stats::default(),
             ended,
         })
+    }
+
+    /// The private folder the VM's socket is bound in (removed when this is dropped).
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// Invokes the function once.

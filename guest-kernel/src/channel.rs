@@ -388,6 +388,23 @@ impl<T: Transport> Channel<T> {
         Ok(())
     }
 
+    /// Calls `signal` (READY), then, if nothing but a packet can end a wait and none has
+    /// come, waits for one: a guest restored from a snapshot taken at the signal resumes
+    /// here, a few checks away from the wait for its first request (kernel code may be
+    /// emulated one instruction at a time). The caller then receives as usual.
+    #[inline(always)]
+    pub fn signal_then_wait(&mut self, signal: impl FnOnce()) {
+        // Only the driver changes these, and it does not run between here and the wait.
+        let idle = self.carry.is_empty()
+            && self.rx.hdr_len == 0
+            && self.rx.payload.is_none()
+            && self.vsock.idle();
+        signal();
+        if idle && self.vsock.rings_quiet() {
+            self.vsock.wait_idle();
+        }
+    }
+
     /// Waits (halting the CPU) until a whole REQUEST frame has arrived on the open
     /// connection, accepting a connection first if none is open. Returns the request id and
     /// the payload length; the payload is in the request buffer ([`request`](Self::request)).

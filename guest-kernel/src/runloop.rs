@@ -50,6 +50,28 @@ pub fn check_result(
     }
 }
 
+/// Most result bytes [`check_small_result`] takes (the run loop's straight way sends no more
+/// than that in one packet anyway).
+pub const SMALL_RESULT_MAX: u64 = 4096;
+const _: () = assert!(SMALL_RESULT_MAX <= MAX_PAYLOAD as u64);
+
+/// [`check_result`] for a result of at most [`SMALL_RESULT_MAX`] bytes, in fewer steps
+/// (kernel code may be emulated one instruction at a time): `(kind, ptr, len)` if it is a
+/// RESPONSE or ERROR lying in user memory, else `None` (then `check_result` decides).
+#[inline(always)]
+pub fn check_small_result(kind: u64, ptr: u64, len: u64, user_end: u64) -> Option<(u16, u64, u64)> {
+    // `ptr + len <= user_end` without overflow; a `user_end` below `len` leaves 0, below
+    // any `ptr` that passes the first test.
+    if (kind == u64::from(KIND_RESPONSE) || kind == u64::from(KIND_ERROR))
+        && len <= SMALL_RESULT_MAX
+        && ptr >= USER_START
+        && ptr <= user_end.saturating_sub(len)
+    {
+        return Some((kind as u16, ptr, len));
+    }
+    None
+}
+
 /// The `invoke_repeat=` count: 1 if absent.
 pub fn repeat_count(value: Option<&str>) -> Result<u64, RunError<'_>> {
     match value {
@@ -181,6 +203,10 @@ mod imp {
                         Err(e) => channel_failed(&e),
                     }
                 }
+                // A guest restored from the snapshot resumes right before the wait for its
+                // first request.
+                channel.signal_then_wait(control::ready);
+                return;
             }
             control::ready();
         }
@@ -413,8 +439,45 @@ mod imp {
     ///
     /// The usual invocation (no hostile switch, a small result, a small request that
     /// arrives whole) goes the channel's straight ways, `try_send_small` and
-    /// `next_request`; anything else goes the general ways, which handle every case.
+    /// `next_request`, in a function that calls nothing on its way (no registers to save,
+    /// no frame: kernel code may be emulated one instruction at a time); anything else goes
+    /// the general ways ([`next_general`], [`receive_general`]), which handle every case.
     pub fn next(kind: u64, ptr: u64, len: u64) -> u64 {
+        let run = state();
+        let Source::Vsock(channel) = &mut run.source else {
+            return next_general(kind, ptr, len);
+        };
+        let Some(id) = run.in_flight else {
+            return next_general(kind, ptr, len);
+        };
+        if !run.plain {
+            return next_general(kind, ptr, len);
+        }
+        let Some((kind, ptr, len)) = check_small_result(kind, ptr, len, run.layout.user_end) else {
+            return next_general(kind, ptr, len);
+        };
+        // SAFETY: check_small_result found the range inside user memory; the function is
+        // suspended while the kernel sends it.
+        let payload = unsafe { core::slice::from_raw_parts(ptr as *const u8, len as usize) };
+        if !channel.try_send_small(id, kind, payload) {
+            return next_general(u64::from(kind), ptr, len);
+        }
+        // The device has all of the response: a VMM that resets between invocations does it
+        // here, and the guest goes no further.
+        run.in_flight = None;
+        control::done();
+        match channel.next_request() {
+            Some((id, len)) => {
+                run.in_flight = Some(id);
+                len as u64
+            }
+            None => receive_general(),
+        }
+    }
+
+    /// [`next`] for everything but the usual invocation.
+    #[inline(never)]
+    fn next_general(kind: u64, ptr: u64, len: u64) -> u64 {
         let run = state();
         if let Some(id) = run.in_flight.take() {
             let sent = match check_result(kind, ptr, len, run.layout.user_end) {
@@ -423,13 +486,7 @@ mod imp {
                     // suspended while the kernel sends it.
                     let payload =
                         unsafe { core::slice::from_raw_parts(ptr as *const u8, len as usize) };
-                    let sent = match &mut run.source {
-                        Source::Vsock(channel) if run.plain => {
-                            channel.try_send_small(id, kind, payload)
-                        }
-                        _ => false,
-                    };
-                    sent || run.source.send(id, kind, payload)
+                    run.source.send(id, kind, payload)
                 }
                 Err(message) => run.source.send(id, KIND_ERROR, message.as_bytes()),
             };
@@ -446,13 +503,24 @@ mod imp {
         if !run.plain {
             run.before_wait();
         }
-        let (id, len) = match &mut run.source {
-            Source::Vsock(channel) => match channel.next_request() {
-                Some(request) => request,
-                None => run.source.wait(request_buf(&run.layout)),
-            },
-            source => source.wait(request_buf(&run.layout)),
+        let request = match &mut run.source {
+            Source::Vsock(channel) => channel.next_request(),
+            _ => None,
         };
+        match request {
+            Some((id, len)) => {
+                run.in_flight = Some(id);
+                len as u64
+            }
+            None => receive_general(),
+        }
+    }
+
+    /// Waits for the next request the general way; returns its length.
+    #[inline(never)]
+    fn receive_general() -> u64 {
+        let run = state();
+        let (id, len) = run.source.wait(request_buf(&run.layout));
         run.in_flight = Some(id);
         len as u64
     }
@@ -550,6 +618,49 @@ mod tests {
             Err(BAD_RESULT),
             "too long"
         );
+    }
+
+    #[test]
+    fn small_results_are_checked_as_check_result_does() {
+        let ends = [0, 100, USER_START, USER_START + 4, END, u64::MAX];
+        let ptrs = [
+            0,
+            0x1000,
+            USER_START - 1,
+            USER_START,
+            IMAGE_START,
+            END - 5,
+            END - 4,
+            END,
+            u64::MAX - 3,
+            u64::MAX,
+        ];
+        let lens = [0, 1, 4, 5, SMALL_RESULT_MAX, SMALL_RESULT_MAX + 1, u64::MAX];
+        let kinds = [
+            RESULT_NONE,
+            1,
+            u64::from(KIND_RESPONSE),
+            u64::from(KIND_ERROR),
+            7,
+        ];
+        for end in ends {
+            for ptr in ptrs {
+                for len in lens {
+                    for kind in kinds {
+                        let small = check_small_result(kind, ptr, len, end);
+                        if len <= SMALL_RESULT_MAX {
+                            let full = check_result(kind, ptr, len, end).ok();
+                            assert_eq!(
+                                small, full,
+                                "kind {kind} ptr {ptr:#x} len {len} end {end:#x}"
+                            );
+                        } else {
+                            assert_eq!(small, None);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

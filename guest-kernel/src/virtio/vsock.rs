@@ -719,20 +719,38 @@ impl<T: Transport> Vsock<T> {
     /// (the caller then takes the long way).
     #[inline(always)]
     pub fn wait_quietly(&mut self) -> bool {
-        let Some(c) = &self.conn else { return false };
-        if c.peer_send_done
-            || c.fwd_cnt.wrapping_sub(c.adv_fwd_cnt) >= BUF_ALLOC / 2
-            || !self.rx_armed
-            || self.tx_free == 0
-            || self.tx_zero_copy != 0
-            || self.tx_interrupts
-            || self.rx.has_used()
-            || self.event.has_used()
-        {
+        if !self.idle() || !self.rings_quiet() {
             return false;
         }
         self.transport.wait();
         true
+    }
+
+    /// [`wait_quietly`](Self::wait_quietly)'s conditions but the rings': a connection is
+    /// open, the receive chain is with the device, the host still sends, its credit needs no
+    /// update and no transmit interrupt is wanted. Only the driver changes these.
+    #[inline(always)]
+    pub fn idle(&self) -> bool {
+        let Some(c) = &self.conn else { return false };
+        !(c.peer_send_done
+            || c.fwd_cnt.wrapping_sub(c.adv_fwd_cnt) >= BUF_ALLOC / 2
+            || !self.rx_armed
+            || self.tx_free == 0
+            || self.tx_zero_copy != 0
+            || self.tx_interrupts)
+    }
+
+    /// Whether the device returned nothing on the receive and event queues.
+    #[inline(always)]
+    pub fn rings_quiet(&self) -> bool {
+        !self.rx.has_used() && !self.event.has_used()
+    }
+
+    /// Blocks until the device interrupts ([`Transport::wait`]), for a caller that found the
+    /// driver [`idle`](Self::idle) and the rings quiet.
+    #[inline(always)]
+    pub fn wait_idle(&mut self) {
+        self.transport.wait();
     }
 
     /// Acts on one received packet header (out of line: `poll` settles the usual packet).
@@ -1135,12 +1153,20 @@ impl<T: Transport> Vsock<T> {
     #[inline(always)]
     pub fn try_reserve_small(&self, n: usize) -> Option<SmallPacket> {
         let conn = self.conn.as_ref()?;
-        if n == 0 || n > TX_INLINE || conn.credit() < n || self.tx_free == 0 {
+        let free = self.tx_free;
+        if n == 0 || n > TX_INLINE || conn.credit() < n || free == 0 {
             return None;
         }
-        let slot = self.tx_free.trailing_zeros() as usize;
-        // SAFETY: only the address is taken.
-        let data = unsafe { addr_of_mut!((*self.slot_ptr(slot)).data) }.cast::<u8>();
+        // `free` is a non-empty subset of the usable slots: `slot < TX_SLOTS`.
+        let slot = u32::from(free).trailing_zeros() as usize;
+        // SAFETY: `slot < TX_SLOTS`: inside the slot array; only the address is computed.
+        let data = unsafe {
+            addr_of_mut!((*self.bufs.as_ptr()).tx)
+                .cast::<TxSlot>()
+                .add(slot)
+                .cast::<u8>()
+                .add(HDR_LEN)
+        };
         Some(SmallPacket { slot, len: n, data })
     }
 
@@ -1160,7 +1186,9 @@ impl<T: Transport> Vsock<T> {
         c.adv_fwd_cnt = fwd_cnt;
         c.tx_cnt = c.tx_cnt.wrapping_add(n);
         let ports = word::ports(addr::INVOKE_PORT, c.peer_port);
-        let h = self.slot_ptr(p.slot).cast::<u8>();
+        // SAFETY: `p.data` is the slot's data, which follows its header (`TxSlot`'s layout is
+        // checked): the header's address is computed.
+        let h = unsafe { p.data.sub(HDR_LEN) };
         // SAFETY: the slot is free (not with the device): its header is driver memory, and
         // the words lie inside it (`word`'s offsets are checked against `RawHeader`). x86
         // is little-endian, as the wire is.

@@ -107,6 +107,9 @@ pub enum ClientError {
     /// The caller's `watch` asked to stop waiting.
     #[error("stopped waiting for the guest")]
     Cancelled,
+    /// A reply was asked for with no request waiting for one.
+    #[error("no request waits for a reply: send one first")]
+    NoRequest,
     /// The socket failed.
     #[error("I/O on the vsock socket failed")]
     Io(#[source] io::Error),
@@ -179,6 +182,16 @@ impl Connection {
             pending: Vec::new(),
             next_id: 1,
             awaiting_ok: None,
+        }
+    }
+
+    /// A connection over `stream`, already attached to its guest port by the VMM (no
+    /// handshake: see `fnode_vmm::restore::restore_loaded_attached`), whose requests
+    /// up to `next_id` were sent already ([`request_frame`]).
+    pub fn attached(stream: UnixStream, next_id: u64) -> Connection {
+        Connection {
+            next_id,
+            ..Connection::over(stream)
         }
     }
 
@@ -292,18 +305,9 @@ impl Connection {
         deadline: Instant,
         watch: &mut dyn FnMut() -> bool,
     ) -> Result<u64, ClientError> {
-        let len = u32::try_from(payload.len())
-            .ok()
-            .filter(|&l| l as usize <= MAX_PAYLOAD)
-            .ok_or(ClientError::TooLong(payload.len()))?;
         let id = self.next_id;
+        let header = request_header(id, payload)?;
         self.next_id += 1;
-        let header = Header {
-            kind: KIND_REQUEST,
-            id,
-            len,
-        }
-        .encode();
         let awaiting_ok = self.awaiting_ok;
         self.write_all(
             &mut [IoSlice::new(&header), IoSlice::new(payload)],
@@ -483,6 +487,31 @@ impl Connection {
             _ => Err(ClientError::Io(e)),
         }
     }
+}
+
+/// The header of a REQUEST frame `id` carrying `payload` ([`ClientError::TooLong`] if it
+/// cannot be sent).
+fn request_header(id: u64, payload: &[u8]) -> Result<[u8; HEADER_LEN], ClientError> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|&l| l as usize <= MAX_PAYLOAD)
+        .ok_or(ClientError::TooLong(payload.len()))?;
+    Ok(Header {
+        kind: KIND_REQUEST,
+        id,
+        len,
+    }
+    .encode())
+}
+
+/// The bytes of REQUEST frame `id` carrying `payload`, for a VMM to hand to the guest
+/// before the client's [`Connection::attached`] exists.
+pub fn request_frame(id: u64, payload: &[u8]) -> Result<Vec<u8>, ClientError> {
+    let header = request_header(id, payload)?;
+    let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(payload);
+    Ok(frame)
 }
 
 /// Connects to the Unix socket at `path`.

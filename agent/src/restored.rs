@@ -17,11 +17,12 @@ use std::{
 use anyhow::Context;
 use fnode_guest::abi::vsock::INVOKE_PORT;
 use fnode_vmm::{
-    outcome::exit_code, restore_loaded, KvmContext, LoadedSnapshot, MicroVm, OpStats, Outcome,
-    ResetError, ResetMode, RestoreOptions,
+    outcome::exit_code,
+    restore::{restore_loaded_attached, AttachClient},
+    KvmContext, LoadedSnapshot, MicroVm, OpStats, Outcome, ResetError, ResetMode, RestoreOptions,
 };
 
-use crate::client::{ClientError, Connection, Reply};
+use crate::client::{request_frame, ClientError, Connection, Reply};
 use crate::snapshot::ConsoleBuf;
 
 /// A folder only this user can enter, removed with what it holds when dropped (the VM's
@@ -108,6 +109,9 @@ pub struct RestoredFunction {
     stats: Stats,
     /// How and when the VM ended, if it did while the host waited on it.
     ended: Option<(Outcome, Instant)>,
+    /// The id of the request sent with the restore ([`RestoredFunction::restore_invoking`])
+    /// while its reply is unread.
+    first: Option<u64>,
 }
 
 /// How long the host keeps reading after the VM ended: a guest that answers with an error
@@ -143,25 +147,34 @@ impl RestoredFunction {
         console: ConsoleBuf,
         deadline: Instant,
     ) -> anyhow::Result<Self> {
-        Self::restore_by(
-            snapshot.dir(),
-            reset,
-            console,
-            deadline,
-            |console, options| restore_loaded(kvm, snapshot, console, options),
-        )
+        Self::restore_by(kvm, snapshot, reset, console, deadline, None)
     }
 
-    fn restore_by(
-        dir: &Path,
+    /// [`restore_loaded`](Self::restore_loaded) with the first invocation's request
+    /// `payload` handed to the guest by the restore itself, before the guest first runs (no
+    /// wake-up between the restore and the guest seeing the request); read its reply with
+    /// [`first_reply`](Self::first_reply).
+    pub fn restore_invoking(
+        kvm: &KvmContext,
+        snapshot: &LoadedSnapshot,
         reset: Option<ResetMode>,
         console: ConsoleBuf,
         deadline: Instant,
-        restore: impl FnOnce(
-            Box<dyn std::io::Write + Send>,
-            &RestoreOptions,
-        ) -> Result<MicroVm, fnode_vmm::RestoreError>,
+        payload: &[u8],
     ) -> anyhow::Result<Self> {
+        Self::restore_by(kvm, snapshot, reset, console, deadline, Some(payload))
+    }
+
+    fn restore_by(
+        kvm: &KvmContext,
+        snapshot: &LoadedSnapshot,
+        reset: Option<ResetMode>,
+        console: ConsoleBuf,
+        deadline: Instant,
+        payload: Option<&[u8]>,
+    ) -> anyhow::Result<Self> {
+        const FIRST_ID: u64 = 1;
+        let dir = snapshot.dir();
         let tmp = PrivateDir::create()?;
         let socket = tmp.path().join("vsock.sock");
         // Running at once: the vCPU thread enters the guest as soon as its vCPU is set.
@@ -170,21 +183,47 @@ impl RestoredFunction {
             reset,
             resume: true,
         };
-        let mut vm = restore(Box::new(console.clone()), &options)
-            .with_context(|| format!("cannot restore the snapshot {}", dir.display()))?;
-        let mut ended = None;
-        let mut watch = || keep_waiting(&mut vm, &mut ended);
-        // The parked connection is answered by the VMM alone: the first request goes out
-        // with the CONNECT line, without waiting for its OK.
-        let conn = Connection::connect_pipelined(&socket, INVOKE_PORT, deadline, &mut watch)
-            .context("cannot attach to the restored VM's invocation connection")?;
+        let frame = payload
+            .map(|p| request_frame(FIRST_ID, p))
+            .transpose()
+            .context("cannot send the first request")?;
+        // The VMM attaches this process to the parked connection itself (no socket
+        // connection, no CONNECT line) and hands the guest the first request.
+        let attach = AttachClient {
+            port: INVOKE_PORT,
+            first: frame.as_deref().unwrap_or_default(),
+        };
+        let mut vm =
+            restore_loaded_attached(kvm, snapshot, Box::new(console.clone()), &options, attach)
+                .with_context(|| format!("cannot restore the snapshot {}", dir.display()))?;
+        let mut first = frame.as_ref().map(|_| FIRST_ID);
+        let conn = match vm.take_vsock_client() {
+            Some(stream) => Connection::attached(stream, FIRST_ID + u64::from(first.is_some())),
+            None => {
+                // Not attached (a snapshot without that parked connection): through the
+                // socket, where a refusal shows.
+                let mut ended = None;
+                let mut watch = || keep_waiting(&mut vm, &mut ended);
+                let mut conn =
+                    Connection::connect_pipelined(&socket, INVOKE_PORT, deadline, &mut watch)
+                        .context("cannot attach to the restored VM's invocation connection")?;
+                if let Some(p) = payload {
+                    first = Some(
+                        conn.send_request(p, deadline, &mut watch)
+                            .context("cannot send the first request")?,
+                    );
+                }
+                conn
+            }
+        };
         Ok(RestoredFunction {
             vm,
             conn,
             dir: tmp,
             console,
             stats: Stats::default(),
-            ended,
+            ended: None,
+            first,
         })
     }
 
@@ -193,19 +232,42 @@ impl RestoredFunction {
         self.dir.path()
     }
 
-    /// Invokes the function once.
-    pub fn call(&mut self, payload: &[u8], deadline: Instant) -> Result<Reply, ClientError> {
+    /// The reply to the request sent with the restore ([`restore_invoking`](Self::restore_invoking));
+    /// [`ClientError::NoRequest`] if there is none (or it was read).
+    pub fn first_reply(&mut self, deadline: Instant) -> Result<Reply, ClientError> {
+        let Some(id) = self.first.take() else {
+            return Err(ClientError::NoRequest);
+        };
         let (vm, ended) = (&mut self.vm, &mut self.ended);
         let mut watch = || keep_waiting(vm, ended);
         let sent = Instant::now();
+        let reply = self.conn.read_reply(id, deadline, &mut watch);
+        self.record(sent);
+        reply
+    }
+
+    /// Invokes the function once (after reading the reply to a request sent with the
+    /// restore, if it is unread).
+    pub fn call(&mut self, payload: &[u8], deadline: Instant) -> Result<Reply, ClientError> {
+        let (vm, ended) = (&mut self.vm, &mut self.ended);
+        let mut watch = || keep_waiting(vm, ended);
+        if let Some(id) = self.first.take() {
+            self.conn.read_reply(id, deadline, &mut watch)?;
+        }
+        let sent = Instant::now();
         let reply = self.conn.call(payload, deadline, &mut watch);
+        self.record(sent);
+        reply
+    }
+
+    /// Records the stats of an invocation sent at `sent` whose reply was just read.
+    fn record(&mut self, sent: Instant) {
         let replied_at = Instant::now();
         self.stats.replied_at = Some(replied_at);
         self.stats.invoke = Some(replied_at - sent);
         self.stats.restore_to_first_run = self.vm.restore_to_first_run();
         self.stats.reset_to_first_run = self.vm.reset_to_first_run();
         self.stats.run = self.vm.run_stats();
-        reply
     }
 
     /// Puts the VM back to its snapshot state (it must have been restored with reset).
@@ -290,7 +352,10 @@ pub fn run(
             ms(Some(snapshot.load_time()))
         );
     }
-    let mut f = match RestoredFunction::restore_loaded(&kvm, &snapshot, reset, console, deadline) {
+    // The first request goes with the restore: the guest finds it when it first runs.
+    let restored =
+        RestoredFunction::restore_invoking(&kvm, &snapshot, reset, console, deadline, payload);
+    let mut f = match restored {
         Ok(f) => f,
         Err(e) => {
             eprintln!("fnode: {e:#}");
@@ -314,7 +379,11 @@ pub fn run(
                 }
             }
         }
-        let reply = f.call(payload, deadline);
+        let reply = if i == 0 {
+            f.first_reply(deadline)
+        } else {
+            f.call(payload, deadline)
+        };
         let s = f.stats();
         if timings {
             let run = s.run.unwrap_or_default();

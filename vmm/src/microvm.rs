@@ -103,6 +103,9 @@ pub struct MicroVm {
     pub(crate) state: VmState,
     build_timings: BuildTimings,
     restore_timings: Option<RestoreTimings>,
+    /// The client end of the invocation connection a restore attached
+    /// ([`crate::restore::restore_loaded_attached`]), until taken.
+    vsock_client: Option<std::os::unix::net::UnixStream>,
 }
 
 impl MicroVm {
@@ -135,6 +138,7 @@ impl MicroVm {
             state: VmState::Paused,
             build_timings,
             restore_timings: None,
+            vsock_client: None,
         }
     }
 
@@ -148,6 +152,18 @@ impl MicroVm {
     /// Records how the VM's restore went (restore calls it).
     pub(crate) fn set_restore_timings(&mut self, timings: RestoreTimings) {
         self.restore_timings = Some(timings);
+    }
+
+    /// Keeps the client end of the connection a restore attached.
+    pub(crate) fn set_vsock_client(&mut self, client: std::os::unix::net::UnixStream) {
+        self.vsock_client = Some(client);
+    }
+
+    /// The client end of the invocation connection the restore attached
+    /// ([`crate::restore::restore_loaded_attached`]); `None` if there is none or it was
+    /// taken. Not taken, it closes with the VM.
+    pub fn take_vsock_client(&mut self) -> Option<std::os::unix::net::UnixStream> {
+        self.vsock_client.take()
     }
 
     /// Resumes every paused vCPU.

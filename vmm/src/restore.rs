@@ -130,6 +130,10 @@ pub struct RestoreTimings {
     pub devices: Duration,
     /// `KVM_CREATE_VCPU` and every vCPU's state set.
     pub vcpus: Duration,
+    /// [`restore_loaded_attached`]: the client attached to the parked connection and its
+    /// first bytes handed to the guest (written to its receive queue, interrupt raised);
+    /// zero otherwise.
+    pub attach: Duration,
     /// Handing each vCPU to a thread of the process's vCPU thread pool (a parked one when
     /// there is one), which runs it: paused, or running with [`RestoreOptions::resume`].
     pub start_threads: Duration,
@@ -139,7 +143,7 @@ pub struct RestoreTimings {
 
 impl RestoreTimings {
     /// Each phase's name and time, in order (what benchmarks print).
-    pub fn phases(&self) -> [(&'static str, Duration); 9] {
+    pub fn phases(&self) -> [(&'static str, Duration); 10] {
         [
             ("validate", self.validate),
             ("create_vm", self.create_vm),
@@ -149,6 +153,7 @@ impl RestoreTimings {
             ("vm_state", self.vm_state),
             ("devices", self.devices),
             ("vcpus", self.vcpus),
+            ("attach", self.attach),
             ("start_threads", self.start_threads),
         ]
     }
@@ -167,6 +172,17 @@ pub struct RestoreOptions {
     /// Return the VM running, not paused: its vCPU threads start in the guest, with no
     /// resume command (and no wake-up) between their start and the guest running.
     pub resume: bool,
+}
+
+/// A client attached by the restore itself ([`restore_loaded_attached`]): no socket
+/// connection, no `CONNECT` line, no `OK`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttachClient<'a> {
+    /// The guest port of the parked connection to attach to.
+    pub port: u32,
+    /// What the client sends first (its first request, at most one vsock frame): handed to
+    /// the guest before its first `KVM_RUN`, so it runs with the request already there.
+    pub first: &'a [u8],
 }
 
 /// A snapshot read and checked once, to restore any number of VMs from
@@ -269,7 +285,7 @@ pub fn restore_with(
 ) -> Result<MicroVm, RestoreError> {
     let requested_at = Instant::now();
     let loaded = LoadedSnapshot::load(kvm, dir)?;
-    restore_from(kvm, &loaded, console, options, requested_at)
+    restore_from(kvm, &loaded, console, options, None, requested_at)
 }
 
 /// Restores `loaded` into a new VM, paused unless [`RestoreOptions::resume`]; its serial
@@ -282,7 +298,25 @@ pub fn restore_loaded(
     console: Box<dyn Write + Send>,
     options: &RestoreOptions,
 ) -> Result<MicroVm, RestoreError> {
-    restore_from(kvm, loaded, console, options, Instant::now())
+    restore_from(kvm, loaded, console, options, None, Instant::now())
+}
+
+/// [`restore_loaded`], and a client attached to the snapshot's parked connection of guest
+/// port `attach.port` by the restore itself: the device keeps one end of a connected stream
+/// pair, [`MicroVm::take_vsock_client`] gives the other, and `attach.first` is on the
+/// guest's receive queue, its interrupt raised, before the guest's first `KVM_RUN` (its
+/// `attach` phase). No socket connection, `CONNECT` line or `OK` line: the client writes
+/// and reads frames on the stream from the start. The socket at
+/// [`RestoreOptions::vsock_uds`] still takes other clients. Without such a parked connection
+/// the VM is restored and nothing is attached.
+pub fn restore_loaded_attached(
+    kvm: &KvmContext,
+    loaded: &LoadedSnapshot,
+    console: Box<dyn Write + Send>,
+    options: &RestoreOptions,
+    attach: AttachClient<'_>,
+) -> Result<MicroVm, RestoreError> {
+    restore_from(kvm, loaded, console, options, Some(attach), Instant::now())
 }
 
 fn restore_from(
@@ -290,6 +324,7 @@ fn restore_from(
     loaded: &LoadedSnapshot,
     console: Box<dyn Write + Send>,
     options: &RestoreOptions,
+    attach: Option<AttachClient<'_>>,
     requested_at: Instant,
 ) -> Result<MicroVm, RestoreError> {
     let mut last = requested_at;
@@ -383,6 +418,15 @@ fn restore_from(
         vcpus.push(Vcpu::restore(&vm, vcpu_state).map_err(RestoreError::VcpuState)?);
     }
     let vcpus_time = lap();
+    // After the vCPUs' state (their local APICs) is set: an interrupt raised before would
+    // be lost. Before they run: the guest's first KVM_RUN finds the request there.
+    let client = match attach {
+        Some(a) => virtio
+            .attach_vsock_client(a.port, a.first)
+            .map_err(RestoreError::Virtio)?,
+        None => None,
+    };
+    let attach_time = lap();
 
     let io = VcpuIo {
         buses: buses.clone(),
@@ -399,7 +443,8 @@ fn restore_from(
         );
     }
     let start_threads = lap();
-    // Served from now on, alongside the guest (see `VirtioDevices::serve`).
+    // Served from now on, alongside the guest (see `VirtioDevices::serve`); the loop's
+    // first look at the devices starts the attached connection's host I/O.
     virtio.serve(faults).map_err(RestoreError::Virtio)?;
     let timings = RestoreTimings {
         requested_at,
@@ -411,6 +456,7 @@ fn restore_from(
         vm_state,
         devices,
         vcpus: vcpus_time,
+        attach: attach_time,
         start_threads,
         total: requested_at.elapsed(),
     };
@@ -427,6 +473,9 @@ fn restore_from(
         Default::default(),
     );
     microvm.set_vcpu_io(&io);
+    if let Some(client) = client {
+        microvm.set_vsock_client(client);
+    }
     if options.resume {
         microvm.state = RunState::Running;
     }

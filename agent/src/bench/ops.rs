@@ -299,7 +299,15 @@ fn call_restored(
     payload: &[u8],
     deadline: Instant,
 ) -> Result<(), OpError> {
-    match f.call(payload, deadline) {
+    reply_ok(f, |f| f.call(payload, deadline))
+}
+
+/// `read(f)`'s reply; an ERROR reply is an error.
+fn reply_ok(
+    f: &mut RestoredFunction,
+    read: impl FnOnce(&mut RestoredFunction) -> Result<Reply, ClientError>,
+) -> Result<(), OpError> {
+    match read(f) {
         Ok(Reply::Response(_)) => Ok(()),
         Ok(Reply::Error(m)) => Err(OpError::FunctionError(
             String::from_utf8_lossy(&m).into_owned(),
@@ -338,12 +346,22 @@ impl Restore<'_> {
         .map_err(|e| OpError::Restore(e.into()))
     }
 
-    /// Restores a fresh VM and invokes it once, timed from "restore" to the response.
-    /// Returns the sample and the VM to tear down.
+    /// Restores a fresh VM and invokes it once (the request handed to the guest by the
+    /// restore: [`RestoredFunction::restore_invoking`]), timed from "restore" to the
+    /// response. Returns the sample and the VM to tear down.
     pub fn sample(&self, pages: &mut PageMap) -> Result<(OpSample, RestoredFunction), OpError> {
         let start = Instant::now();
-        let mut f = self.vm(None)?;
-        call_restored(&mut f, self.payload, start + self.timeout)?;
+        let deadline = start + self.timeout;
+        let mut f = RestoredFunction::restore_invoking(
+            self.kvm,
+            self.snapshot,
+            None,
+            ConsoleBuf::new(false),
+            deadline,
+            self.payload,
+        )
+        .map_err(|e| OpError::Restore(e.into()))?;
+        reply_ok(&mut f, |f| f.first_reply(deadline))?;
         let total = start.elapsed();
         let host = f
             .stats()

@@ -18,7 +18,11 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 /// Parked threads kept at most; a thread whose job ends with this many parked ends too.
-pub const MAX_PARKED: usize = 16;
+/// Enough for the VMs a burst of teardowns lets go of: a restore that finds the pool empty
+/// has the spawner start a thread while it runs, and on a small host that thread's start
+/// competes with the new guest for the CPUs (measured: ~50 us later responses). A parked
+/// thread holds only its stack's touched pages.
+pub const MAX_PARKED: usize = 64;
 /// Parked threads the spawner keeps ready once jobs have started taking them.
 pub const SPARE: usize = 1;
 /// Name of the pool's threads.

@@ -213,6 +213,24 @@ impl VirtioDevices {
         }
     }
 
+    /// Attaches a client to the vsock device's parked connection of guest port `port`, with
+    /// `first` handed to the guest at once ([`VsockDevice::attach_client`]); `Ok(None)`
+    /// without a vsock device or such a connection.
+    pub fn attach_vsock_client(
+        &self,
+        port: u32,
+        first: &[u8],
+    ) -> Result<Option<std::os::unix::net::UnixStream>, SetupError> {
+        let Some(d) = &self.vsock else {
+            return Ok(None);
+        };
+        // A poisoned lock means the event loop panicked; the device is still there.
+        d.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attach_client(port, first)
+            .map_err(SetupError::Vsock)
+    }
+
     /// Holds every device still (see [`Quiesced`]).
     pub fn quiesce(&self) -> Quiesced<'_> {
         // A poisoned lock means the event loop panicked; the state is still readable.

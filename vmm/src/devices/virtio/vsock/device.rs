@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -65,6 +65,9 @@ const ACCEPT_TAG: u64 = u64::MAX;
 /// Errors of the vsock device: setting it up, and what a guest can do wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
+    /// The bytes given to [`VsockDevice::attach_client`] exceed one frame.
+    #[error("{0} bytes for a client attached at restore, at most {MAX_RX_PAYLOAD}")]
+    FirstBytesTooLong(usize),
     /// The socket path exists and is not a socket.
     #[error("vsock socket path {} exists and is not a socket: remove it or choose another path", .0.display())]
     PathInUse(PathBuf),
@@ -569,6 +572,44 @@ impl VsockDevice {
         let gen = self.bump_gen();
         self.conns[slot] = Some(Conn::new(gen, None, st));
         true
+    }
+
+    /// Attaches a host client to the parked connection of guest port `port` (see
+    /// [`park_connection`](Self::park_connection)) without a `CONNECT` line or an `OK`: the
+    /// device keeps one end of a new connected stream pair and returns the other. `first`:
+    /// bytes the client sends first (at most [`MAX_RX_PAYLOAD`]), handed to the guest right
+    /// away (packets on its receive queue, its interrupt raised) as far as its buffers and
+    /// credit allow, the rest as the guest makes room. `Ok(None)`: no parked connection has
+    /// that port, or the device is broken; nothing changed.
+    ///
+    /// Called on another thread (a restore's, before the device joins the event loop), this
+    /// only writes guest memory and raises the interrupt: the connection's host I/O starts
+    /// when the event loop next handles the device (its first look, for a restore).
+    pub fn attach_client(
+        &mut self,
+        port: u32,
+        first: &[u8],
+    ) -> Result<Option<UnixStream>, VsockError> {
+        if first.len() > RX_MAX {
+            return Err(VsockError::FirstBytesTooLong(first.len()));
+        }
+        if self.broken {
+            return Ok(None);
+        }
+        let Some(c) = self.conns.iter_mut().flatten().find(|c| {
+            c.host.is_none() && c.st.phase == Phase::Established && c.st.peer_port == port
+        }) else {
+            return Ok(None);
+        };
+        let (ours, theirs) = UnixStream::pair().map_err(VsockError::HostIo)?;
+        c.host = Some(Arc::new(OwnedFd::from(ours)));
+        if c.pending_to_guest() == 0 {
+            c.to_guest.clear();
+            c.to_guest_off = 0;
+        }
+        c.to_guest.extend_from_slice(first);
+        self.process_rx();
+        Ok(Some(theirs))
     }
 
     fn bump_gen(&mut self) -> u32 {

@@ -14,9 +14,10 @@ use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::connection::{ConnectionState, Phase, BUF_ALLOC};
-use super::device::{VsockDevice, VsockState};
+use super::device::{VsockDevice, VsockError, VsockState};
 use super::packet::{
-    op, PacketHeader, HDR_LEN, MAX_PKT_PAYLOAD, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM,
+    op, PacketHeader, HDR_LEN, MAX_PKT_PAYLOAD, MAX_RX_PAYLOAD, SHUTDOWN_BOTH, SHUTDOWN_SEND,
+    TYPE_STREAM,
 };
 use crate::devices::bus::BusDevice;
 use crate::devices::virtio::event_loop::{EventLoop, Subscriber};
@@ -589,6 +590,59 @@ fn parked_connection_attaches_without_a_handshake() {
     let mut buf = [0u8; 4];
     c.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"resp");
+    g.finish();
+}
+
+#[test]
+fn a_client_attached_at_restore_has_its_first_bytes_delivered_at_once() {
+    let st = ConnectionState {
+        phase: Phase::Established,
+        local_port: LOCAL_PORT + 9,
+        peer_port: abi::vsock::INVOKE_PORT,
+        peer_buf_alloc: 1 << 20,
+        ..ConnectionState::awaiting_connect()
+    };
+    let mut g = Guest::with("attached", 4096, 8, |d| {
+        assert!(d.park_connection(st.clone()))
+    });
+    let too_long = vec![0u8; MAX_RX_PAYLOAD as usize + 1];
+    let err = g
+        .dev
+        .lock()
+        .unwrap()
+        .attach_client(abi::vsock::INVOKE_PORT, &too_long)
+        .unwrap_err();
+    assert!(matches!(err, VsockError::FirstBytesTooLong(_)), "{err}");
+    // No parked connection on another port.
+    let none = g.dev.lock().unwrap().attach_client(5, b"x").unwrap();
+    assert!(none.is_none());
+    let mut c = g
+        .dev
+        .lock()
+        .unwrap()
+        .attach_client(abi::vsock::INVOKE_PORT, b"req")
+        .unwrap()
+        .expect("the parked connection was not attached");
+    c.set_read_timeout(Some(TIMEOUT)).unwrap();
+    // Taken: a second client does not get it.
+    let again = g
+        .dev
+        .lock()
+        .unwrap()
+        .attach_client(abi::vsock::INVOKE_PORT, b"x")
+        .unwrap();
+    assert!(again.is_none());
+    // The first bytes are on the guest's queue, no OP_REQUEST, no OK line for the client.
+    let (h, d) = g.expect(op::RW);
+    assert_eq!((h.src_port, &d[..]), (LOCAL_PORT + 9, &b"req"[..]));
+    g.send(g.hdr(op::RW, LOCAL_PORT + 9, 4, 0), b"resp");
+    let mut buf = [0u8; 4];
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"resp");
+    // Later bytes go through the device's host I/O as for any client.
+    c.write_all(b"more").unwrap();
+    let (_, d) = g.expect(op::RW);
+    assert_eq!(&d[..], b"more");
     g.finish();
 }
 

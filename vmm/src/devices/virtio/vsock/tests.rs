@@ -941,6 +941,16 @@ fn vsock_state_round_trip_parks_the_connection_and_resumes_the_rings() {
     g.send(g.hdr(op::RW, LOCAL_PORT, 3, 0), b"two");
     let mut buf = [0u8; 3];
     c.read_exact(&mut buf).unwrap();
+    // The client can read the bytes before the loop has seen its send complete (and counted
+    // them forwarded): wait for that, as a VMM waits for quiet host I/O before saving.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while g.dev.lock().unwrap().save().connections[0].fwd_cnt != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the send never completed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     // Quiescent (as at READY): save both halves, the device under its lock.
     let (saved_dev, saved_t) = {
         let d = g.dev.lock().unwrap();

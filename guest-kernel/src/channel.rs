@@ -429,32 +429,24 @@ impl<T: Transport> Channel<T> {
         if !self.carry.is_empty() || self.rx.hdr_len != 0 || self.rx.payload.is_some() {
             return None;
         }
+        let (buf, cap) = (self.buf.as_ptr(), self.cap);
         loop {
-            if let Some(bytes) = self.vsock.peek_inline_data() {
-                let p = bytes.as_ptr();
-                if bytes.len() < HEADER_LEN {
-                    return None;
-                }
-                // SAFETY: `bytes` holds at least HEADER_LEN bytes; unaligned reads.
-                let (w0, len) = unsafe {
-                    (
-                        u64::from_le(p.cast::<u64>().read_unaligned()),
-                        u32::from_le(p.add(8).cast::<u32>().read_unaligned()) as usize,
-                    )
-                };
+            if let Some(p) = self.vsock.peek_small() {
+                // The frame header, read before anything is taken (the copy below makes the
+                // compiler read memory again after it).
+                let [w0, w1, id] = p.prefix();
                 // What `Header::decode` accepts for a REQUEST that fits the buffer (anything
                 // else goes the long way, which refuses it properly), ending the packet.
-                if w0 != REQUEST_WORD0 || HEADER_LEN + len != bytes.len() || len > self.cap {
+                let len = w1 as u32 as usize;
+                if w0 != REQUEST_WORD0 || HEADER_LEN + len != p.len() || len > cap {
                     return None;
                 }
-                // SAFETY: `len <= cap`: inside the request buffer (`new`'s contract), which
-                // the driver's inline buffer does not overlap; `HEADER_LEN + len` bytes are
-                // in `bytes`.
-                let id = unsafe {
-                    copy_bytes(self.buf.as_ptr(), p.add(HEADER_LEN), len);
-                    u64::from_le(p.add(16).cast::<u64>().read_unaligned())
-                };
-                self.vsock.take_inline_data();
+                self.vsock.take_small(p, |bytes| {
+                    // SAFETY: `len <= cap`: inside the request buffer (`new`'s contract), which
+                    // the driver's inline buffer does not overlap; `bytes` holds
+                    // `HEADER_LEN + len` bytes.
+                    unsafe { copy_bytes(buf, bytes.as_ptr().add(HEADER_LEN), len) }
+                });
                 return Some((id, len));
             }
             if !self.vsock.wait_quietly() {
@@ -469,21 +461,19 @@ impl<T: Transport> Channel<T> {
     // Always inlined into the run loop's `NEXT`.
     #[inline(always)]
     pub fn try_send_small(&mut self, id: u64, kind: u16, payload: &[u8]) -> bool {
-        let Some(p) = self.vsock.try_reserve_small(HEADER_LEN + payload.len()) else {
-            return false;
-        };
         let [w0, w1, w2] = header_words(kind, id, payload.len() as u32);
-        // SAFETY: `p` holds `HEADER_LEN + payload.len()` bytes of driver memory: the
-        // header's 24, then the payload's, copied from the caller's slice (distinct memory).
-        unsafe {
-            let d = p.data().cast::<u64>();
-            d.write_unaligned(w0);
-            d.add(1).write_unaligned(w1);
-            d.add(2).write_unaligned(w2);
-            copy_bytes(p.data().add(HEADER_LEN), payload.as_ptr(), payload.len());
-        }
-        self.vsock.commit_small(p);
-        true
+        let (src, n) = (payload.as_ptr(), payload.len());
+        self.vsock.try_send_small_with(HEADER_LEN + n, |d| {
+            // SAFETY: `d` holds `HEADER_LEN + n` bytes of driver memory: the header's 24,
+            // then the payload's, copied from the caller's slice (distinct memory).
+            unsafe {
+                let w = d.cast::<u64>();
+                w.write_unaligned(w0);
+                w.add(1).write_unaligned(w1);
+                w.add(2).write_unaligned(w2);
+                copy_bytes(d.add(HEADER_LEN), src, n);
+            }
+        })
     }
 
     /// The body of [`wait_request`](Self::wait_request).

@@ -466,19 +466,16 @@ mod imp {
         // here, and the guest goes no further.
         run.in_flight = None;
         control::done();
-        match channel.next_request() {
-            Some((id, len)) => {
-                run.in_flight = Some(id);
-                len as u64
-            }
-            None => receive_general(),
-        }
+        receive_next()
     }
 
     /// [`next`] for everything but the usual invocation.
     #[inline(never)]
     fn next_general(kind: u64, ptr: u64, len: u64) -> u64 {
         let run = state();
+        if !run.ready && run.hostile.is_none() && run.in_flight.is_none() {
+            return ready_then_receive();
+        }
         if let Some(id) = run.in_flight.take() {
             let sent = match check_result(kind, ptr, len, run.layout.user_end) {
                 Ok((kind, ptr, len)) => {
@@ -503,6 +500,38 @@ mod imp {
         if !run.plain {
             run.before_wait();
         }
+        let request = match &mut run.source {
+            Source::Vsock(channel) => channel.next_request(),
+            _ => None,
+        };
+        match request {
+            Some((id, len)) => {
+                run.in_flight = Some(id);
+                len as u64
+            }
+            None => receive_general(),
+        }
+    }
+
+    /// The first `NEXT` (after `init`) without a hostile switch: READY, then the wait for the
+    /// first request and its straight way, in a small function of its own. A guest restored
+    /// from the snapshot taken at READY resumes here: a few instructions from its request
+    /// (kernel code may be emulated one instruction at a time).
+    #[inline(never)]
+    fn ready_then_receive() -> u64 {
+        let run = state();
+        run.ready = true;
+        run.plain = true;
+        run.source.ready();
+        receive_next()
+    }
+
+    /// Waits for the next request, the straight way if it can ([`Channel::next_request`]),
+    /// else the general way; returns its length. Out of line: the registers it needs are
+    /// saved only when it runs (a VMM that resets at DONE never runs it after a response).
+    #[inline(never)]
+    fn receive_next() -> u64 {
+        let run = state();
         let request = match &mut run.source {
             Source::Vsock(channel) => channel.next_request(),
             _ => None,

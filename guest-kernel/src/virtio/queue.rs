@@ -121,6 +121,9 @@ pub struct SplitQueue {
     /// `VIRTIO_F_EVENT_IDX` was negotiated: notifications and interrupts are asked for with
     /// `avail_event`/`used_event` instead of the rings' flags.
     event_idx: bool,
+    /// What says whether the device wants a notification after a publish: `avail_event`
+    /// with event indices, else the used ring's flags (inside the queue memory).
+    notify_check: *const u16,
 }
 
 impl SplitQueue {
@@ -142,6 +145,8 @@ impl SplitQueue {
             in_flight: 0,
             published: 0,
             event_idx: false,
+            // SAFETY: only the address is computed.
+            notify_check: unsafe { addr_of!((*mem.as_ptr()).used.flags) },
         };
         // SAFETY: `mem` is a fresh allocation of the right layout, which nothing else uses
         // yet; the event fields lie inside it (`size <= N`).
@@ -160,6 +165,12 @@ impl SplitQueue {
     /// Switches to `VIRTIO_F_EVENT_IDX` notification suppression (after negotiating it).
     pub fn set_event_idx(&mut self, on: bool) {
         self.event_idx = on;
+        self.notify_check = if on {
+            self.avail_event_ptr().cast_const()
+        } else {
+            // SAFETY: only the address is computed.
+            unsafe { addr_of!((*self.mem.as_ptr()).used.flags) }
+        };
     }
 
     /// `used_event`: the avail ring's trailing field (after `size` entries).
@@ -308,7 +319,7 @@ impl SplitQueue {
     }
 
     /// For a queue that keeps one chain in flight: the element the device returned for it,
-    /// if it did, without consuming it ([`repost`](Self::repost) does). `None` also when the
+    /// if it did, without consuming it ([`repost_begin`](Self::repost_begin) does). `None` also when the
     /// used index moved by anything but one: [`pop_used`](Self::pop_used) then reports it.
     /// The id and length are the device's word, as for `pop_used`.
     #[inline(always)]
@@ -330,12 +341,15 @@ impl SplitQueue {
         })
     }
 
-    /// Consumes the element [`peek_single`](Self::peek_single) returned and hands chain
-    /// `head` straight back, asking for an interrupt when the device returns it: `pop_used`,
-    /// `push`, `interrupt_next` and `publish` in one straight line (kernel code may be
-    /// emulated one instruction at a time). Returns whether the device wants a notification.
+    /// For a queue that keeps one chain in flight and whose chain the device returned
+    /// ([`peek_single`](Self::peek_single) saw it): consumes it and puts chain `head` back in
+    /// the available ring, asking for an interrupt when the device returns it, all but the
+    /// index store, which [`Published::publish`] makes. Everything is read here, before the
+    /// caller works on the returned buffer (copying it: kernel code may be emulated one
+    /// instruction at a time, and a copy makes the compiler read memory again after it); the
+    /// device sees nothing until `publish`.
     #[inline(always)]
-    pub fn repost(&mut self, head: u16) -> bool {
+    pub fn repost_begin(&mut self, head: u16) -> Published {
         let mem = self.mem.as_ptr();
         let (size, idx, old) = (self.size, self.avail_idx, self.published);
         let event_idx = self.event_idx;
@@ -353,51 +367,57 @@ impl SplitQueue {
                 ring.add(usize::from(size)).write_volatile(last);
             }
         }
-        self.publish_index(mem, event_idx, new, old)
-    }
-
-    /// The end of [`publish`](Self::publish) for the straight-line paths, with what they
-    /// already hold in registers (the fence makes the compiler read memory again after it).
-    #[inline(always)]
-    fn publish_index(&self, mem: *mut QueueMemory, event_idx: bool, new: u16, old: u16) -> bool {
-        let avail_event = self.avail_event_ptr();
-        // SAFETY: the index is a 2-aligned u16 inside the queue memory, which the device
-        // only reads.
-        unsafe { AtomicU16::from_ptr(addr_of_mut!((*mem).avail.idx)) }
-            .store(new, Ordering::Release);
-        // The device's side must be read after the index is published (store, then load).
-        fence(Ordering::SeqCst);
-        if event_idx {
-            // SAFETY: the field is inside the queue memory; the device writes it with
-            // single 16-bit stores.
-            let event = unsafe { avail_event.read_volatile() };
-            return needs_event(event, new, old);
+        Published {
+            // SAFETY: only the address is computed.
+            idx: unsafe { addr_of_mut!((*mem).avail.idx) },
+            check: self.notify_check,
+            new,
+            old,
+            event_idx,
         }
-        // SAFETY: the used ring's flags field is inside the queue memory.
-        let flags = unsafe { addr_of!((*mem).used.flags).read_volatile() };
-        flags & USED_F_NO_NOTIFY == 0
     }
 
-    /// Puts chain `head` (one descriptor, already written) in the available ring and
-    /// publishes it: `push` and `publish` in one straight line. Returns whether the device
-    /// wants a notification.
+    /// Writes descriptor `head` and publishes it as a one-descriptor chain: `set_desc`,
+    /// `push` and `publish` in one straight line, the queue's fields read once. Returns
+    /// whether the device wants a notification.
     #[inline(always)]
-    pub fn push_publish(&mut self, head: u16) -> bool {
+    pub fn push_desc_publish(&mut self, head: u16, desc: Descriptor) -> bool {
         let mem = self.mem.as_ptr();
-        let (idx, old) = (self.avail_idx, self.published);
+        let (mask, idx, old, event_idx, check) = (
+            self.size - 1,
+            self.avail_idx,
+            self.published,
+            self.event_idx,
+            self.notify_check,
+        );
         let new = idx.wrapping_add(1);
         self.avail_idx = new;
         self.published = new;
         self.in_flight += 1;
-        // SAFETY: `idx & (size - 1) < size <= N`: inside the ring; the device reads it only
-        // after the index store.
-        unsafe {
+        let meta = u64::from(desc.len) | u64::from(desc.flags) << 32 | u64::from(desc.next) << 48;
+        // SAFETY: `head & mask < size <= N` and `idx & mask < N`: inside the table and the
+        // ring; the device reads them only after the index store.
+        let idx_ptr = unsafe {
+            let d = addr_of_mut!((*mem).desc)
+                .cast::<Descriptor>()
+                .add(usize::from(head & mask))
+                .cast::<u64>();
+            d.write_volatile(desc.addr);
+            d.add(1).write_volatile(meta);
             addr_of_mut!((*mem).avail.ring)
                 .cast::<u16>()
-                .add(usize::from(idx & (self.size - 1)))
-                .write_volatile(head)
+                .add(usize::from(idx & mask))
+                .write_volatile(head);
+            addr_of_mut!((*mem).avail.idx)
         };
-        self.publish_index(mem, self.event_idx, new, old)
+        Published {
+            idx: idx_ptr,
+            check,
+            new,
+            old,
+            event_idx,
+        }
+        .publish()
     }
 
     /// Chains handed to the device and not yet returned.
@@ -456,6 +476,41 @@ impl SplitQueue {
             size: self.size,
             next_avail: 0,
             used_idx: 0,
+        }
+    }
+}
+
+/// Chains put in the available ring ([`SplitQueue::repost_begin`]) that the device does
+/// not see yet: [`publish`](Self::publish) stores the index.
+#[derive(Debug)]
+#[must_use = "the device sees nothing until it is published"]
+pub struct Published {
+    /// The available index (inside queue memory, which is never freed).
+    idx: *mut u16,
+    /// `avail_event` with event indices, else the used ring's flags.
+    check: *const u16,
+    new: u16,
+    old: u16,
+    event_idx: bool,
+}
+
+impl Published {
+    /// Makes the chains visible to the device. Returns whether the device wants a
+    /// notification (as [`SplitQueue::publish`]).
+    #[inline(always)]
+    pub fn publish(self) -> bool {
+        // SAFETY: the index is a 2-aligned u16 inside queue memory, which is never freed
+        // (`SplitQueue::new`); the device only reads it.
+        unsafe { AtomicU16::from_ptr(self.idx) }.store(self.new, Ordering::Release);
+        // The device's side must be read after the index is published (store, then load).
+        fence(Ordering::SeqCst);
+        // SAFETY: a u16 inside queue memory, which is never freed; the device writes it with
+        // single 16-bit stores.
+        let v = unsafe { self.check.read_volatile() };
+        if self.event_idx {
+            needs_event(v, self.new, self.old)
+        } else {
+            v & USED_F_NO_NOTIFY == 0
         }
     }
 }
@@ -698,7 +753,7 @@ mod tests {
     }
 
     #[test]
-    fn repost_and_push_publish_match_the_long_way() {
+    fn repost_and_push_desc_publish_match_the_long_way() {
         for event_idx in [false, true] {
             let mut q = SplitQueue::new(0, 2).unwrap();
             q.set_event_idx(event_idx);
@@ -719,7 +774,7 @@ mod tests {
                     })
                 );
                 // The device asked to hear of the next chain: notified.
-                assert!(q.repost(0));
+                assert!(q.repost_begin(0).publish());
                 assert_eq!(q.in_flight(), 1);
                 assert_eq!(q.peek_single(), None);
                 if event_idx {
@@ -735,11 +790,18 @@ mod tests {
             let mut t = SplitQueue::new(1, 4).unwrap();
             t.set_event_idx(event_idx);
             let mut dev = t.device();
-            assert!(t.push_publish(0));
+            let desc = |len| Descriptor {
+                addr: 0x1000,
+                len,
+                flags: 0,
+                next: 0,
+            };
+            assert!(t.push_desc_publish(0, desc(10)));
             assert_eq!(dev.pop_avail(), Some(0));
             // Not asked again (event index mode) or asked (flags mode).
-            assert_eq!(t.push_publish(3), !event_idx);
+            assert_eq!(t.push_desc_publish(3, desc(30)), !event_idx);
             assert_eq!(dev.pop_avail(), Some(3));
+            assert_eq!(dev.desc(3), desc(30));
             assert_eq!(t.in_flight(), 2);
         }
     }

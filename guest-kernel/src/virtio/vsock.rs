@@ -297,6 +297,8 @@ struct Conn {
     fwd_cnt: u32,
     /// `fwd_cnt` as last told to the host.
     adv_fwd_cnt: u32,
+    /// The `PORTS` word of the guest's packets on the connection.
+    tx_ports: u64,
     /// A credit request is outstanding.
     credit_requested: bool,
     /// The host said it will send no more.
@@ -307,8 +309,11 @@ impl Conn {
     /// Takes the host's credit from a packet header. A change answers an outstanding credit
     /// request (a host may answer with any packet, not only OP_CREDIT_UPDATE), so the next
     /// stall may ask again.
+    // The usual case, no request outstanding, tests one flag.
+    #[inline(always)]
     fn update_credit(&mut self, buf_alloc: u32, fwd_cnt: u32) {
-        if (buf_alloc, fwd_cnt) != (self.peer_buf_alloc, self.peer_fwd_cnt) {
+        if self.credit_requested && (buf_alloc, fwd_cnt) != (self.peer_buf_alloc, self.peer_fwd_cnt)
+        {
             self.credit_requested = false;
         }
         self.peer_buf_alloc = buf_alloc;
@@ -375,6 +380,50 @@ impl SmallPacket {
     }
 }
 
+/// A small packet the device returned into the inline buffer, looked at by
+/// [`Vsock::peek_small`]: where its bytes are and what its header said.
+#[derive(Clone, Copy, Debug)]
+pub struct SmallRx {
+    data: *const u8,
+    len: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+}
+
+impl SmallRx {
+    /// The packet's data length.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// Whether the packet carries no data.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first 24 bytes of the inline buffer as three little-endian words (a caller's
+    /// header, read before it takes the packet). Bytes past [`len`](Self::len) are stale,
+    /// never outside the buffer: the caller checks the length.
+    #[inline(always)]
+    pub fn prefix(&self) -> [u64; 3] {
+        // SAFETY: the inline buffer holds RX_INLINE >= 24 bytes of driver memory, which the
+        // device does not write while the packet is with the driver; unaligned reads.
+        unsafe {
+            let w = self.data.cast::<u64>();
+            [
+                w.read_unaligned(),
+                w.add(1).read_unaligned(),
+                w.add(2).read_unaligned(),
+            ]
+        }
+    }
+}
+
+const _: () = assert!(RX_INLINE >= 24);
+
+// `peek_small` finds the inline buffer right after the header.
+const _: () = assert!(core::mem::offset_of!(RxArea, inline) == HDR_LEN);
+
 /// The driver.
 #[derive(Debug)]
 pub struct Vsock<T: Transport> {
@@ -388,6 +437,11 @@ pub struct Vsock<T: Transport> {
     rx_armed: bool,
     /// Where the armed chain's data goes: address and length.
     rx_window: (u64, u32),
+    /// While a connection is open and the receive chain is with the device, into the inline
+    /// buffer: the `PORTS` word the connection's packets carry (never 0: the destination
+    /// port is the listening one). 0 otherwise. [`peek_small`](Self::peek_small) checks all
+    /// that with one compare.
+    rx_fast: u64,
     /// Transmit slots usable (bit per slot).
     tx_slots: u16,
     /// Free transmit slots.
@@ -424,6 +478,7 @@ impl<T: Transport> Vsock<T> {
             guest_cid,
             rx_armed: false,
             rx_window: (0, 0),
+            rx_fast: 0,
             tx_slots,
             tx_free: tx_slots,
             tx_zero_copy: 0,
@@ -531,6 +586,10 @@ impl<T: Transport> Vsock<T> {
         self.rx.push(RX_HEAD);
         self.rx.interrupt_next();
         self.rx_armed = true;
+        self.rx_fast = match (window, &self.conn) {
+            (None, Some(c)) => word::ports(c.peer_port, addr::INVOKE_PORT),
+            _ => 0,
+        };
         if self.rx.publish() {
             self.transport.notify(QUEUE_RX);
         }
@@ -589,6 +648,7 @@ impl<T: Transport> Vsock<T> {
             return Err(VsockError::BadRxChain(used.id));
         }
         self.rx_armed = false;
+        self.rx_fast = 0;
         if (used.len as usize) < HDR_LEN {
             // Not even a header: nothing to act on.
             return Ok(Event::Control);
@@ -646,13 +706,17 @@ impl<T: Transport> Vsock<T> {
 
     /// The usual received packet, looked at without taking it: stream data on the open
     /// connection that the device wrote into the inline buffer, checked as [`poll`](Self::poll)
-    /// checks it. Returns its bytes, or `None` for anything else, nothing changed (`poll`
-    /// then handles it the long way). [`take_inline_data`](Self::take_inline_data) takes it.
-    // Always inlined: with `take_inline_data`, the whole receive path of a small request.
+    /// checks it (but for its length, which may be 0: the caller checks it against what it
+    /// expects). `None` for anything else, nothing changed (`poll` then handles it the long
+    /// way). [`take_small`](Self::take_small) takes it. Every header word the driver needs
+    /// is read here, once.
+    // Always inlined: with `take_small`, the whole receive path of a small request.
     #[inline(always)]
-    pub fn peek_inline_data(&self) -> Option<&[u8]> {
-        let c = self.conn.as_ref()?;
-        if !self.rx_armed || self.event.has_used() {
+    pub fn peek_small(&self) -> Option<SmallRx> {
+        // Non-zero only while a connection is open and the receive chain is with the device,
+        // into the inline buffer: one compare stands for those three tests.
+        let ports_expected = self.rx_fast;
+        if self.event.has_used() {
             return None;
         }
         let used = self.rx.peek_single()?;
@@ -660,56 +724,55 @@ impl<T: Transport> Vsock<T> {
         // SAFETY: the header buffer is driver memory the device no longer writes (the chain
         // came back: `peek_single`'s acquire load orders these reads after its writes); the
         // words lie inside it (`word`'s offsets are checked).
-        let (src_cid, dst_cid, ports, len_type_op) = unsafe {
+        let (src_cid, dst_cid, ports, len_type_op, flags_buf_alloc, fwd_cnt) = unsafe {
             (
                 b.add(word::SRC_CID).cast::<u64>().read_unaligned(),
                 b.add(word::DST_CID).cast::<u64>().read_unaligned(),
                 b.add(word::PORTS).cast::<u64>().read_unaligned(),
                 b.add(word::LEN_TYPE_OP).cast::<u64>().read_unaligned(),
-            )
-        };
-        let len = len_type_op as u32;
-        let inline = self.inline_addr();
-        if used.id != u32::from(RX_HEAD)
-            || len == 0
-            || len as usize > RX_INLINE
-            || u64::from(len) + HDR_LEN as u64 > u64::from(used.len)
-            || len_type_op >> 32 != word::type_op(TYPE_STREAM, op::RW)
-            || ports != word::ports(c.peer_port, addr::INVOKE_PORT)
-            || src_cid != addr::HOST_CID
-            || dst_cid != self.guest_cid
-            || self.rx_window.0 != inline
-        {
-            return None;
-        }
-        // SAFETY: `len <= RX_INLINE` bytes of the inline buffer, which the device does not
-        // write until the chain is handed back (`take_inline_data`, which needs `&mut self`).
-        Some(unsafe { core::slice::from_raw_parts(inline as *const u8, len as usize) })
-    }
-
-    /// Takes the packet [`peek_inline_data`](Self::peek_inline_data) returned (counts its
-    /// bytes, takes the host's credit) and hands the receive chain straight back to the
-    /// device, into the inline buffer again. The caller must be done with the bytes.
-    #[inline(always)]
-    pub fn take_inline_data(&mut self) {
-        let b = self.rx_hdr_ptr().cast::<u8>();
-        // SAFETY: as in `peek_inline_data`: the chain is still with the driver.
-        let (len, buf_alloc, fwd_cnt) = unsafe {
-            (
-                b.add(word::LEN_TYPE_OP).cast::<u32>().read_unaligned(),
-                b.add(word::FLAGS_BUF_ALLOC + 4)
-                    .cast::<u32>()
-                    .read_unaligned(),
+                b.add(word::FLAGS_BUF_ALLOC).cast::<u64>().read_unaligned(),
                 b.add(word::FWD_CNT).cast::<u32>().read_unaligned(),
             )
         };
-        if let Some(c) = self.conn.as_mut() {
-            c.update_credit(buf_alloc, fwd_cnt);
-            c.fwd_cnt = c.fwd_cnt.wrapping_add(len);
+        let len = len_type_op as u32;
+        if ports != ports_expected
+            || used.id != u32::from(RX_HEAD)
+            || len as usize > RX_INLINE
+            || len + HDR_LEN as u32 > used.len
+            || len_type_op >> 32 != word::type_op(TYPE_STREAM, op::RW)
+            || src_cid != addr::HOST_CID
+            || dst_cid != self.guest_cid
+        {
+            return None;
         }
-        if self.rx.repost(RX_HEAD) {
+        Some(SmallRx {
+            // SAFETY: the inline buffer follows the header in `RxArea` (checked below `RxArea`);
+            // only the address is computed.
+            data: unsafe { b.add(HDR_LEN) },
+            len,
+            buf_alloc: (flags_buf_alloc >> 32) as u32,
+            fwd_cnt,
+        })
+    }
+
+    /// Takes the packet [`peek_small`](Self::peek_small) returned (counts its bytes, takes
+    /// the host's credit), calls `read` with its bytes, and hands the receive chain straight
+    /// back to the device, into the inline buffer again, once `read` returned.
+    #[inline(always)]
+    pub fn take_small<R>(&mut self, p: SmallRx, read: impl FnOnce(&[u8]) -> R) -> R {
+        if let Some(c) = self.conn.as_mut() {
+            c.update_credit(p.buf_alloc, p.fwd_cnt);
+            c.fwd_cnt = c.fwd_cnt.wrapping_add(p.len);
+        }
+        // SAFETY: `p.len <= RX_INLINE` bytes of the inline buffer (`peek_small` checked),
+        // which the device does not write until the chain is handed back below.
+        let r = read(unsafe { core::slice::from_raw_parts(p.data, p.len as usize) });
+        // The queue's fields are read after `read` (few values live across it: no registers
+        // to save).
+        if self.rx.repost_begin(RX_HEAD).publish() {
             self.transport.notify(QUEUE_RX);
         }
+        r
     }
 
     /// Waits for the device (as [`wait`](Self::wait)) if nothing but a packet can end the
@@ -824,6 +887,7 @@ impl<T: Transport> Vsock<T> {
                     tx_cnt: 0,
                     fwd_cnt: 0,
                     adv_fwd_cnt: 0,
+                    tx_ports: word::ports(addr::INVOKE_PORT, hdr.src_port),
                     credit_requested: false,
                     peer_send_done: false,
                 });
@@ -869,6 +933,7 @@ impl<T: Transport> Vsock<T> {
             self.transport.notify(QUEUE_EVENT);
         }
         if used.len >= 4 && id == EVENT_TRANSPORT_RESET && self.conn.take().is_some() {
+            self.rx_fast = 0;
             return Ok(Event::Closed);
         }
         Ok(Event::Control)
@@ -1148,17 +1213,22 @@ impl<T: Transport> Vsock<T> {
         Ok(Some(SmallPacket { slot, len: n, data }))
     }
 
-    /// [`reserve_small`](Self::reserve_small) without reaping completed chains: `None` also
-    /// when no slot is free yet (the caller then takes the long way, which reaps).
+    /// The usual small data packet on the open connection, in one straight line: if `n`
+    /// bytes (1 to [`TX_INLINE`]) can go now (within the host's credit, a slot free without
+    /// reaping), calls `write` with the slot's `n` data bytes to fill, and sends them as one
+    /// packet. Returns false, nothing done, otherwise (the caller then takes the long way,
+    /// which reaps).
     #[inline(always)]
-    pub fn try_reserve_small(&self, n: usize) -> Option<SmallPacket> {
-        let conn = self.conn.as_ref()?;
+    pub fn try_send_small_with(&mut self, n: usize, write: impl FnOnce(*mut u8)) -> bool {
         let free = self.tx_free;
-        if n == 0 || n > TX_INLINE || conn.credit() < n || free == 0 {
-            return None;
+        let Some(c) = &self.conn else {
+            return false;
+        };
+        if n == 0 || n > TX_INLINE || c.credit() < n || free == 0 {
+            return false;
         }
         // `free` is a non-empty subset of the usable slots: `slot < TX_SLOTS`.
-        let slot = u32::from(free).trailing_zeros() as usize;
+        let slot = free.trailing_zeros() as usize;
         // SAFETY: `slot < TX_SLOTS`: inside the slot array; only the address is computed.
         let data = unsafe {
             addr_of_mut!((*self.bufs.as_ptr()).tx)
@@ -1167,7 +1237,9 @@ impl<T: Transport> Vsock<T> {
                 .cast::<u8>()
                 .add(HDR_LEN)
         };
-        Some(SmallPacket { slot, len: n, data })
+        write(data);
+        self.commit_small(SmallPacket { slot, len: n, data });
+        true
     }
 
     /// Sends the packet `p` holds (its data written by the caller): one descriptor over the
@@ -1185,7 +1257,7 @@ impl<T: Transport> Vsock<T> {
         let fwd_cnt = c.fwd_cnt;
         c.adv_fwd_cnt = fwd_cnt;
         c.tx_cnt = c.tx_cnt.wrapping_add(n);
-        let ports = word::ports(addr::INVOKE_PORT, c.peer_port);
+        let ports = c.tx_ports;
         // SAFETY: `p.data` is the slot's data, which follows its header (`TxSlot`'s layout is
         // checked): the header's address is computed.
         let h = unsafe { p.data.sub(HDR_LEN) };
@@ -1202,18 +1274,14 @@ impl<T: Transport> Vsock<T> {
                 .write_unaligned(u64::from(BUF_ALLOC) << 32);
             h.add(word::FWD_CNT).cast::<u32>().write_unaligned(fwd_cnt);
         }
-        let head = p.slot as u16 * TX_CHAIN;
-        self.tx.set_desc(
-            head,
-            Descriptor {
-                addr: dma_addr(h),
-                len: HDR_LEN as u32 + n,
-                flags: 0,
-                next: 0,
-            },
-        );
         self.tx_free &= !(1u16 << p.slot);
-        if self.tx.push_publish(head) {
+        let desc = Descriptor {
+            addr: dma_addr(h),
+            len: HDR_LEN as u32 + n,
+            flags: 0,
+            next: 0,
+        };
+        if self.tx.push_desc_publish(p.slot as u16 * TX_CHAIN, desc) {
             self.transport.notify(QUEUE_TX);
         }
     }
@@ -1242,6 +1310,7 @@ impl<T: Transport> Vsock<T> {
                 SHUTDOWN_RCV | SHUTDOWN_SEND,
             )?;
             self.conn = None;
+            self.rx_fast = 0;
         }
         Ok(())
     }

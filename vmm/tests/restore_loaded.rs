@@ -5,21 +5,20 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::echo::{call, snapshot_echo_guest, try_connect};
 use common::{guest_image, BOOT_TIMEOUT};
-use fnode_guest::abi::{cmdline, frame, vsock};
+use fnode_guest::abi::cmdline;
 use fnode_vmm::builder::{build, VmConfig};
 use fnode_vmm::kvm::test_support::require_kvm;
-use fnode_vmm::microvm::UntilReady;
 use fnode_vmm::vstate::vcpu_pool::MAX_PARKED;
 use fnode_vmm::{
-    persist, record_working_set, restore_loaded, KvmContext, LoadedSnapshot, MicroVm, Outcome,
-    RestoreError, RestoreOptions,
+    record_working_set, restore_loaded, KvmContext, LoadedSnapshot, MicroVm, Outcome, RestoreError,
+    RestoreOptions,
 };
 
 /// The tests of this file count the process's fds and threads: one at a time.
@@ -28,78 +27,6 @@ static SERIAL: Mutex<()> = Mutex::new(());
 fn tmp(name: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("restore-loaded-{}-{name}", std::process::id()))
-}
-
-/// `CONNECT <port>` and the `OK` line; `None` if the device closed the connection.
-fn try_connect(path: &Path) -> Option<UnixStream> {
-    let mut s = UnixStream::connect(path).ok()?;
-    s.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
-    s.write_all(format!("CONNECT {}\n", vsock::INVOKE_PORT).as_bytes())
-        .unwrap();
-    let mut line = Vec::new();
-    // Byte by byte: nothing past the line may be consumed.
-    BufReader::with_capacity(1, &mut s)
-        .read_until(b'\n', &mut line)
-        .unwrap();
-    if line.is_empty() {
-        return None;
-    }
-    assert!(
-        line.starts_with(b"OK "),
-        "{:?}",
-        String::from_utf8_lossy(&line)
-    );
-    Some(s)
-}
-
-fn call(s: &mut UnixStream, id: u64, payload: &[u8]) -> Vec<u8> {
-    let hdr = frame::Header {
-        kind: frame::KIND_REQUEST,
-        id,
-        len: payload.len() as u32,
-    };
-    s.write_all(&hdr.encode()).unwrap();
-    s.write_all(payload).unwrap();
-    let mut raw = [0u8; frame::HEADER_LEN];
-    s.read_exact(&mut raw).unwrap();
-    let hdr = frame::Header::decode(&raw).unwrap();
-    assert_eq!((hdr.kind, hdr.id), (frame::KIND_RESPONSE, id));
-    let mut body = vec![0u8; hdr.len as usize];
-    s.read_exact(&mut body).unwrap();
-    body
-}
-
-/// Boots the echo kernel, connects while it boots, stops at READY and snapshots it.
-fn snapshot_echo_guest(kvm: &KvmContext, dir: &Path) {
-    let sock = tmp(&format!(
-        "{}-boot.sock",
-        dir.file_name().unwrap().to_string_lossy()
-    ));
-    let config = VmConfig {
-        cmdline: format!("{}=1", cmdline::ECHO_KEY),
-        vsock_uds: Some(sock.clone()),
-        ..VmConfig::new(guest_image())
-    };
-    let mut vm = build(kvm, &config, Box::new(std::io::sink())).unwrap();
-    let connector = std::thread::spawn(move || {
-        // The guest's driver resets the device when it starts: retry until it accepts.
-        let deadline = Instant::now() + BOOT_TIMEOUT;
-        loop {
-            if let Some(s) = try_connect(&sock) {
-                return s;
-            }
-            assert!(Instant::now() < deadline, "the echo guest never accepted");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    });
-    match vm.run_until_ready(BOOT_TIMEOUT).unwrap() {
-        UntilReady::Ready => {}
-        UntilReady::Ended(o) => panic!("the echo guest ended before READY: {o}"),
-    }
-    let client = connector.join().unwrap();
-    persist::snapshot(kvm, &mut vm, dir).unwrap();
-    drop(vm);
-    drop(client);
 }
 
 /// A VM of `loaded`, running, with its parked invocation connection attached.
@@ -144,7 +71,14 @@ fn a_loaded_snapshot_serves_many_vms_on_one_device_loop_without_leaks() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let kvm = KvmContext::new().unwrap();
     let dir = tmp("snap");
-    snapshot_echo_guest(&kvm, &dir);
+    snapshot_echo_guest(
+        &kvm,
+        tmp(&format!(
+            "{}-boot.sock",
+            dir.file_name().unwrap().to_string_lossy()
+        )),
+        &dir,
+    );
     let loaded = LoadedSnapshot::load(&kvm, &dir).unwrap();
     assert!(loaded.working_set().is_none());
     assert_eq!(loaded.dir(), dir.as_path());
@@ -223,7 +157,14 @@ fn the_working_set_is_recorded_used_and_refused_when_damaged() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let kvm = KvmContext::new().unwrap();
     let dir = tmp("ws-snap");
-    snapshot_echo_guest(&kvm, &dir);
+    snapshot_echo_guest(
+        &kvm,
+        tmp(&format!(
+            "{}-boot.sock",
+            dir.file_name().unwrap().to_string_lossy()
+        )),
+        &dir,
+    );
     let ws_path = fnode_snapshot::SnapshotDir::new(&dir).working_set_path();
 
     // Absent: no prefetch.

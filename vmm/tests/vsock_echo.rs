@@ -4,13 +4,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::io::{Read, Write};
+use std::path::PathBuf;
 
-use common::{guest_image, BOOT_TIMEOUT};
-use fnode_guest::abi::{cmdline, frame, vsock};
+use common::echo::{connect, read_frame, send_request};
+use common::guest_image;
+use fnode_guest::abi::{cmdline, frame};
 use fnode_vmm::builder::{build, VmConfig};
 use fnode_vmm::kvm::test_support::require_kvm;
 use fnode_vmm::KvmContext;
@@ -20,55 +19,6 @@ fn sock_path(name: &str) -> PathBuf {
         "fnode-vsock-echo-{}-{name}.sock",
         std::process::id()
     ))
-}
-
-/// Connects to the guest's invocation port through the hybrid vsock socket. A client that
-/// comes before the guest's driver is up is closed (the driver resets the device when it
-/// starts), so this retries until the guest answers.
-fn connect(path: &Path) -> UnixStream {
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    loop {
-        let mut s = UnixStream::connect(path).unwrap();
-        s.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
-        s.write_all(format!("CONNECT {}\n", vsock::INVOKE_PORT).as_bytes())
-            .unwrap();
-        // Byte by byte: nothing past the line may be consumed.
-        let mut line = Vec::new();
-        let mut reader = BufReader::with_capacity(1, &mut s);
-        reader.read_until(b'\n', &mut line).unwrap();
-        if line.starts_with(b"OK ") {
-            return s;
-        }
-        assert!(
-            line.is_empty(),
-            "the device answered {:?}",
-            String::from_utf8_lossy(&line)
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the echo guest never accepted a connection"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn send_request(s: &mut UnixStream, id: u64, payload: &[u8]) {
-    let hdr = frame::Header {
-        kind: frame::KIND_REQUEST,
-        id,
-        len: payload.len() as u32,
-    };
-    s.write_all(&hdr.encode()).unwrap();
-    s.write_all(payload).unwrap();
-}
-
-fn read_frame(s: &mut UnixStream) -> (frame::Header, Vec<u8>) {
-    let mut hdr = [0u8; frame::HEADER_LEN];
-    s.read_exact(&mut hdr).unwrap();
-    let hdr = frame::Header::decode(&hdr).unwrap();
-    let mut payload = vec![0u8; hdr.len as usize];
-    s.read_exact(&mut payload).unwrap();
-    (hdr, payload)
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: guest images and a boot helper.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod echo;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;

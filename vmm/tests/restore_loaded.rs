@@ -71,14 +71,7 @@ fn a_loaded_snapshot_serves_many_vms_on_one_device_loop_without_leaks() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let kvm = KvmContext::new().unwrap();
     let dir = tmp("snap");
-    snapshot_echo_guest(
-        &kvm,
-        tmp(&format!(
-            "{}-boot.sock",
-            dir.file_name().unwrap().to_string_lossy()
-        )),
-        &dir,
-    );
+    snapshot_echo_guest(&kvm, tmp("snap-boot.sock"), &dir);
     let loaded = LoadedSnapshot::load(&kvm, &dir).unwrap();
     assert!(loaded.working_set().is_none());
     assert_eq!(loaded.dir(), dir.as_path());
@@ -157,14 +150,7 @@ fn the_working_set_is_recorded_used_and_refused_when_damaged() {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let kvm = KvmContext::new().unwrap();
     let dir = tmp("ws-snap");
-    snapshot_echo_guest(
-        &kvm,
-        tmp(&format!(
-            "{}-boot.sock",
-            dir.file_name().unwrap().to_string_lossy()
-        )),
-        &dir,
-    );
+    snapshot_echo_guest(&kvm, tmp("ws-snap-boot.sock"), &dir);
     let ws_path = fnode_snapshot::SnapshotDir::new(&dir).working_set_path();
 
     // Absent: no prefetch.

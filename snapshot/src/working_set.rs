@@ -72,7 +72,10 @@ pub struct WorkingSet {
 
 impl WorkingSet {
     /// The set of `pages` (guest page frame numbers, in any order, duplicates allowed);
-    /// pages beyond `u32::MAX` are left out (no fnode guest has that much memory).
+    /// pages beyond `u32::MAX` are left out (no fnode guest has that much memory), and so are
+    /// the runs past the first [`MAX_RUNS`]: a guest that touched scattered pages must not
+    /// make a file that [`read`] refuses (the set is only a prefetch hint, so fewer pages is
+    /// never wrong).
     pub fn from_pages(pages: &[u64]) -> Self {
         let mut sorted: Vec<u32> = pages
             .iter()
@@ -82,10 +85,12 @@ impl WorkingSet {
         sorted.dedup();
         let mut runs: Vec<(u32, u32)> = Vec::new();
         for p in sorted {
+            let full = runs.len() >= MAX_RUNS as usize;
             match runs.last_mut() {
                 Some((first, count)) if u64::from(*first) + u64::from(*count) == u64::from(p) => {
                     *count += 1;
                 }
+                _ if full => break,
                 _ => runs.push((p, 1)),
             }
         }
@@ -221,6 +226,18 @@ mod tests {
         assert_eq!(read(&path, 1 << 20).unwrap(), None);
         write(&path, &set).unwrap();
         assert_eq!(read(&path, 1 << 20).unwrap(), Some(set));
+    }
+
+    #[test]
+    fn scattered_pages_still_make_a_readable_file() {
+        // Every other page: one run each, more than a file may hold.
+        let pages: Vec<u64> = (0..u64::from(MAX_RUNS) + 10).map(|i| 2 * i).collect();
+        let set = WorkingSet::from_pages(&pages);
+        assert_eq!(set.runs().len(), MAX_RUNS as usize);
+        assert_eq!(set.runs()[0], (0, 1));
+        let path = Path::new("/snap/working-set");
+        let back = WorkingSet::decode(path, &set.encode(), 4 * u64::from(MAX_RUNS)).unwrap();
+        assert_eq!(back, set);
     }
 
     #[test]

@@ -264,6 +264,9 @@ impl ResetJob {
         io_pending: bool,
     ) -> Result<OpStats, ResetError> {
         let mut account = self.account();
+        // A reset at DONE that failed after the host found nothing parked is superseded by
+        // this full one: its result must not reach the next run's stats or reset.
+        account.parked = None;
         let io = io_pending.then_some(MAX_IO_STEPS);
         self.reset_vcpu_thread(vcpu, buses, io, &mut account)
     }

@@ -173,7 +173,14 @@ impl RingCore {
             let mut inner = self.lock();
             if inner.unsubmitted {
                 inner.unsubmitted = false;
-                inner.ring.submit()?;
+                // The queue is shared by every VM's devices: a failed submit (a full
+                // completion queue, say) is no one device's fault. The entries stay queued
+                // and the loop tries again after reaping, as `service` does.
+                if inner.ring.submit().is_err() {
+                    inner.unsubmitted = true;
+                    drop(inner);
+                    return self.evt.write(1);
+                }
             }
             Ok(())
         } else {

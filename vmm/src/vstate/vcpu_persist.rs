@@ -18,7 +18,7 @@
 //! (`TSC_DEADLINE` is only accepted with the LAPIC in TSC-deadline mode), vCPU events last
 //! (they may hold an exception to inject).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
@@ -370,13 +370,17 @@ impl Vcpu {
             len: state.cpuid.len(),
         })?;
         fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
-        self.load_state(state)?;
+        self.load(state, true)?;
         let fd = self.fd();
         // A host with another TSC frequency: scale the guest's TSC where KVM can (TSC
         // scaling). Where it cannot, the guest's clock runs at this host's rate; it still
         // reads monotonic time, which is all fnode guests need of it. (A vCPU that already
         // ran here, reset in place, has its frequency set: `load_state` leaves it alone.)
-        if let (Some(khz), Ok(here)) = (state.tsc_khz, fd.get_tsc_khz()) {
+        // A new vCPU runs at the host's frequency, the same for every vCPU of the process:
+        // asked once (each vCPU ioctl costs a `vcpu_load`).
+        static HOST_TSC_KHZ: OnceLock<Option<u32>> = OnceLock::new();
+        let here = *HOST_TSC_KHZ.get_or_init(|| fd.get_tsc_khz().ok());
+        if let (Some(khz), Some(here)) = (state.tsc_khz, here) {
             if khz != here && khz != 0 {
                 let _ = fd.set_tsc_khz(khz);
             }
@@ -407,6 +411,14 @@ impl Vcpu {
     /// that holds the guest's clock state. An in-place reset runs all this at the guest's
     /// DONE, off the request path (see `crate::reset`).
     pub fn load_state(&mut self, state: &VcpuState) -> Result<(), VcpuPersistError> {
+        self.load(state, false)
+    }
+
+    /// [`load_state`](Self::load_state); on a `fresh` vCPU (just created, never run) the
+    /// parts whose saved value is the one KVM gives a new vCPU are left as they are: the
+    /// MP state of a runnable boot vCPU and debug registers nobody set. A used vCPU gets
+    /// everything.
+    fn load(&mut self, state: &VcpuState, fresh: bool) -> Result<(), VcpuPersistError> {
         let id = self.id();
         if state.id != id {
             return Err(VcpuPersistError::WrongVcpu {
@@ -417,8 +429,10 @@ impl Vcpu {
         let err = |ioctl| move |source| VcpuPersistError::Ioctl { ioctl, id, source };
         let sync = self.uses_sync_regs();
         let fd = self.fd();
-        fd.set_mp_state(state.mp_state)
-            .map_err(err("KVM_SET_MP_STATE"))?;
+        if !(fresh && is_fresh_mp_state(id, &state.mp_state)) {
+            fd.set_mp_state(state.mp_state)
+                .map_err(err("KVM_SET_MP_STATE"))?;
+        }
         if !sync {
             fd.set_regs(&state.regs).map_err(err("KVM_SET_REGS"))?;
         }
@@ -428,8 +442,10 @@ impl Vcpu {
         // sure KVM's XSAVE area (KVM_CAP_XSAVE2) is no larger, so KVM reads only this struct.
         unsafe { fd.set_xsave(&state.xsave) }.map_err(err("KVM_SET_XSAVE"))?;
         fd.set_xcrs(&state.xcrs).map_err(err("KVM_SET_XCRS"))?;
-        fd.set_debug_regs(&state.debug_regs)
-            .map_err(err("KVM_SET_DEBUGREGS"))?;
+        if !(fresh && is_fresh_debug_regs(&state.debug_regs)) {
+            fd.set_debug_regs(&state.debug_regs)
+                .map_err(err("KVM_SET_DEBUGREGS"))?;
+        }
         fd.set_lapic(&state.lapic).map_err(err("KVM_SET_LAPIC"))?;
         // One call for the lot: KVM takes up to KVM_MAX_MSR_ENTRIES at once.
         for chunk in state.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
@@ -459,6 +475,22 @@ impl Vcpu {
         }
         Ok(())
     }
+}
+
+/// DR6 as KVM resets it (its reserved bits read as 1).
+const DR6_RESET: u64 = 0xffff_0ff0;
+/// DR7 as KVM resets it (bit 10 reads as 1).
+const DR7_RESET: u64 = 0x400;
+
+/// Whether `mp` is the MP state KVM gives vCPU `id` when it creates it in a VM with an
+/// in-kernel irqchip: runnable for the boot vCPU (0), no PV unhalt pending.
+fn is_fresh_mp_state(id: u8, mp: &kvm_mp_state) -> bool {
+    id == 0 && mp.mp_state == kvm_bindings::KVM_MP_STATE_RUNNABLE
+}
+
+/// Whether `regs` are the debug registers KVM gives a new vCPU.
+fn is_fresh_debug_regs(regs: &kvm_debugregs) -> bool {
+    regs.db == [0; 4] && regs.dr6 == DR6_RESET && regs.dr7 == DR7_RESET && regs.flags == 0
 }
 
 #[cfg(test)]
@@ -519,6 +551,24 @@ mod tests {
         for m in BOOT_MSRS {
             assert_eq!(msr(&again, m), msr(&saved, m), "MSR {m:#x}");
         }
+    }
+
+    #[test]
+    fn a_new_vcpu_has_the_state_a_restore_leaves_alone() {
+        if !require_kvm() {
+            return;
+        }
+        let kvm = KvmContext::new().unwrap();
+        let vm = vm_with_irqchip(&kvm);
+        let vcpu = Vcpu::create(&vm, 0).unwrap();
+        let fd = vcpu.fd();
+        assert!(is_fresh_mp_state(0, &fd.get_mp_state().unwrap()));
+        assert!(is_fresh_debug_regs(&fd.get_debug_regs().unwrap()));
+        // Not for another vCPU, nor for state a guest set.
+        assert!(!is_fresh_mp_state(1, &fd.get_mp_state().unwrap()));
+        let mut set = fd.get_debug_regs().unwrap();
+        set.dr7 |= 1;
+        assert!(!is_fresh_debug_regs(&set));
     }
 
     #[test]

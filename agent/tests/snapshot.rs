@@ -186,6 +186,16 @@ fn restores_and_resets_draw_fresh_random_bytes() {
     }
 }
 
+/// Three calls of the counter snapshot in `dir` on one VM without reset: each sees the
+/// calls before it (static and heap memory).
+fn assert_state_carries_over(dir: &Path) {
+    let same = invoke(dir, &["--payload", "x", "--repeat", "3", "--reset", "none"]);
+    assert_eq!(
+        same,
+        "calls 1, previous -\ncalls 2, previous x\ncalls 3, previous x\n"
+    );
+}
+
 #[test]
 fn a_reset_vm_keeps_nothing_of_the_invocation_before() {
     if !require_kvm() {
@@ -193,14 +203,7 @@ fn a_reset_vm_keeps_nothing_of_the_invocation_before() {
     }
     let (_, dir) = image_and_snapshot("counter");
     // Served on the same VM, the function sees its earlier calls (static and heap memory).
-    let same = invoke(
-        &dir,
-        &["--payload", "x", "--repeat", "3", "--reset", "none"],
-    );
-    assert_eq!(
-        same,
-        "calls 1, previous -\ncalls 2, previous x\ncalls 3, previous x\n"
-    );
+    assert_state_carries_over(&dir);
     // Reset between calls: every call is the first, nothing written before is visible.
     for mode in ["copy", "dontneed"] {
         let reset = invoke(&dir, &["--payload", "x", "--repeat", "4", "--reset", mode]);
@@ -327,14 +330,7 @@ fn a_guest_writing_done_repeatedly_gets_one_reset_each_time() {
         assert_eq!(out, "calls 1, previous -\n".repeat(6), "{mode}");
     }
     // Without reset the DONEs are only messages: the guest goes on, and so does its state.
-    let same = invoke(
-        &dir,
-        &["--payload", "x", "--repeat", "3", "--reset", "none"],
-    );
-    assert_eq!(
-        same,
-        "calls 1, previous -\ncalls 2, previous x\ncalls 3, previous x\n"
-    );
+    assert_state_carries_over(&dir);
 }
 
 #[test]
@@ -362,12 +358,5 @@ fn a_guest_writing_done_before_any_request_only_loses_its_own_invocation() {
     assert!(stderr.contains("did not answer within 1500 ms"), "{stderr}");
     assert!(out.stdout.is_empty());
     // Without reset, the DONEs are only messages and the function serves.
-    let same = invoke(
-        &dir,
-        &["--payload", "x", "--repeat", "3", "--reset", "none"],
-    );
-    assert_eq!(
-        same,
-        "calls 1, previous -\ncalls 2, previous x\ncalls 3, previous x\n"
-    );
+    assert_state_carries_over(&dir);
 }

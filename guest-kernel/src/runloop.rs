@@ -500,17 +500,7 @@ mod imp {
         if !run.plain {
             run.before_wait();
         }
-        let request = match &mut run.source {
-            Source::Vsock(channel) => channel.next_request(),
-            _ => None,
-        };
-        match request {
-            Some((id, len)) => {
-                run.in_flight = Some(id);
-                len as u64
-            }
-            None => receive_general(),
-        }
+        receive_next()
     }
 
     /// The first `NEXT` (after `init`) without a hostile switch: READY, then the wait for the

@@ -24,6 +24,7 @@
 //! lives in `fnode-guest`'s `abi` module and is only imported here; snapshot file formats
 //! live in `fnode-snapshot`; pools, HTTP and scheduling live in the agent.
 
+pub mod affinity;
 pub mod bench;
 pub mod builder;
 pub mod devices;

@@ -53,7 +53,7 @@ use fnode_guest::abi::frame::MAX_PAYLOAD;
 use fnode_vmm::{builder::DEFAULT_MEM_MIB, KvmContext};
 use serde_json::{json, Map, Value};
 
-use fnode_vmm::ResetMode;
+use fnode_vmm::{affinity::BuildCpu, ResetMode};
 use ops::{Cold, FloorMemory};
 use probe::PageMap;
 use stats::{ModeKind, ModeStats};
@@ -117,6 +117,20 @@ pub struct BenchArgs {
     /// Leave modes out (comma-separated: cold,restore,reset,floor).
     #[arg(long, value_name = "MODES", value_delimiter = ',')]
     pub skip: Vec<String>,
+    /// The CPU the benchmark builds VMs on (cold, restore and floor; resets, vCPU and
+    /// device threads run anywhere): `boot`, where KVM completes a new VM's grace periods
+    /// (see `fnode_vmm::affinity`), or `any`.
+    #[arg(long, value_enum, default_value_t = BuildCpuChoice::Boot)]
+    pub build_cpu: BuildCpuChoice,
+}
+
+/// `--build-cpu`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BuildCpuChoice {
+    /// The boot CPU (`fnode_vmm::affinity`), when the process may use it and another.
+    Boot,
+    /// Wherever the scheduler puts the benchmark's thread.
+    Any,
 }
 
 /// A folder only this user can enter, removed with everything in it on drop.
@@ -205,6 +219,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let kvm = KvmContext::new().context("cannot use KVM")?;
+    let build_cpu = match args.build_cpu {
+        BuildCpuChoice::Boot => fnode_vmm::affinity::build_on_boot_cpu()
+            .context("cannot pin the benchmark's thread to the boot CPU (try --build-cpu any)")?,
+        BuildCpuChoice::Any => BuildCpu::Unchanged,
+    };
     let work = WorkDir::create()?;
     let timeout = Duration::from_millis(args.timeout_ms);
     let payload = args.payload.as_bytes();
@@ -301,6 +320,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             if skip(kind) {
                 continue;
             }
+            if build_cpu == BuildCpu::Pinned {
+                // A reset builds nothing (no grace periods to wait for): the pin would only
+                // keep the scheduler from placing this thread next to the VM's vCPU thread.
+                // Re-pinning after a reset moves the thread here, outside any timed window.
+                match kind {
+                    ModeKind::Reset => fnode_vmm::affinity::run_anywhere(),
+                    _ => {
+                        fnode_vmm::affinity::build_on_boot_cpu()
+                            .context("cannot pin the benchmark's thread to the boot CPU")?;
+                    }
+                }
+            }
             let sample = match kind {
                 ModeKind::Cold => match &cold {
                     Some(c) => {
@@ -362,6 +393,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         payload.len(),
     )?;
     write!(out, "{}", stats::table(&refs))?;
+    writeln!(
+        out,
+        "{}",
+        match build_cpu {
+            BuildCpu::Pinned => format!(
+                "cold, restore and floor built VMs from CPU {} (the boot CPU, --build-cpu boot); \
+                 resets, vCPU and device threads ran on any CPU",
+                fnode_vmm::affinity::BOOT_CPU
+            ),
+            BuildCpu::Unchanged => {
+                "VMs built and reset from whichever CPU the scheduler chose".into()
+            }
+        }
+    )?;
     if !skip(ModeKind::Restore) || !skip(ModeKind::Reset) {
         writeln!(
             out,
@@ -394,6 +439,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let density = match args.density {
         None => None,
         Some(n) => {
+            // The workers restore on every CPU, each as it is scheduled: they must not
+            // inherit this thread's pin.
+            fnode_vmm::affinity::run_anywhere();
             let plan = density::DensityPlan {
                 snapshot: &snapshot,
                 vms: n,
@@ -428,6 +476,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             doc.insert("notes".into(), Value::Object(skipped));
         }
         doc.insert("iterations".into(), json!(args.iterations));
+        doc.insert(
+            "build_cpu".into(),
+            json!(match build_cpu {
+                BuildCpu::Pinned => "boot",
+                BuildCpu::Unchanged => "any",
+            }),
+        );
         doc.insert("payload_bytes".into(), json!(payload.len()));
         let text = serde_json::to_string_pretty(&Value::Object(doc))?;
         std::fs::write(path, text + "\n")

@@ -63,7 +63,10 @@ impl Pool {
             let _ = std::thread::Builder::new()
                 .name("fnode-vcpu-spawner".into())
                 .stack_size(64 * 1024)
-                .spawn(move || self.spawn_spares(&rx));
+                .spawn(move || {
+                    crate::affinity::stay_off_build_cpu();
+                    self.spawn_spares(&rx)
+                });
             tx
         });
         let _ = tx.send(());
@@ -163,6 +166,7 @@ fn start_thread(first: Option<Job>) -> io::Result<libc::pthread_t> {
     let handle = std::thread::Builder::new()
         .name(THREAD_NAME.into())
         .spawn(move || {
+            crate::affinity::run_anywhere();
             if parks_at_once {
                 // Parked (and so findable) before the spawner looks again.
                 serve(None, Some(started_tx));

@@ -91,7 +91,10 @@ impl EventLoop {
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("fnode-devices".into())
-            .spawn(move || run(subscribers, thread_stop))
+            .spawn(move || {
+                crate::affinity::run_anywhere();
+                run(subscribers, thread_stop)
+            })
             .map_err(EventLoopError::Spawn)?;
         Ok(EventLoop {
             stop,
@@ -235,7 +238,10 @@ impl SharedLoop {
         let (ready_tx, ready) = mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("fnode-devices".into())
-            .spawn(move || run_shared(shared, &ready_tx))
+            .spawn(move || {
+                crate::affinity::run_anywhere();
+                run_shared(shared, &ready_tx)
+            })
             .map_err(EventLoopError::Spawn)?;
         match ready.recv() {
             Ok(Ok(())) => Ok(SharedLoop { shared }),

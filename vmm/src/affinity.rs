@@ -68,8 +68,8 @@ pub fn build_on_boot_cpu() -> Result<BuildCpu, AffinityError> {
 }
 
 /// Undoes, for the calling thread, a pin it inherited from a thread that called
-/// [`build_on_boot_cpu`] (or that pin itself); does nothing when no thread pinned. Best effort: a thread that keeps
-/// the pin still works, only on fewer CPUs.
+/// [`build_on_boot_cpu`] (or that pin itself); does nothing when no thread pinned. Best
+/// effort: a thread that keeps the pin still works, only on fewer CPUs.
 pub fn run_anywhere() {
     if let Some(cpus) = PROCESS_CPUS.get() {
         let _ = set(cpus);

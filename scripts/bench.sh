@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# fnode's benchmark: builds the echo function and runs `fnode bench` on it (cold start,
-# restore, in-place reset and the raw-KVM floor, interleaved), then a density run: 1,000
-# restored VMs alive and idle at once, spread over worker processes (one per 64 VMs;
-# FNODE_BENCH_ARGS="--density-workers K" picks another count).
+# fnode's benchmark: builds the echo function and runs `fnode bench` on it (cold boots in a
+# pass of their own, then restore, in-place reset and the raw-KVM floor interleaved), then a
+# density run: 1,000 restored VMs alive and idle at once, spread over worker processes (one
+# per 64 VMs; FNODE_BENCH_ARGS="--density-workers K" picks another count).
 # Results go to target/bench/: bench.json, bench.svg (latency CDFs) and bench.txt (the table).
 #
 #   scripts/bench.sh [ITERATIONS] [DENSITY]      defaults: 200 iterations, 1000 VMs

@@ -315,11 +315,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut progress = Progress::new();
     let mut graves = Teardown::new(args.teardown);
     let rounds = args.warmup + args.iterations;
-    // Cold boots run in a pass of their own, first. A cold boot leaves this thread waiting
-    // ~5 ms for the guest to boot, and on this host an operation that starts right after its
-    // thread idled that long runs slower (measured: a 5 ms sleep before each restore added
-    // ~300 us to its p50 and ~200 us to its host share); interleaved, the cold boots would
-    // charge their idle time to the operations that follow them.
+    // Cold boots first, in a pass of their own (see the module doc; measured here: a 5 ms
+    // sleep before each restore added ~300 us to its p50 and ~200 us to its host share).
     let runs = |pass: Pass| {
         ModeKind::ALL
             .iter()
@@ -427,7 +424,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }
     )?;
-    if !skip(ModeKind::Cold) && cold.is_some() {
+    if cold.is_some() {
         writeln!(
             out,
             "cold: measured in a pass of its own, before the other modes (which rotate): the \

@@ -563,15 +563,21 @@ fn bad_connect_lines_close_the_client() {
     g.finish();
 }
 
-#[test]
-fn parked_connection_attaches_without_a_handshake() {
-    let st = ConnectionState {
+/// The state of an established connection from the host's `local_port` to the guest's
+/// invocation port, as a snapshot holds it.
+fn established_invoke_connection(local_port: u32) -> ConnectionState {
+    ConnectionState {
         phase: Phase::Established,
-        local_port: LOCAL_PORT + 7,
+        local_port,
         peer_port: abi::vsock::INVOKE_PORT,
         peer_buf_alloc: 1 << 20,
         ..ConnectionState::awaiting_connect()
-    };
+    }
+}
+
+#[test]
+fn parked_connection_attaches_without_a_handshake() {
+    let st = established_invoke_connection(LOCAL_PORT + 7);
     let mut g = Guest::with(
         "parked",
         4096,
@@ -595,13 +601,7 @@ fn parked_connection_attaches_without_a_handshake() {
 
 #[test]
 fn a_client_attached_at_restore_has_its_first_bytes_delivered_at_once() {
-    let st = ConnectionState {
-        phase: Phase::Established,
-        local_port: LOCAL_PORT + 9,
-        peer_port: abi::vsock::INVOKE_PORT,
-        peer_buf_alloc: 1 << 20,
-        ..ConnectionState::awaiting_connect()
-    };
+    let st = established_invoke_connection(LOCAL_PORT + 9);
     let mut g = Guest::with("attached", 4096, 8, |d| {
         assert!(d.park_connection(st.clone()))
     });

@@ -380,6 +380,9 @@ impl<T: Transport> Channel<T> {
         // A receive buffer with the device before READY: a snapshot taken then holds it, and
         // the restored guest's first request needs no notification.
         self.vsock.arm_rx(None);
+        // Every transmit slot back from the device: the snapshot's first send uses the
+        // first one.
+        self.vsock.complete_tx()?;
         // No interrupt left pending or unacknowledged either: a guest restored from a
         // snapshot taken at READY would otherwise wake at once for one its snapshotted self
         // handled (an acknowledgement exit and a useless round) before it halts for the first
@@ -910,6 +913,9 @@ mod tests {
         // Interrupts forgotten once the connection is up: a snapshot taken at READY does not
         // wake for them again.
         assert_eq!(host(&mut h).settles, 1);
+        // Every transmit slot back (the connection's response went out through one): a
+        // snapshot taken at READY sends its first response from the first slot.
+        assert!(h.ch.vsock().tx_all_free());
         send_split(&mut h, &request(4, b"after"), &[usize::MAX]);
         assert_eq!(h.ch.wait_request().unwrap(), (4, 5));
     }

@@ -549,6 +549,12 @@ impl<T: Transport> Vsock<T> {
         self.conn.is_some_and(|c| c.peer_send_done)
     }
 
+    /// Whether every transmit slot is back from the device (for tests).
+    #[cfg(test)]
+    pub(crate) fn tx_all_free(&self) -> bool {
+        self.tx_free == self.tx_slots
+    }
+
     /// The transport (for tests that play the device).
     #[cfg(test)]
     pub(crate) fn transport_mut(&mut self) -> &mut T {
@@ -953,6 +959,29 @@ impl<T: Transport> Vsock<T> {
             any = true;
         }
         Ok(any)
+    }
+
+    /// Waits (halting the CPU) until the device has returned every transmit chain, then
+    /// turns transmit interrupts off. Before READY: a snapshot taken there has every slot
+    /// free, so a restored guest's first send takes the first slot, which lies in the page
+    /// of the rings the host has already written by then (one copied page less per restore
+    /// and per reset than a send into the next slot's page).
+    pub fn complete_tx(&mut self) -> Result<(), VsockError> {
+        loop {
+            self.reap_tx()?;
+            if self.tx_free == self.tx_slots {
+                break;
+            }
+            self.set_tx_interrupts(true);
+            // Completions that arrived before the interrupts were on raise none.
+            if !self.reap_tx()? {
+                self.transport.wait();
+            }
+        }
+        if self.tx_interrupts {
+            self.set_tx_interrupts(false);
+        }
+        Ok(())
     }
 
     /// Whether data sent from the caller's memory is still with the device.

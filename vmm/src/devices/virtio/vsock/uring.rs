@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use io_uring::{opcode, squeue, types, IoUring};
@@ -132,6 +132,8 @@ impl RingCore {
     /// The process's ring, set up (with the shared loop) at the first call.
     fn shared() -> io::Result<&'static RingCore> {
         static CORE: OnceLock<&'static RingCore> = OnceLock::new();
+        // Why the ring could not join the loop: the process's vsock devices cannot work.
+        static FAILED: OnceLock<String> = OnceLock::new();
         static STARTING: Mutex<()> = Mutex::new(());
         if let Some(c) = CORE.get() {
             return Ok(c);
@@ -140,11 +142,49 @@ impl RingCore {
         if let Some(c) = CORE.get() {
             return Ok(c);
         }
+        if let Some(why) = FAILED.get() {
+            return Err(io::Error::other(why.clone()));
+        }
         let shared_loop = SharedLoop::get().map_err(io::Error::other)?;
+        let core = RingCore::leaked()?;
+        let (joined, join_result) = mpsc::channel();
+        let service = RingService {
+            core,
+            joined: Some(joined),
+        };
+        let registration: Registration =
+            shared_loop.register(Arc::new(Mutex::new(service)), "io_uring", None);
+        // Without the ring's eventfd on the loop no completion is ever handed out: every
+        // device's host I/O would hang. The first device finds out here, with the cause (the
+        // loop's own thread cannot wait for itself; it never builds devices).
+        if !on_shared_loop() {
+            let why = match join_result.recv_timeout(JOIN_WAIT) {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!(
+                    "the shared io_uring's eventfd cannot join the device loop: {e}"
+                )),
+                Err(_) => Some(format!(
+                    "the device loop did not take the shared io_uring within {JOIN_WAIT:?}"
+                )),
+            };
+            if let Some(why) = why {
+                drop(registration);
+                // The ring stays allocated: one per process, as on success.
+                let why = FAILED.get_or_init(|| why);
+                return Err(io::Error::other(why.clone()));
+            }
+        }
+        // Serves the ring for the life of the process.
+        std::mem::forget(registration);
+        Ok(*CORE.get_or_init(|| core))
+    }
+
+    /// A new ring whose completions signal its eventfd, kept for the life of the process.
+    fn leaked() -> io::Result<&'static RingCore> {
         let ring = IoUring::new(RING_ENTRIES)?;
         let evt = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(evt.as_raw_fd())?;
-        let core: &'static RingCore = Box::leak(Box::new(RingCore {
+        Ok(Box::leak(Box::new(RingCore {
             inner: Mutex::new(CoreInner {
                 ring,
                 slots: Vec::new(),
@@ -154,12 +194,7 @@ impl RingCore {
             }),
             evt,
             next_owner: AtomicU64::new(1),
-        }));
-        // Serves the ring for the life of the process.
-        let registration: Registration =
-            shared_loop.register(Arc::new(Mutex::new(RingService { core })), "io_uring", None);
-        std::mem::forget(registration);
-        Ok(*CORE.get_or_init(|| core))
+        })))
     }
 
     fn lock(&self) -> MutexGuard<'_, CoreInner> {
@@ -281,17 +316,24 @@ impl CoreInner {
     }
 }
 
+/// The longest [`RingCore::shared`] waits for the loop to take the ring's eventfd (it does
+/// so as soon as it runs).
+const JOIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The shared loop's subscriber for the ring's eventfd.
 struct RingService {
     core: &'static RingCore,
+    /// Told once whether the eventfd joined the loop ([`RingCore::shared`] waits for it).
+    joined: Option<mpsc::Sender<io::Result<()>>>,
 }
 
 impl MutEventSubscriber for RingService {
     fn init(&mut self, ops: &mut EventOps) {
-        // Without it no completion is ever handed out: every device's host I/O would hang,
-        // so a failure here is loud.
-        if let Err(e) = ops.add(Events::new(&self.core.evt, EventSet::IN)) {
-            panic!("the shared io_uring's eventfd cannot join the device loop: {e}");
+        let joined = ops
+            .add(Events::new(&self.core.evt, EventSet::IN))
+            .map_err(|e| io::Error::other(e.to_string()));
+        if let Some(tx) = self.joined.take() {
+            let _ = tx.send(joined);
         }
     }
 
@@ -505,6 +547,7 @@ impl Drop for Uring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use event_manager::SubscriberOps;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
 
@@ -517,6 +560,24 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         panic!("no completion");
+    }
+
+    #[test]
+    fn a_ring_whose_eventfd_cannot_join_the_loop_says_so() {
+        let core = RingCore::leaked().unwrap();
+        let mut em = event_manager::EventManager::<Box<dyn MutEventSubscriber>>::new().unwrap();
+        let mut join = |core| {
+            let (tx, rx) = mpsc::channel();
+            em.add_subscriber(Box::new(RingService {
+                core,
+                joined: Some(tx),
+            }));
+            rx.try_recv().unwrap()
+        };
+        join(core).unwrap();
+        // The same eventfd a second time: epoll refuses it. Reported, not a panic.
+        let err = join(core).unwrap_err();
+        assert!(err.to_string().contains("already been registered"), "{err}");
     }
 
     #[test]

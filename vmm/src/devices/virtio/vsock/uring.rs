@@ -331,7 +331,7 @@ impl MutEventSubscriber for RingService {
     fn init(&mut self, ops: &mut EventOps) {
         let joined = ops
             .add(Events::new(&self.core.evt, EventSet::IN))
-            .map_err(|e| io::Error::other(e.to_string()));
+            .map_err(io::Error::other);
         if let Some(tx) = self.joined.take() {
             let _ = tx.send(joined);
         }

@@ -86,6 +86,23 @@ pub enum LoaderError {
         #[source]
         source: KernelLoaderError,
     },
+    /// The ELF's segments end beyond guest memory.
+    #[error(
+        "{} does not fit in {mem_mib} MiB of guest memory: its segments end at {end:#x}, \
+         so it needs at least {needed_mib} MiB (give the VM more memory: --mem {needed_mib} \
+         or more)",
+        path.display()
+    )]
+    TooBigForMemory {
+        /// The image path.
+        path: PathBuf,
+        /// Guest memory size in MiB.
+        mem_mib: u64,
+        /// First byte past the highest loadable segment (physical address).
+        end: u64,
+        /// The smallest memory in MiB that holds every segment.
+        needed_mib: u64,
+    },
     /// The kernel ends beyond guest memory or starts below `KERNEL_START`.
     #[error(
         "{}: PVH entry {entry:#x} must lie in [{KERNEL_START:#x}, {kernel_end:#x}) \
@@ -152,12 +169,31 @@ pub fn load_kernel(
                 path: path.to_path_buf(),
             }
         }
-        source => LoaderError::Load {
-            path: path.to_path_buf(),
-            mem_mib: mem_size >> 20,
-            source,
+        // A well-formed image that is only too big gets the size it needs.
+        source => match segments_end(image) {
+            Some(end) if end > mem_size => LoaderError::TooBigForMemory {
+                path: path.to_path_buf(),
+                mem_mib: mem_size >> 20,
+                end,
+                needed_mib: end.div_ceil(1 << 20),
+            },
+            _ => LoaderError::Load {
+                path: path.to_path_buf(),
+                mem_mib: mem_size >> 20,
+                source,
+            },
         },
     })?;
+    // Segments the loader had nothing to copy into (bss) are not checked against memory.
+    let kernel_end = result.kernel_end;
+    if kernel_end > mem_size {
+        return Err(LoaderError::TooBigForMemory {
+            path: path.to_path_buf(),
+            mem_mib: mem_size >> 20,
+            end: kernel_end,
+            needed_mib: kernel_end.div_ceil(1 << 20),
+        });
+    }
     let entry = match result.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => entry,
         PvhBootCapability::PvhEntryNotPresent | PvhBootCapability::PvhEntryIgnored => {
@@ -166,7 +202,6 @@ pub fn load_kernel(
             })
         }
     };
-    let kernel_end = result.kernel_end;
     if entry.0 < KERNEL_START || entry.0 >= kernel_end {
         return Err(LoaderError::BadEntry {
             path: path.to_path_buf(),
@@ -252,6 +287,44 @@ pub fn open_image(path: &Path) -> Result<File, LoaderError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The first physical address past the image's highest loadable segment, read from its
+/// ELF64 program headers; `None` if they cannot be read (the load's own error then stands).
+/// Every field is bounded: the image is untrusted.
+fn segments_end(image: &File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    /// ELF64 header: e_phoff at 32, e_phentsize at 54, e_phnum at 56.
+    const EHDR_LEN: usize = 64;
+    /// One ELF64 program header: p_type at 0, p_paddr at 24, p_memsz at 40.
+    const PHDR_LEN: usize = 56;
+    const PT_LOAD: u32 = 1;
+    /// More program headers than any kernel has: a bound on what is read.
+    const MAX_PHDRS: usize = 64;
+    let u16_at =
+        |b: &[u8], at: usize| Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?));
+    let u32_at =
+        |b: &[u8], at: usize| Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?));
+    let u64_at =
+        |b: &[u8], at: usize| Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?));
+
+    let mut ehdr = [0u8; EHDR_LEN];
+    image.read_exact_at(&mut ehdr, 0).ok()?;
+    if ehdr[..4] != *b"\x7fELF" || ehdr[4] != 2 || ehdr[5] != 1 {
+        return None;
+    }
+    let phoff = u64_at(&ehdr, 32)?;
+    let phnum = usize::from(u16_at(&ehdr, 56)?);
+    if usize::from(u16_at(&ehdr, 54)?) != PHDR_LEN || phnum > MAX_PHDRS {
+        return None;
+    }
+    let mut phdrs = vec![0u8; phnum * PHDR_LEN];
+    image.read_exact_at(&mut phdrs, phoff).ok()?;
+    phdrs
+        .chunks_exact(PHDR_LEN)
+        .filter(|ph| u32_at(ph, 0) == Some(PT_LOAD))
+        .map(|ph| u64_at(ph, 24)?.checked_add(u64_at(ph, 40)?))
+        .try_fold(0u64, |end, seg| Some(end.max(seg?)))
 }
 
 fn mem_size(mem: &GuestMemory) -> u64 {
@@ -371,6 +444,95 @@ mod tests {
             err.to_string(),
             "/bin/true has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); \
              fnode boots PVH ELF kernels"
+        );
+    }
+
+    /// An ELF64 header and one PT_LOAD program header for `memsz` bytes at `paddr`, the
+    /// first 64 of them from the file (what follows the headers), the rest bss.
+    fn elf_with_segment(paddr: u64, memsz: u64) -> Vec<u8> {
+        let mut elf = vec![0u8; 64 + 56 + 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2; // 64-bit
+        elf[5] = 1; // little-endian
+        elf[6] = 1; // version
+        elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+        elf[24..32].copy_from_slice(&paddr.to_le_bytes()); // e_entry
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        elf[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let ph = &mut elf[64..];
+        ph[..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
+        ph[8..16].copy_from_slice(&120u64.to_le_bytes()); // p_offset
+        ph[32..40].copy_from_slice(&64u64.to_le_bytes()); // p_filesz
+        ph[16..24].copy_from_slice(&paddr.to_le_bytes()); // p_vaddr
+        ph[24..32].copy_from_slice(&paddr.to_le_bytes()); // p_paddr
+        ph[40..48].copy_from_slice(&memsz.to_le_bytes()); // p_memsz
+        ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes()); // p_align
+        elf
+    }
+
+    #[test]
+    fn an_image_too_big_for_memory_says_how_much_it_needs() {
+        let tmp = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        std::fs::write(tmp.as_path(), elf_with_segment(KERNEL_START, 20 << 20)).unwrap();
+        let mut f = open_image(tmp.as_path()).unwrap();
+        let err = load_kernel(&mem(8), &mut f, tmp.as_path()).unwrap_err();
+        let needed = (KERNEL_START + (20 << 20)).div_ceil(1 << 20);
+        assert!(
+            matches!(err, LoaderError::TooBigForMemory { mem_mib: 8, needed_mib, .. }
+                if needed_mib == needed),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains(&format!("--mem {needed}")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_image_whose_data_overruns_memory_says_how_much_it_needs() {
+        // File data 9 MiB above the kernel's start: the loader's copy fails, and the error
+        // still names the size.
+        let elf = elf_with_segment(KERNEL_START + (9 << 20), 0x1000);
+        let tmp = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        std::fs::write(tmp.as_path(), elf).unwrap();
+        let mut f = open_image(tmp.as_path()).unwrap();
+        let err = load_kernel(&mem(8), &mut f, tmp.as_path()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LoaderError::TooBigForMemory {
+                    mem_mib: 8,
+                    needed_mib: 11,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn segment_ends_are_read_with_bounds() {
+        let read = |bytes: &[u8]| {
+            let tmp = vmm_sys_util::tempfile::TempFile::new().unwrap();
+            std::fs::write(tmp.as_path(), bytes).unwrap();
+            segments_end(&open_image(tmp.as_path()).unwrap())
+        };
+        assert_eq!(read(&elf_with_segment(0x10_0000, 0x2000)), Some(0x10_2000));
+        // A segment whose end overflows, a truncated header table, too many headers.
+        assert_eq!(read(&elf_with_segment(u64::MAX - 1, 2)), None);
+        let elf = elf_with_segment(0x10_0000, 0x2000);
+        assert_eq!(read(&elf[..100]), None);
+        let mut many = elf.clone();
+        many[56..58].copy_from_slice(&1000u16.to_le_bytes());
+        assert_eq!(read(&many), None);
+        assert_eq!(
+            read(b"not an elf at all, but long enough for a header........................"),
+            None
         );
     }
 

@@ -332,7 +332,7 @@ pub fn run(
         }
     };
     let console = ConsoleBuf::new(console);
-    // Loaded once (read, checked, memory file opened); the restore's host time starts after.
+    // Loaded once (state and memory file read and checked); the restore's host time starts after.
     let snapshot = match LoadedSnapshot::load(&kvm, dir) {
         Ok(s) => s,
         Err(e) => {
@@ -347,8 +347,8 @@ pub fn run(
     let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
     if timings {
         eprintln!(
-            "fnode: timings: snapshot loaded once in {:.3} ms (state read and checked, memory \
-             file opened; not part of the restore below)",
+            "fnode: timings: snapshot loaded once in {:.3} ms (state and memory file read and \
+             checked; not part of the restore below)",
             ms(Some(snapshot.load_time()))
         );
     }

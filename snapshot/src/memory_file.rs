@@ -17,11 +17,15 @@
 //! - When a snapshot is taken ([`write()`] then [`verify`]): the whole checksum, by reading the
 //!   file back (from the page cache, walking only its data extents). This catches a short
 //!   write or a filesystem that lost data before the snapshot is ever used.
-//! - On every restore ([`open`]): the size only. Restore never reads the memory file: it maps
-//!   it, and the guest faults in the pages it touches. Reading tens of MiB to check them would
-//!   cost more than the whole restore. The file's size is what a mix-up (another snapshot's
-//!   memory file, a truncated copy) changes, and a too-short file would make the guest's
-//!   accesses fail with SIGBUS.
+//! - When a snapshot is loaded to restore VMs from ([`open_verified`], once per process and
+//!   snapshot, not per VM): size, then the whole checksum, on the open file every restore then
+//!   maps. A bit flipped on disk or a page lost is an error naming the file, before any guest
+//!   runs on it. It reads only the data pages (through the page cache, which the restores'
+//!   first touches then find filled).
+//! - On every restore: nothing. Restore maps the file the load checked, and the guest faults
+//!   in the pages it touches. A file another process changes or truncates after the load is
+//!   not seen (and a truncated one makes the host's accesses to the lost pages fail with
+//!   SIGBUS): the snapshot directory must stay as `fnode snapshot` left it while it is in use.
 //! - On demand ([`verify`]): e.g. when a node receives a snapshot from elsewhere.
 
 use std::fs::{self, File, OpenOptions};
@@ -251,12 +255,27 @@ pub fn open(path: &Path, info: &MemoryFileInfo) -> Result<File, MemoryFileError>
 /// Reads the memory file at `path` back and checks it against `info`: size, number of data
 /// pages and checksum. Only the file's data extents are read.
 pub fn verify(path: &Path, info: &MemoryFileInfo) -> Result<(), MemoryFileError> {
+    open_verified(path, info).map(drop)
+}
+
+/// [`open`] the memory file at `path` for restores, then check its contents as [`verify`]
+/// does, on the file returned: what restores map is what was checked.
+pub fn open_verified(path: &Path, info: &MemoryFileInfo) -> Result<File, MemoryFileError> {
     let file = open(path, info)?;
+    check_contents(&file, path, info)?;
+    Ok(file)
+}
+
+/// The number of data pages and the checksum of `file` (of `info.size` bytes) against
+/// `info`'s.
+fn check_contents(file: &File, path: &Path, info: &MemoryFileInfo) -> Result<(), MemoryFileError> {
     let mut crc = Crc64::new();
     let mut found_pages = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
+    // Small enough to come from the heap already mapped: a fresh 1 MiB buffer cost more in
+    // page faults than reading a small snapshot's data pages.
+    let mut buf = vec![0u8; 64 << 10];
     for (start, end) in
-        data_extents(&file, info.size).map_err(|e| MemoryFileError::io("seek", path, e))?
+        data_extents(file, info.size).map_err(|e| MemoryFileError::io("seek", path, e))?
     {
         // Extents are page-aligned on every filesystem fnode supports; round outwards anyway.
         let mut off = start / PAGE_SIZE * PAGE_SIZE;
@@ -478,6 +497,28 @@ mod tests {
             verify(&path, &info),
             Err(MemoryFileError::Checksum { .. })
         ));
+    }
+
+    #[test]
+    fn open_verified_returns_the_checked_file_or_names_it() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.as_path().join("memory");
+        let mem = memory();
+        let info = write(&path, &mem, Scan::All).unwrap();
+        let f = open_verified(&path, &info).unwrap();
+        let mut page = vec![0u8; PAGE];
+        f.read_exact_at(&mut page, 10 * PAGE_SIZE).unwrap();
+        assert_eq!(page, mem[10 * PAGE..11 * PAGE]);
+        open_rw(&path)
+            .unwrap()
+            .write_all_at(&[0x55], 10 * PAGE_SIZE + 100)
+            .unwrap();
+        let err = open_verified(&path, &info).unwrap_err();
+        assert!(matches!(err, MemoryFileError::Checksum { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
     }
 
     #[test]

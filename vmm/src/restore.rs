@@ -4,8 +4,9 @@
 //! A snapshot is *loaded* once ([`LoadedSnapshot::load`]) and then restored any number of
 //! times: loading checks everything that can be wrong with it before the first KVM call (the
 //! files exist, the state file is intact: checksum, length, format version; the memory file
-//! has the size the state records; the vCPUs and memory size are sane; this host's CPU offers
-//! every feature the guest saw) and opens the memory file. Each restore then builds the VM the
+//! has the size and the data pages (checksum) the state records; the vCPUs and memory size
+//! are sane; this host's CPU offers every feature the guest saw) and keeps the memory file
+//! open. Each restore then builds the VM the
 //! way a cold boot builds it, except that guest memory maps the loaded memory file
 //! `MAP_PRIVATE` (nothing is read or copied: the guest faults in what it touches) and every
 //! part's state is set back instead of being initialised. Every phase is timed
@@ -208,8 +209,8 @@ impl LoadedSnapshot {
         let snap = SnapshotDir::new(dir);
         let mut state: MicroVmState =
             state_file::read(&snap.state_path(), FORMAT).map_err(RestoreError::State)?;
-        let memory_file =
-            memory_file::open(&snap.memory_path(), &state.memory).map_err(RestoreError::Memory)?;
+        let memory_file = memory_file::open_verified(&snap.memory_path(), &state.memory)
+            .map_err(RestoreError::Memory)?;
         validate(dir, &state)?;
         let dir_name = dir.display().to_string();
         // Both are the same for every restore on this host: worked out once per KvmContext.

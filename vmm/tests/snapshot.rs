@@ -5,6 +5,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use common::{guest_image, BOOT_TIMEOUT};
@@ -314,6 +315,35 @@ fn bad_snapshots_are_refused_by_name() {
     assert!(
         matches!(err, RestoreError::Memory(MemoryFileError::WrongSize { .. })),
         "{err:?}"
+    );
+
+    // One flipped bit in a data page of the memory file: refused at load, before any guest
+    // runs on it.
+    let (dir, snap) = case("memory-bitflip", true);
+    let f = memory_file::open_rw(&snap.memory_path()).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    let data_at = (0..f.metadata().unwrap().len())
+        .step_by(chunk.len())
+        .find_map(|off| {
+            let n = f.read_at(&mut chunk, off).unwrap();
+            chunk[..n]
+                .iter()
+                .position(|&b| b != 0)
+                .map(|i| off + i as u64)
+        })
+        .expect("the memory file holds data");
+    let mut byte = [0u8];
+    f.read_exact_at(&mut byte, data_at).unwrap();
+    f.write_all_at(&[byte[0] ^ 0x10], data_at).unwrap();
+    let err = restore_err(&kvm, &dir);
+    assert!(
+        matches!(err, RestoreError::Memory(MemoryFileError::Checksum { .. })),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .contains(&snap.memory_path().display().to_string()),
+        "{err}"
     );
 
     // Another format version.

@@ -91,7 +91,7 @@ pub struct DensityReport {
     /// From the first worker's start to every worker ready to restore (each has loaded the
     /// snapshot by then).
     pub startup: Duration,
-    /// Loading the snapshot (read, checked, memory file opened), once per worker: the mean
+    /// Loading the snapshot (state and memory file read and checked), once per worker: the mean
     /// over the workers, microseconds. Not in any VM's bring-up time.
     pub load_us: f64,
     /// PSS growth of the workers per VM, KiB.

@@ -435,8 +435,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !skip(ModeKind::Restore) || !skip(ModeKind::Reset) {
         writeln!(
             out,
-            "restore: snapshot loaded once per process in {:.1} us (state read and checked, \
-             memory file opened), not in the restore times",
+            "restore: snapshot loaded once per process in {:.1} us (state and memory file \
+             read and checked), not in the restore times",
             loaded.load_time().as_secs_f64() * 1e6
         )?;
         writeln!(

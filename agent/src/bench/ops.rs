@@ -319,8 +319,8 @@ fn reply_ok(
     }
 }
 
-/// Restores of one snapshot, loaded once ([`LoadedSnapshot::load`]: state read and checked,
-/// memory file opened) before the first; each restore's time starts after the load.
+/// Restores of one snapshot, loaded once ([`LoadedSnapshot::load`]: state and memory file
+/// read and checked) before the first; each restore's time starts after the load.
 pub struct Restore<'a> {
     /// KVM.
     pub kvm: &'a KvmContext,

@@ -4,8 +4,8 @@
 //! share its page cache), keeps them alive and idle, and talks to the benchmark over its
 //! stdin and stdout, one line per step:
 //!
-//! 1. worker: `{"ready":{..}}`: KVM is open, the snapshot is loaded (read, checked, its
-//!    memory file open: once per worker, its cost in the report), nothing is restored yet
+//! 1. worker: `{"ready":{..}}`: KVM is open, the snapshot is loaded (state and memory
+//!    file read and checked: once per worker, its cost in the report), nothing is restored yet
 //!    (the benchmark reads the worker's baseline memory now);
 //! 2. benchmark: `go`;
 //! 3. worker: `{"done":{..}}` ([`Share`]): every VM of its share runs in the guest, or it

@@ -127,14 +127,20 @@ pub struct RestoreTimings {
     pub vm_state: Duration,
     /// Devices restored, on their buses, irqfds and ioeventfds registered. (They join the
     /// process's device loop after [`start_threads`](Self::start_threads), while the guest
-    /// starts: that is in [`total`](Self::total), not here.)
+    /// starts: that is in [`total`](Self::total), not here; or in [`attach`](Self::attach)
+    /// when the guest first runs on the restoring thread.)
     pub devices: Duration,
     /// `KVM_CREATE_VCPU` and every vCPU's state set.
     pub vcpus: Duration,
     /// [`restore_loaded_attached`]: the client attached to the parked connection and its
-    /// first bytes handed to the guest (written to its receive queue, interrupt raised);
+    /// first bytes handed to the guest (written to its receive queue, interrupt raised),
+    /// and, with [`RestoreOptions::first_run_here`], the devices joining the device loop;
     /// zero otherwise.
     pub attach: Duration,
+    /// [`RestoreOptions::first_run_here`]: the guest's first run on the restoring thread
+    /// (the host's share of the restore, "restore requested" to the first `KVM_RUN`, ends
+    /// where this starts); `None` when the vCPU thread ran it.
+    pub first_run: Option<Duration>,
     /// Handing each vCPU to a thread of the process's vCPU thread pool (a parked one when
     /// there is one), which runs it: paused, or running with [`RestoreOptions::resume`].
     pub start_threads: Duration,
@@ -144,7 +150,7 @@ pub struct RestoreTimings {
 
 impl RestoreTimings {
     /// Each phase's name and time, in order (what benchmarks print).
-    pub fn phases(&self) -> [(&'static str, Duration); 10] {
+    pub fn phases(&self) -> [(&'static str, Duration); 11] {
         [
             ("validate", self.validate),
             ("create_vm", self.create_vm),
@@ -155,6 +161,7 @@ impl RestoreTimings {
             ("devices", self.devices),
             ("vcpus", self.vcpus),
             ("attach", self.attach),
+            ("first_run", self.first_run.unwrap_or_default()),
             ("start_threads", self.start_threads),
         ]
     }
@@ -173,6 +180,13 @@ pub struct RestoreOptions {
     /// Return the VM running, not paused: its vCPU threads start in the guest, with no
     /// resume command (and no wake-up) between their start and the guest running.
     pub resume: bool,
+    /// With `resume`, one vCPU and an attached first request ([`restore_loaded_attached`]):
+    /// the restoring thread runs the guest itself first, for at most this long, before
+    /// the vCPU's thread takes over (see [`crate::vstate::vcpu::Vcpu::run_here`]). The guest then
+    /// usually answers before the restore returns, with no thread hand-off before it runs.
+    /// A guest that needs more (a longer handler, a response the client must drain) goes
+    /// on on its thread when the time is up. `None`: the vCPU thread runs it from the start.
+    pub first_run_here: Option<Duration>,
 }
 
 /// A client attached by the restore itself ([`restore_loaded_attached`]): no socket
@@ -421,11 +435,21 @@ fn restore_from(
     let vcpus_time = lap();
     // After the vCPUs' state (their local APICs) is set: an interrupt raised before would
     // be lost. Before they run: the guest's first KVM_RUN finds the request there.
+    let has_first = attach.is_some_and(|a| !a.first.is_empty());
     let client = match attach {
         Some(a) => virtio
             .attach_vsock_client(a.port, a.first)
             .map_err(RestoreError::Virtio)?,
         None => None,
+    };
+    // The guest runs here first when it has its whole first request and one vCPU; its
+    // devices must be served by then (the loop takes the response while it runs).
+    let run_here = match options.first_run_here {
+        Some(budget) if options.resume && vcpus.len() == 1 && has_first && client.is_some() => {
+            virtio.serve(faults.clone()).map_err(RestoreError::Virtio)?;
+            Some(budget)
+        }
+        _ => None,
     };
     let attach_time = lap();
 
@@ -436,15 +460,23 @@ fn restore_from(
         first_run: FirstRun::default(),
     };
     let mut handles = Vec::with_capacity(vcpus.len());
+    let mut first_run = None;
     for vcpu in vcpus {
         // On a parked thread of the process's pool when there is one (`vcpu_pool`).
-        handles.push(
-            vcpu.start_thread_with(options.resume, io.clone(), events_tx.clone())
-                .map_err(RestoreError::Vcpu)?,
-        );
+        let handle = match run_here {
+            Some(budget) => {
+                let mut vcpu = vcpu;
+                let ran = vcpu.run_here(Instant::now() + budget, &io);
+                first_run = Some(lap());
+                vcpu.start_thread_after(ran, io.clone(), events_tx.clone())
+            }
+            None => vcpu.start_thread_with(options.resume, io.clone(), events_tx.clone()),
+        };
+        handles.push(handle.map_err(RestoreError::Vcpu)?);
     }
     let start_threads = lap();
-    // Served from now on, alongside the guest (see `VirtioDevices::serve`); the loop's
+    // Served from now on, alongside the guest (already, if it ran here first; see
+    // `VirtioDevices::serve`); the loop's
     // first look at the devices starts the attached connection's host I/O.
     virtio.serve(faults).map_err(RestoreError::Virtio)?;
     let timings = RestoreTimings {
@@ -458,6 +490,7 @@ fn restore_from(
         devices,
         vcpus: vcpus_time,
         attach: attach_time,
+        first_run,
         start_threads,
         total: requested_at.elapsed(),
     };

@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::echo::{call, snapshot_echo_guest, try_connect};
+use common::echo::{call, read_frame, snapshot_echo_guest, try_connect};
 use common::{guest_image, BOOT_TIMEOUT};
-use fnode_guest::abi::cmdline;
+use fnode_guest::abi::{cmdline, frame, vsock};
 use fnode_vmm::builder::{build, VmConfig};
 use fnode_vmm::kvm::test_support::require_kvm;
+use fnode_vmm::restore::{restore_loaded_attached, AttachClient};
 use fnode_vmm::vstate::vcpu_pool::MAX_PARKED;
 use fnode_vmm::{
     record_working_set, restore_loaded, KvmContext, LoadedSnapshot, MicroVm, Outcome, RestoreError,
@@ -36,6 +37,7 @@ fn restore_one(kvm: &KvmContext, loaded: &LoadedSnapshot, name: &str) -> (MicroV
         vsock_uds: Some(sock.clone()),
         reset: None,
         resume: true,
+        first_run_here: None,
     };
     let vm = restore_loaded(kvm, loaded, Box::new(std::io::sink()), &options).unwrap();
     let s = try_connect(&sock).expect("the restored device refused the parked connection");
@@ -192,4 +194,77 @@ fn the_working_set_is_recorded_used_and_refused_when_damaged() {
     let loaded = LoadedSnapshot::load(&kvm, &dir).unwrap();
     assert!(loaded.working_set().is_none());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The echo guest's first request, as one REQUEST frame.
+fn request_frame(id: u64, payload: &[u8]) -> Vec<u8> {
+    let hdr = frame::Header {
+        kind: frame::KIND_REQUEST,
+        id,
+        len: payload.len() as u32,
+    };
+    let mut bytes = hdr.encode().to_vec();
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+#[test]
+fn the_restoring_thread_runs_the_first_request_itself_then_hands_over() {
+    if !require_kvm() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let kvm = KvmContext::new().unwrap();
+    let dir = tmp("here-snap");
+    snapshot_echo_guest(&kvm, tmp("here-boot.sock"), &dir);
+    let loaded = LoadedSnapshot::load(&kvm, &dir).unwrap();
+    let first = request_frame(1, b"ping");
+    let restore = |name: &str, first_run_here: Option<Duration>| {
+        let options = RestoreOptions {
+            vsock_uds: Some(tmp(&format!("{name}.sock"))),
+            reset: None,
+            resume: true,
+            first_run_here,
+        };
+        let attach = AttachClient {
+            port: vsock::INVOKE_PORT,
+            first: &first,
+        };
+        restore_loaded_attached(&kvm, &loaded, Box::new(std::io::sink()), &options, attach).unwrap()
+    };
+    let answer = |vm: &mut MicroVm| {
+        let mut s = vm
+            .take_vsock_client()
+            .expect("the restore attached a client");
+        s.set_read_timeout(Some(BOOT_TIMEOUT)).unwrap();
+        let (hdr, body) = read_frame(&mut s);
+        assert_eq!(
+            (hdr.kind, hdr.id, body.as_slice()),
+            (frame::KIND_RESPONSE, 1, &b"ping"[..])
+        );
+        // The guest goes on on its own thread: a second request is answered there.
+        assert_eq!(call(&mut s, 2, b"pong"), b"pong");
+    };
+
+    // With time enough, the restore returns after the guest's DONE: its first exit was
+    // taken on this thread, and the response is with the device.
+    let mut vm = restore("here", Some(BOOT_TIMEOUT));
+    let t = *vm.restore_timings().unwrap();
+    assert!(t.first_run.is_some(), "{t:?}");
+    assert!(
+        vm.exit_count() >= 1,
+        "the guest did not exit before the restore returned"
+    );
+    answer(&mut vm);
+
+    // With no time at all, the kick ends the run here at once and the vCPU's thread does
+    // everything: still one answer per request.
+    let mut vm = restore("here-zero", Some(Duration::ZERO));
+    assert!(vm.restore_timings().unwrap().first_run.is_some());
+    answer(&mut vm);
+
+    // Without it, the vCPU's thread runs the guest from the start.
+    let mut vm = restore("thread", None);
+    assert!(vm.restore_timings().unwrap().first_run.is_none());
+    answer(&mut vm);
 }

@@ -43,6 +43,7 @@ fn restored_vm_answers_on_the_parked_connection_and_resets_in_place() {
             vsock_uds: Some(sock.clone()),
             reset: Some(mode),
             resume: mode == ResetMode::DropPages,
+            first_run_here: None,
         };
         let mut vm = restore_with(&kvm, &dir, Box::new(std::io::sink()), &options).unwrap();
         vm.resume().unwrap();

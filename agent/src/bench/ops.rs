@@ -371,8 +371,12 @@ impl Restore<'_> {
         let mut phases = Phases::default();
         if let Some(t) = f.vm().restore_timings() {
             phases.extend(&t.phases());
-            // From the threads started to the guest's first KVM_RUN.
-            phases.push("to_first_run", host.saturating_sub(t.total));
+            // From the threads started to the guest's first KVM_RUN, when the guest first
+            // ran on its thread (when it ran on this one, the host share ended where the
+            // `first_run` phase began).
+            if t.first_run.is_none() {
+                phases.push("to_first_run", host.saturating_sub(t.total));
+            }
         }
         let (touched, written) = restored_pages(&mut f, pages)?;
         Ok((

@@ -11,7 +11,7 @@ use std::io;
 use std::sync::atomic::{compiler_fence, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -364,14 +364,90 @@ impl Vcpu {
         events: Sender<VcpuEvent>,
     ) -> Result<VcpuHandle, VcpuError> {
         let first = if resume {
-            VcpuState::Running
+            ThreadStart::Running
         } else {
-            VcpuState::Paused
+            ThreadStart::Paused
         };
+        self.start(first, 0, io, events)
+    }
+
+    /// Runs the guest on the calling thread, from `KVM_RUN` to `KVM_RUN`, while each exit
+    /// is an ordinary one ([`RunStep::Continue`]) other than a DONE and `until` has not
+    /// passed; a timer kicks this thread out of the guest at `until`. Then
+    /// [`start_thread_after`](Self::start_thread_after) hands the vCPU to its thread, which
+    /// takes over from the last exit.
+    ///
+    /// What this saves is the hand-off before the guest first runs: the thread that built
+    /// the VM is already on a CPU, the vCPU thread would have to be woken on one (on hosts
+    /// whose idle cores halt, a cross-CPU wake-up each way). For a restore whose first
+    /// request is on the guest's queue, the guest's first exit is usually its DONE, after
+    /// the response is with the device.
+    ///
+    /// Where the timer cannot be set (or the kick handler installed), the guest does not
+    /// run here: without the kick, nothing would bound the run. The thread then runs it
+    /// from the start.
+    pub fn run_here(&mut self, until: Instant, io: &VcpuIo) -> RanHere {
+        let not_run = RanHere {
+            last: Ok(RunStep::Interrupted),
+            exits: 0,
+        };
+        if install_kick_handler().is_err() {
+            return not_run;
+        }
+        let _kick_target = KickTarget::set(self.fd.get_kvm_run());
+        // Whatever the calling thread blocks, the kick must reach it in the guest.
+        let _unblocked = KickUnblocked::new();
+        let Ok(_kick_at) = KickTimer::arm(until) else {
+            return not_run;
+        };
+        let mut exits = 0;
+        let dones = io.control.done_count();
+        loop {
+            let step = self.run_once(io);
+            if !matches!(step, Ok(RunStep::Interrupted)) {
+                exits += 1;
+            }
+            // A DONE ends it too: the response is with the device, and what the guest does
+            // next (wait for another request) is for its thread.
+            if !matches!(step, Ok(RunStep::Continue))
+                || io.control.done_count() != dones
+                || Instant::now() >= until
+            {
+                // A kick that fires after this leaves `immediate_exit` set: harmless, the
+                // thread's first KVM_RUN returns at once and clears it.
+                return RanHere { last: step, exits };
+            }
+        }
+    }
+
+    /// Starts the vCPU's thread after [`run_here`](Self::run_here): running, and handling
+    /// the last exit there first (a DONE, READY, exit or error as if its own `KVM_RUN` had
+    /// returned it).
+    pub fn start_thread_after(
+        self,
+        ran: RanHere,
+        io: VcpuIo,
+        events: Sender<VcpuEvent>,
+    ) -> Result<VcpuHandle, VcpuError> {
+        self.start(ThreadStart::After(ran.last), ran.exits, io, events)
+    }
+
+    /// Starts the vCPU's thread in `first`, with `exits` already counted.
+    fn start(
+        self,
+        first: ThreadStart,
+        exits: u64,
+        io: VcpuIo,
+        events: Sender<VcpuEvent>,
+    ) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;
         let id = self.id;
+        let state = match first {
+            ThreadStart::Paused => VcpuState::Paused,
+            ThreadStart::Running | ThreadStart::After(_) => VcpuState::Running,
+        };
         let (commands, receiver) = mpsc::channel();
-        let exits = Arc::new(AtomicU64::new(0));
+        let exits = Arc::new(AtomicU64::new(exits));
         let thread_exits = exits.clone();
         // A thread of the process's pool (see `vcpu_pool`): a parked one when there is one.
         let thread = super::vcpu_pool::spawn(move || {
@@ -389,7 +465,7 @@ impl Vcpu {
             id,
             commands,
             thread: Some(thread),
-            state: first,
+            state,
             exits,
         })
     }
@@ -398,7 +474,7 @@ impl Vcpu {
     /// `first`.
     fn thread_main(
         mut self,
-        first: VcpuState,
+        first: ThreadStart,
         io: &VcpuIo,
         commands: &Receiver<VcpuCommand>,
         events: &Sender<VcpuEvent>,
@@ -406,13 +482,20 @@ impl Vcpu {
     ) -> Vcpu {
         let _kick_target = KickTarget::set(self.fd.get_kvm_run());
         let id = self.id;
-        let mut state = first;
         // Whether the last KVM_RUN ended in an exit KVM completes only at the next KVM_RUN
         // (an I/O or MMIO access): a kick (EINTR) leaves none, nor does a vCPU that never ran.
         let mut io_may_be_pending = false;
         // Parked after a reset at DONE: the VM is at its snapshot state and the guest has not
         // run since (a Reset command is then only the go).
         let mut clean = false;
+        let mut state = match first {
+            ThreadStart::Paused => VcpuState::Paused,
+            ThreadStart::Running => VcpuState::Running,
+            // The guest ran on another thread first: its last exit is handled here.
+            ThreadStart::After(step) => {
+                self.after_run(step, io, events, exits, &mut io_may_be_pending, &mut clean)
+            }
+        };
         loop {
             state = match state {
                 VcpuState::Paused => match commands.recv() {
@@ -481,50 +564,8 @@ impl Vcpu {
                     }
                     Ok(VcpuCommand::Exit) | Err(TryRecvError::Disconnected) => break,
                     Ok(VcpuCommand::Resume) | Err(TryRecvError::Empty) => {
-                        match self.run_counted(io, exits) {
-                            Ok(RunStep::Interrupted) => {
-                                io_may_be_pending = false;
-                                VcpuState::Running
-                            }
-                            Ok(RunStep::Continue) => {
-                                io_may_be_pending = true;
-                                VcpuState::Running
-                            }
-                            Ok(RunStep::Ready) => {
-                                io_may_be_pending = true;
-                                let _ = events.send(VcpuEvent::Ready { id });
-                                VcpuState::Paused
-                            }
-                            // The guest's response is with the device: reset the VM here,
-                            // off the request path, and wait for the go (MicroVm::reset).
-                            Ok(RunStep::Done) => match io.control.reset_at_done_for_vcpu() {
-                                Some(job) => {
-                                    let done_at = Instant::now();
-                                    let at = exits.load(Ordering::Relaxed);
-                                    clean = job.run_at_done(&mut self, &io.buses, at, done_at);
-                                    // A failed reset may have left the exit incomplete.
-                                    io_may_be_pending = !clean;
-                                    // DONEs the guest wrote in the same string
-                                    // instruction are no later run's.
-                                    io.control.take_done();
-                                    VcpuState::Paused
-                                }
-                                None => {
-                                    io_may_be_pending = true;
-                                    VcpuState::Running
-                                }
-                            },
-                            Ok(RunStep::Exited(status)) => {
-                                let stop = VcpuStop::Exited(status);
-                                let _ = events.send(VcpuEvent::Finished { id, stop });
-                                VcpuState::Finished
-                            }
-                            Err(e) => {
-                                let stop = VcpuStop::Error(e);
-                                let _ = events.send(VcpuEvent::Finished { id, stop });
-                                VcpuState::Finished
-                            }
-                        }
+                        let step = self.run_counted(io, exits);
+                        self.after_run(step, io, events, exits, &mut io_may_be_pending, &mut clean)
                     }
                 },
                 // A finished vCPU never enters the guest again; it waits to be told to go.
@@ -554,6 +595,64 @@ impl Vcpu {
             };
         }
         self
+    }
+
+    /// The vCPU thread's state after a `KVM_RUN` (its own, or the last one
+    /// [`run_here`](Self::run_here) ran before) ended in `step`.
+    fn after_run(
+        &mut self,
+        step: Result<RunStep, VcpuError>,
+        io: &VcpuIo,
+        events: &Sender<VcpuEvent>,
+        exits: &AtomicU64,
+        io_may_be_pending: &mut bool,
+        clean: &mut bool,
+    ) -> VcpuState {
+        let id = self.id;
+        match step {
+            Ok(RunStep::Interrupted) => {
+                *io_may_be_pending = false;
+                VcpuState::Running
+            }
+            Ok(RunStep::Continue) => {
+                *io_may_be_pending = true;
+                VcpuState::Running
+            }
+            Ok(RunStep::Ready) => {
+                *io_may_be_pending = true;
+                let _ = events.send(VcpuEvent::Ready { id });
+                VcpuState::Paused
+            }
+            // The guest's response is with the device: reset the VM here, off the request
+            // path, and wait for the go (MicroVm::reset).
+            Ok(RunStep::Done) => match io.control.reset_at_done_for_vcpu() {
+                Some(job) => {
+                    let done_at = Instant::now();
+                    let at = exits.load(Ordering::Relaxed);
+                    *clean = job.run_at_done(self, &io.buses, at, done_at);
+                    // A failed reset may have left the exit incomplete.
+                    *io_may_be_pending = !*clean;
+                    // DONEs the guest wrote in the same string instruction are no later
+                    // run's.
+                    io.control.take_done();
+                    VcpuState::Paused
+                }
+                None => {
+                    *io_may_be_pending = true;
+                    VcpuState::Running
+                }
+            },
+            Ok(RunStep::Exited(status)) => {
+                let stop = VcpuStop::Exited(status);
+                let _ = events.send(VcpuEvent::Finished { id, stop });
+                VcpuState::Finished
+            }
+            Err(e) => {
+                let stop = VcpuStop::Error(e);
+                let _ = events.send(VcpuEvent::Finished { id, stop });
+                VcpuState::Finished
+            }
+        }
     }
 
     /// [`VcpuCommand::Reset`] on this (out of the guest) vCPU's thread: has `job` put the
@@ -750,6 +849,23 @@ pub enum VcpuState {
     Finished,
 }
 
+/// What [`Vcpu::run_here`] ran: how its last `KVM_RUN` ended and the exits counted.
+#[derive(Debug)]
+pub struct RanHere {
+    last: Result<RunStep, VcpuError>,
+    exits: u64,
+}
+
+/// Where a vCPU thread starts.
+enum ThreadStart {
+    /// Out of the guest, waiting for a command.
+    Paused,
+    /// Entering the guest.
+    Running,
+    /// Right after a `KVM_RUN` another thread ran, which ended in this.
+    After(Result<RunStep, VcpuError>),
+}
+
 /// Commands to a vCPU thread.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VcpuCommand {
@@ -943,6 +1059,117 @@ impl KickTarget {
 impl Drop for KickTarget {
     fn drop(&mut self) {
         THIS_VCPU_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// A kick of the calling thread at a set time: a POSIX timer that sends this thread the kick
+/// signal, so a `KVM_RUN` the thread is in returns (`EINTR`). One timer per thread, made on
+/// first use and re-armed each time; disarmed when the `KickTimer` drops.
+struct KickTimer;
+
+/// This thread's kick timer (deleted when the thread ends).
+struct ThreadTimer(libc::timer_t);
+
+impl Drop for ThreadTimer {
+    fn drop(&mut self) {
+        // SAFETY: the timer was made by timer_create on this thread and is deleted once.
+        unsafe { libc::timer_delete(self.0) };
+    }
+}
+
+thread_local! {
+    static KICK_TIMER: std::cell::OnceCell<ThreadTimer> = const { std::cell::OnceCell::new() };
+}
+
+impl KickTimer {
+    /// Arms this thread's timer to kick it at `at` (at once if `at` has passed).
+    fn arm(at: Instant) -> std::io::Result<KickTimer> {
+        let after = at
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_micros(1));
+        KICK_TIMER.with(|cell| {
+            let timer = match cell.get() {
+                Some(t) => t.0,
+                None => {
+                    // SAFETY: a zeroed sigevent is a valid value; the fields set below are
+                    // the ones SIGEV_THREAD_ID reads.
+                    let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+                    event.sigev_notify = libc::SIGEV_THREAD_ID;
+                    event.sigev_signo = kick_signal();
+                    // SAFETY: gettid has no preconditions.
+                    event.sigev_notify_thread_id = unsafe { libc::gettid() };
+                    let mut timer: libc::timer_t = std::ptr::null_mut();
+                    // SAFETY: `event` and `timer` are valid for the call; the timer signals
+                    // this thread, which stays alive as long as the thread-local holding it.
+                    let r = unsafe {
+                        libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer)
+                    };
+                    if r != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let _ = cell.set(ThreadTimer(timer));
+                    timer
+                }
+            };
+            set_timer(timer, after)
+        })?;
+        Ok(KickTimer)
+    }
+}
+
+impl Drop for KickTimer {
+    fn drop(&mut self) {
+        KICK_TIMER.with(|cell| {
+            if let Some(t) = cell.get() {
+                let _ = set_timer(t.0, Duration::ZERO);
+            }
+        });
+    }
+}
+
+/// The kick signal unblocked on the calling thread; its mask as it was on drop.
+struct KickUnblocked(libc::sigset_t);
+
+impl KickUnblocked {
+    fn new() -> KickUnblocked {
+        // SAFETY: sigemptyset/sigaddset initialise `set`; pthread_sigmask reads `set` and
+        // writes the old mask to `old`, both valid for the call.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, kick_signal());
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, &mut old);
+            KickUnblocked(old)
+        }
+    }
+}
+
+impl Drop for KickUnblocked {
+    fn drop(&mut self) {
+        // SAFETY: puts back the mask `new` read from this thread.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
+}
+
+/// Arms `timer` to fire once after `after` (zero disarms it).
+fn set_timer(timer: libc::timer_t, after: Duration) -> std::io::Result<()> {
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: after.as_secs() as libc::time_t,
+            tv_nsec: after.subsec_nanos() as libc::c_long,
+        },
+    };
+    // SAFETY: `timer` is a live timer of this process; `spec` is valid for the call.
+    let r = unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::echo::{call, read_frame, snapshot_echo_guest, try_connect};
+use common::echo::{call, read_frame, request_frame, snapshot_echo_guest, try_connect};
 use common::{guest_image, BOOT_TIMEOUT};
 use fnode_guest::abi::{cmdline, frame, vsock};
 use fnode_vmm::builder::{build, VmConfig};
@@ -194,18 +194,6 @@ fn the_working_set_is_recorded_used_and_refused_when_damaged() {
     let loaded = LoadedSnapshot::load(&kvm, &dir).unwrap();
     assert!(loaded.working_set().is_none());
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// The echo guest's first request, as one REQUEST frame.
-fn request_frame(id: u64, payload: &[u8]) -> Vec<u8> {
-    let hdr = frame::Header {
-        kind: frame::KIND_REQUEST,
-        id,
-        len: payload.len() as u32,
-    };
-    let mut bytes = hdr.encode().to_vec();
-    bytes.extend_from_slice(payload);
-    bytes
 }
 
 #[test]

@@ -52,15 +52,21 @@ pub fn connect(path: &Path) -> UnixStream {
     }
 }
 
-/// Writes one REQUEST frame.
-pub fn send_request(s: &mut UnixStream, id: u64, payload: &[u8]) {
+/// One REQUEST frame's bytes.
+pub fn request_frame(id: u64, payload: &[u8]) -> Vec<u8> {
     let hdr = frame::Header {
         kind: frame::KIND_REQUEST,
         id,
         len: payload.len() as u32,
     };
-    s.write_all(&hdr.encode()).unwrap();
-    s.write_all(payload).unwrap();
+    let mut bytes = hdr.encode().to_vec();
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// Writes one REQUEST frame.
+pub fn send_request(s: &mut UnixStream, id: u64, payload: &[u8]) {
+    s.write_all(&request_frame(id, payload)).unwrap();
 }
 
 /// Reads one frame.

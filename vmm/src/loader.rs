@@ -171,12 +171,7 @@ pub fn load_kernel(
         }
         // A well-formed image that is only too big gets the size it needs.
         source => match segments_end(image) {
-            Some(end) if end > mem_size => LoaderError::TooBigForMemory {
-                path: path.to_path_buf(),
-                mem_mib: mem_size >> 20,
-                end,
-                needed_mib: end.div_ceil(1 << 20),
-            },
+            Some(end) if end > mem_size => too_big(path, mem_size, end),
             _ => LoaderError::Load {
                 path: path.to_path_buf(),
                 mem_mib: mem_size >> 20,
@@ -187,12 +182,7 @@ pub fn load_kernel(
     // Segments the loader had nothing to copy into (bss) are not checked against memory.
     let kernel_end = result.kernel_end;
     if kernel_end > mem_size {
-        return Err(LoaderError::TooBigForMemory {
-            path: path.to_path_buf(),
-            mem_mib: mem_size >> 20,
-            end: kernel_end,
-            needed_mib: kernel_end.div_ceil(1 << 20),
-        });
+        return Err(too_big(path, mem_size, kernel_end));
     }
     let entry = match result.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => entry,
@@ -287,6 +277,16 @@ pub fn open_image(path: &Path) -> Result<File, LoaderError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The image at `path`, whose segments end at `end`, does not fit in `mem_size` bytes.
+fn too_big(path: &Path, mem_size: u64, end: u64) -> LoaderError {
+    LoaderError::TooBigForMemory {
+        path: path.to_path_buf(),
+        mem_mib: mem_size >> 20,
+        end,
+        needed_mib: end.div_ceil(1 << 20),
+    }
 }
 
 /// The first physical address past the image's highest loadable segment, read from its

@@ -461,11 +461,10 @@ fn restore_from(
     };
     let mut handles = Vec::with_capacity(vcpus.len());
     let mut first_run = None;
-    for vcpu in vcpus {
+    for mut vcpu in vcpus {
         // On a parked thread of the process's pool when there is one (`vcpu_pool`).
         let handle = match run_here {
             Some(budget) => {
-                let mut vcpu = vcpu;
                 let ran = vcpu.run_here(Instant::now() + budget, &io);
                 first_run = Some(lap());
                 vcpu.start_thread_after(ran, io.clone(), events_tx.clone())

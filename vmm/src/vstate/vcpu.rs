@@ -400,13 +400,10 @@ impl Vcpu {
         let Ok(_kick_at) = KickTimer::arm(until) else {
             return not_run;
         };
-        let mut exits = 0;
+        let exits = AtomicU64::new(0);
         let dones = io.control.done_count();
         loop {
-            let step = self.run_once(io);
-            if !matches!(step, Ok(RunStep::Interrupted)) {
-                exits += 1;
-            }
+            let step = self.run_counted(io, &exits);
             // A DONE ends it too: the response is with the device, and what the guest does
             // next (wait for another request) is for its thread.
             if !matches!(step, Ok(RunStep::Continue))
@@ -415,7 +412,10 @@ impl Vcpu {
             {
                 // A kick that fires after this leaves `immediate_exit` set: harmless, the
                 // thread's first KVM_RUN returns at once and clears it.
-                return RanHere { last: step, exits };
+                return RanHere {
+                    last: step,
+                    exits: exits.into_inner(),
+                };
             }
         }
     }
